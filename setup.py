@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="caduceus-dist",
+    version="0.1.0",
+    description="Distributed, fault-tolerant pretraining of Caduceus DNA language models",
+    python_requires=">=3.10",
+    packages=find_packages(include=["caduceus_dist", "caduceus_dist.*"]),
+    package_data={"caduceus_dist": ["sample/*"]},
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "webdataset>=0.2.100",
+        "omegaconf>=2.3",
+        "zstandard>=0.22",
+        "tensorboard>=2.16",
+        "submitit>=1.5",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        # Needs a CUDA torch and --no-build-isolation; see the README ("GPU install").
+        "cuda": ["mamba-ssm>=1.2", "causal-conv1d>=1.2"],
+        "dev": ["pytest>=8", "ruff>=0.5", "pyfaidx>=0.8"],
+    },
+)

@@ -1,0 +1,43 @@
+"""Shared test fixtures: where the data is, the gpu/shared-data skips, per-test ports."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_DIR = REPO_ROOT / "caduceus_dist" / "sample"
+SHARED_DATA = Path(os.environ.get("CADUCEUS_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; this machine has none (the CPU path is tested instead)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real genomes of ../shared/data (CI has them; a user's clone may not)."""
+    if not (SHARED_DATA / "grch37_chr20.fa.gz").exists():
+        pytest.skip(f"real genome data not found at {SHARED_DATA} (set CADUCEUS_SHARED_DATA); core tests use the sample")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port that is free now, so concurrent distributed tests never share a rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
