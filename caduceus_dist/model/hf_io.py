@@ -1,0 +1,117 @@
+"""Read and write the Hugging Face layout of the published Caduceus checkpoints.
+
+A directory holds `config.json` (CaduceusConfig.to_hf_dict) and `model.safetensors` with the names of
+spec 1.2; tensors that share storage (lm_head = embedding, mamba_rev in/out_proj = mamba_fwd's) are
+stored once under their first name, with metadata {"format": "pt"}, as transformers writes them.
+Loading also accepts Lightning training checkpoints (`.ckpt`, names prefixed "model.") and re-ties by
+construction. Any mismatch between the weights and the model built from config.json fails with the
+list of missing, unexpected and mis-shaped keys instead of loading half a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from caduceus_dist.model.config import CaduceusConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+LIGHTNING_PREFIX = "model."
+
+
+def read_config(path: str | Path, **overrides) -> CaduceusConfig:
+    """CaduceusConfig from a checkpoint directory (or a config.json path); overrides set runtime fields."""
+    path = Path(path)
+    config_path = path / CONFIG_NAME if path.is_dir() else path
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: no config.json; expected a directory written by save_pretrained")
+    try:
+        data = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path}: not valid JSON ({err})") from err
+    return CaduceusConfig.from_hf_dict(data, source=str(config_path), **overrides)
+
+
+def _unique_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """state_dict without the second name of a tied tensor (first name wins, as in transformers)."""
+    out: dict[str, Tensor] = {}
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr() + tensor.storage_offset() * tensor.element_size(), tuple(tensor.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor.detach().to("cpu").contiguous()
+    return out
+
+
+def save_pretrained(model: nn.Module, config: CaduceusConfig, directory: str | Path) -> Path:
+    """Write config.json and model.safetensors (each via a temporary file and rename)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights_tmp = directory / (WEIGHTS_NAME + ".tmp")
+    save_file(_unique_tensors(model), str(weights_tmp), metadata={"format": "pt"})
+    os.replace(weights_tmp, directory / WEIGHTS_NAME)
+    config_tmp = directory / (CONFIG_NAME + ".tmp")
+    config_tmp.write_text(json.dumps(config.to_hf_dict(), indent=2, sort_keys=True) + "\n")
+    os.replace(config_tmp, directory / CONFIG_NAME)
+    return directory
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Tensors of a checkpoint directory, a .safetensors file or a Lightning .ckpt / torch .bin file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no weights file; expected {WEIGHTS_NAME} written by save_pretrained")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except SafetensorError as err:
+            raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    return payload.get("state_dict", payload) if isinstance(payload, dict) else payload
+
+
+def load_hf_state_dict(model: nn.Module, state_dict: dict[str, Tensor], source: str = "state dict") -> None:
+    """Load HF names (optionally Lightning-prefixed "model."), filling tied names; strict on names and shapes."""
+    if state_dict and all(name.startswith(LIGHTNING_PREFIX) for name in state_dict):
+        state_dict = {name[len(LIGHTNING_PREFIX):]: t for name, t in state_dict.items()}
+    state_dict = dict(state_dict)
+    names_by_param: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_by_param.setdefault(id(param), []).append(name)
+    for names in names_by_param.values():
+        present = [n for n in names if n in state_dict]
+        for name in names:
+            if present and name not in state_dict:
+                state_dict[name] = state_dict[present[0]]
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mis_shaped = sorted(
+        f"{name}: checkpoint {tuple(state_dict[name].shape)} vs model {tuple(t.shape)}"
+        for name, t in expected.items() if name in state_dict and state_dict[name].shape != t.shape
+    )
+    if missing or unexpected or mis_shaped:
+        problems = []
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mis_shaped)):
+            if items:
+                problems.append(f"{label} ({len(items)}): " + "; ".join(items))
+        raise ValueError(
+            f"{source}: the weights do not match the model built from its config "
+            "(wrong config.json, d_model/n_layer/rcps/fused_add_norm/bidirectional?). " + " | ".join(problems)
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    load_hf_state_dict(model, read_state_dict(path), source=str(path))
