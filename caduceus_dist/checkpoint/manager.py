@@ -1,0 +1,567 @@
+"""CheckpointManager: when to save, how a save becomes a checkpoint atomically, and how a run resumes.
+
+Every rank calls the same methods in the same order; the collectives below are the only ones the
+manager issues, so they can never be mismatched with the engine's. A save:
+
+1. all ranks write into `step_N.tmp/` (the engine its files, each rank its RNG file, rank 0 the
+   trainer state and the config); a failure on any rank is agreed with one all-reduce and the
+   partial directory is deleted, so the previous checkpoint and `latest` are untouched;
+2. the files are hashed (and fsynced) in parallel, each rank taking a share;
+3. rank 0 writes `manifest.json`, renames `step_N.tmp` to `step_N`, then moves `latest` (temp file +
+   os.replace), then applies retention.
+
+With `async_save`, step 1 writes to node-local memory (`async_staging_dir`) instead, and one thread per
+node copies, hashes and fsyncs into `step_N.tmp/` while training goes on; step 3 runs at the first step
+boundary where every node reports its copy finished (agreed in the same all-reduce as preemption).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from caduceus_dist.checkpoint import rng
+from caduceus_dist.checkpoint.config import CheckpointConfig
+from caduceus_dist.checkpoint.manifest import (
+    LATEST,
+    MANIFEST,
+    TMP_SUFFIX,
+    TRASH_SUFFIX,
+    atomic_write_text,
+    build_manifest,
+    check_files,
+    fsync_dir,
+    fsync_dirs,
+    hash_file,
+    list_checkpoints,
+    list_leftovers,
+    read_latest,
+    read_manifest,
+    relative_files,
+    step_dir_name,
+    step_of,
+)
+from caduceus_dist.checkpoint.preemption import PreemptionFlag
+
+log = logging.getLogger("caduceus_dist.checkpoint")
+
+# Errors a full or failing disk produces: OSError from Python I/O, RuntimeError from torch.save's zip
+# writer ("file write failed"), CheckpointException (a BaseException) from torch.distributed.checkpoint.
+try:
+    from torch.distributed.checkpoint.api import CheckpointException
+except ImportError:  # pragma: no cover - very old torch
+    CheckpointException = RuntimeError
+WRITE_ERRORS = (OSError, RuntimeError, CheckpointException)
+
+# all-reduce(MAX) codes of a background copy: wait while any node is still copying
+_DONE, _FAILED, _COPYING = 0, 1, 2
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used to resume this run (the message says why and what to do)."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written and `checkpoint.on_write_error=stop`."""
+
+
+def _plain(cfg: Any) -> Any:
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    if dataclasses.is_dataclass(cfg):
+        return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    return cfg
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _differences(saved: dict, current: dict, prefix: str) -> list[str]:
+    """'key (checkpoint X, this run Y)' for every flattened key whose value differs."""
+    old, new = _flatten(saved, prefix), _flatten(current, prefix)
+    return [
+        f"{key} (checkpoint {old.get(key, '<absent>')!r}, this run {new.get(key, '<absent>')!r})"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key, "<absent>") != new.get(key, "<absent>")
+    ]
+
+
+def _hash_config(tree: Any) -> str:
+    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete a directory so that a crash midway never leaves a half-deleted checkpoint behind a valid name."""
+    if not path.exists():
+        return
+    if not path.name.endswith(TRASH_SUFFIX):
+        trash = path.with_name(path.name + TRASH_SUFFIX)
+        shutil.rmtree(trash, ignore_errors=True)
+        os.rename(path, trash)
+        path = trash
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclasses.dataclass
+class _PendingSave:
+    """An asynchronous save between its blocking part and its finalisation."""
+
+    step: int
+    tmp: Path
+    staging: Path
+    started: float
+    blocking_s: float
+    thread: threading.Thread | None = None  # only on the rank that copies for its node
+    files: dict[str, dict] | None = None
+    error: str | None = None
+
+
+class CheckpointManager:
+    """Saves, retains and restores checkpoints of one run directory (see the module docstring)."""
+
+    def __init__(self, job_cfg: Any, run_dir: Path | str, engine: Any):
+        self.cfg: CheckpointConfig = job_cfg.checkpoint
+        self.cfg.validate()
+        self.engine = engine
+        self.rank, self.world_size = engine.rank, engine.world_size
+        self.run_dir = Path(run_dir)
+        self.root = self.run_dir / "checkpoints"
+        self.max_steps = int(job_cfg.train.max_steps)
+        self.seed = int(job_cfg.train.seed)
+        self.resolved_config = _plain(job_cfg)
+        # the architecture only: runtime switches (kernel backend, activation checkpointing) may change on resume
+        model = job_cfg.model
+        self.model_config = model.to_hf_dict() if hasattr(model, "to_hf_dict") else _plain(model)
+        self.config_hash = _hash_config(self.resolved_config)
+        self.config_yaml = OmegaConf.to_yaml(OmegaConf.create(self.resolved_config))
+        self._device = getattr(engine, "device", torch.device("cpu"))
+        self._last_step: int | None = None  # step of the newest checkpoint on disk (written or resumed)
+        self._pending: _PendingSave | None = None
+        self._stats: dict[str, float] = {}
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+        self._copies_for_node = self._is_first_rank_of_node() if self.cfg.async_save else False
+        self.preemption = PreemptionFlag(list(self.cfg.preemption_signals))
+
+    # ------------------------------------------------------------------ collectives
+    def _collective(self) -> bool:
+        return dist.is_available() and dist.is_initialized() and self.world_size > 1
+
+    def _all_reduce_max(self, values: list[int]) -> list[int]:
+        if not self._collective():
+            return list(values)
+        buf = torch.tensor(values, dtype=torch.int64, device=self._device)
+        dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+        return [int(v) for v in buf.tolist()]
+
+    def _broadcast(self, obj: Any) -> Any:
+        if not self._collective():
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _gather(self, obj: Any) -> list[Any]:
+        if not self._collective():
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def _barrier(self) -> None:
+        if self._collective():
+            dist.barrier()
+
+    def _is_first_rank_of_node(self) -> bool:
+        hosts = self._gather(socket.gethostname())
+        return hosts.index(hosts[self.rank]) == self.rank
+
+    # ------------------------------------------------------------------ training-loop API
+    def after_step(self, step: int, client_state_fn: Callable[[], dict]) -> bool:
+        """Called by every rank after optimizer step `step`; True means "saved, now exit EXIT_PREEMPTED"."""
+        local_copy = _DONE
+        if self._pending is not None:
+            pending = self._pending
+            local_copy = _COPYING if pending.thread is not None and pending.thread.is_alive() else (
+                _FAILED if pending.error else _DONE
+            )
+        preempt_flag, copy_state = self._all_reduce_max([int(self.preemption.requested), local_copy])
+        if self._pending is not None and copy_state != _COPYING:
+            self._finalize_pending(failed=copy_state == _FAILED)
+        preempted = preempt_flag > 0
+        if preempted and self.preemption.requested:
+            log.warning(
+                "rank %d received %s; all ranks save at step %d and exit",
+                self.rank, signal.Signals(self.preemption.received).name, step,
+            )
+        due = preempted or step >= self.max_steps or (self.cfg.every > 0 and step % self.cfg.every == 0)
+        if due and step != self._last_step:
+            self.save(step, client_state_fn(), blocking=preempted or step >= self.max_steps)
+        return preempted
+
+    def save(self, step: int, client_state: dict, blocking: bool | None = None) -> bool:
+        """Collective save of `step`; False when the write failed (and `on_write_error=retry`)."""
+        self._wait_pending()
+        state = {**client_state, "step": step}
+        if blocking is None:
+            blocking = not self.cfg.async_save
+        if self.cfg.async_save and not blocking:
+            return self._save_async(step, state)
+        return self._save_sync(step, state)
+
+    def stats(self) -> dict[str, float]:
+        """Figures of the newest save (for the metrics), returned once."""
+        stats, self._stats = self._stats, {}
+        return stats
+
+    def close(self) -> None:
+        """Collective: finish an asynchronous save and give the preemption signals back."""
+        self._wait_pending()
+        self.preemption.close()
+
+    # ------------------------------------------------------------------ saving
+    def _write_local(self, directory: Path, state: dict) -> None:
+        """This rank's part of a checkpoint: engine files, its RNG streams, and (rank 0) trainer state + config."""
+        self.engine.save_checkpoint(directory)
+        (directory / "rng").mkdir(exist_ok=True)
+        # captured after the engine wrote, so a restored run draws exactly what the uninterrupted one draws next
+        torch.save(rng.capture(), directory / "rng" / f"rank_{self.rank:05d}.pt")
+        if self.rank == 0:
+            torch.save(state, directory / "trainer_state.pt")
+            (directory / "config.yaml").write_text(self.config_yaml)
+
+    def _prepare_tmp(self, step: int) -> Path:
+        tmp = self.root / (step_dir_name(step) + TMP_SUFFIX)
+        if self.rank == 0:
+            _remove_tree(tmp)
+            tmp.mkdir(parents=True)
+        return tmp
+
+    def _agree_write(self, step: int, error: str | None, tmp: Path) -> bool:
+        """All ranks learn whether every rank wrote its part; on failure the partial directory goes."""
+        (failed,) = self._all_reduce_max([int(error is not None)])
+        if not failed:
+            return True
+        errors = [e for e in self._gather(error) if e]
+        if self.rank == 0:
+            _remove_tree(tmp)
+        self._write_failed(step, errors)
+        return False
+
+    def _save_sync(self, step: int, state: dict) -> bool:
+        started = time.perf_counter()
+        tmp = self._prepare_tmp(step)
+        self._barrier()
+        error = None
+        try:
+            self._write_local(tmp, state)
+        except WRITE_ERRORS as exc:
+            error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
+        if not self._agree_write(step, error, tmp):
+            return False
+        files = self._hash_shared(tmp)
+        ok = self._commit(step, tmp, files)
+        seconds = time.perf_counter() - started
+        if ok:
+            self._record(step, files, blocking_s=seconds, total_s=seconds)
+        return ok
+
+    def _hash_shared(self, tmp: Path) -> dict[str, dict]:
+        """Hash and fsync every file of the new checkpoint, the ranks splitting the work."""
+        names = self._broadcast(relative_files(tmp) if self.rank == 0 else None)
+        mine = {name: hash_file(tmp / name, fsync=True) for name in names[self.rank :: self.world_size]}
+        files: dict[str, dict] = {}
+        for part in self._gather(mine):
+            files.update(part)
+        return files
+
+    def _commit(self, step: int, tmp: Path, files: dict[str, dict]) -> bool:
+        """Rank 0 seals the checkpoint: manifest, rename, `latest`, retention. Agreed by all ranks."""
+        error = None
+        if self.rank == 0:
+            final = self.root / step_dir_name(step)
+            try:
+                manifest = build_manifest(
+                    step=step, world_size=self.world_size, engine=self.engine.name, files=files,
+                    config_hash=self.config_hash, model_config=self.model_config,
+                )
+                with open(tmp / MANIFEST, "w") as handle:
+                    json.dump(manifest, handle, indent=1)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                fsync_dirs(tmp)
+                if final.exists():
+                    log.warning("replacing %s (left by an earlier run that did not get past it)", final)
+                    _remove_tree(final)
+                os.rename(tmp, final)
+                fsync_dir(self.root)
+                try:
+                    atomic_write_text(self.root / LATEST, final.name + "\n")
+                except OSError:
+                    _remove_tree(final)  # `latest` could not move: the new checkpoint must not count
+                    raise
+            except OSError as exc:
+                error = f"rank 0 sealing {final.name}: {type(exc).__name__}: {exc}"
+                _remove_tree(tmp)
+        error = self._broadcast(error)
+        if error is not None:
+            self._write_failed(step, [error])
+            return False
+        self._last_step = step
+        if self.rank == 0:
+            self._apply_retention()
+        return True
+
+    def _write_failed(self, step: int, errors: list[str]) -> None:
+        latest = read_latest(self.root)
+        message = (
+            f"checkpoint {step_dir_name(step)} could not be written under {self.root}: {'; '.join(errors)}. "
+            f"The previous checkpoint ({latest or 'none'}) and `latest` are unchanged. "
+            "Free disk space (or move run_dir) before the next save."
+        )
+        if self.cfg.on_write_error == "stop":
+            raise CheckpointWriteError(message + " Stopping (checkpoint.on_write_error=stop); rerun the same "
+                                       "command to resume from the previous checkpoint.")
+        if self.rank == 0:
+            nxt = "the next interval" if self.cfg.every else "the end of the run"
+            log.error("%s Training continues and retries at %s (checkpoint.on_write_error=retry).", message, nxt)
+
+    def _record(self, step: int, files: dict[str, dict], blocking_s: float, total_s: float) -> None:
+        total = sum(entry["bytes"] for entry in files.values())
+        self._stats = {
+            "checkpoint/step": float(step),
+            "checkpoint/bytes": float(total),
+            "checkpoint/blocking_s": blocking_s,
+            "checkpoint/save_s": total_s,
+        }
+        if self.rank == 0:
+            log.info(
+                "saved checkpoint %s (%.1f MB, %d files) in %.2f s, training blocked %.2f s",
+                self.root / step_dir_name(step), total / 1e6, len(files), total_s, blocking_s,
+            )
+
+    def _apply_retention(self) -> None:
+        """Keep the newest `keep` plus every multiple of `keep_every`; later steps than `latest` are left alone."""
+        latest = read_latest(self.root)
+        limit = step_of(Path(latest)) if latest else None
+        ours = [(step, path) for step, path in list_checkpoints(self.root) if limit is None or step <= limit]
+        keep = {step for step, _ in ours[-self.cfg.keep :]} if self.cfg.keep else {step for step, _ in ours}
+        if self.cfg.keep_every:
+            keep |= {step for step, _ in ours if step % self.cfg.keep_every == 0}
+        for step, path in ours:
+            if step not in keep and step != limit:
+                try:
+                    _remove_tree(path)
+                except OSError as exc:
+                    log.warning("retention could not delete %s: %s", path, exc)
+
+    # ------------------------------------------------------------------ asynchronous saving
+    def _staging_dir(self, step: int) -> Path:
+        run_id = hashlib.sha1(str(self.run_dir.resolve()).encode()).hexdigest()[:12]
+        return Path(self.cfg.async_staging_dir) / f"caduceus_dist-{run_id}" / step_dir_name(step)
+
+    def _save_async(self, step: int, state: dict) -> bool:
+        started = time.perf_counter()
+        tmp = self._prepare_tmp(step)
+        staging = self._staging_dir(step)
+        if self._copies_for_node:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self._barrier()
+        error = None
+        try:
+            self._write_local(staging, state)
+        except WRITE_ERRORS as exc:
+            error = f"rank {self.rank} (staging in {staging}): {type(exc).__name__}: {exc}"
+        self._barrier()  # every rank of the node has staged its files before the copy starts
+        if not self._agree_write(step, error, tmp):
+            if self._copies_for_node:
+                shutil.rmtree(staging, ignore_errors=True)
+            return False
+        pending = _PendingSave(step, tmp, staging, started, blocking_s=time.perf_counter() - started)
+        if self._copies_for_node:
+            pending.thread = threading.Thread(target=self._copy, args=(pending,), name="checkpoint-copy", daemon=True)
+            pending.thread.start()
+        self._pending = pending
+        self._stats = {"checkpoint/step": float(step), "checkpoint/blocking_s": pending.blocking_s}
+        return True
+
+    @staticmethod
+    def _copy(pending: _PendingSave) -> None:
+        """Background thread: staging -> step_N.tmp, hashing while copying, fsync, then free the staging memory."""
+        try:
+            files = {}
+            for name in relative_files(pending.staging):
+                source, target = pending.staging / name, pending.tmp / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                digest = hashlib.sha256()
+                with open(source, "rb") as src, open(target, "wb") as dst:
+                    while chunk := src.read(8 << 20):
+                        digest.update(chunk)
+                        dst.write(chunk)
+                    dst.flush()
+                    os.fsync(dst.fileno())
+                    files[name] = {"bytes": dst.tell(), "sha256": digest.hexdigest()}
+            pending.files = files
+        except OSError as exc:
+            pending.error = f"{socket.gethostname()} copying to {pending.tmp}: {type(exc).__name__}: {exc}"
+        finally:
+            shutil.rmtree(pending.staging, ignore_errors=True)
+
+    def _wait_pending(self) -> None:
+        """Collective: block until the asynchronous save in flight (if any) is sealed or given up."""
+        if self._pending is None:
+            return
+        if self._pending.thread is not None:
+            self._pending.thread.join()
+        (copy_state,) = self._all_reduce_max([_FAILED if self._pending.error else _DONE])
+        self._finalize_pending(failed=copy_state == _FAILED)
+
+    def _finalize_pending(self, failed: bool) -> None:
+        pending, self._pending = self._pending, None
+        reports = self._gather((pending.files, pending.error))
+        if failed:
+            if self.rank == 0:
+                _remove_tree(pending.tmp)
+            self._write_failed(pending.step, [error for _, error in reports if error])
+            return
+        files: dict[str, dict] = {}
+        for node_files, _ in reports:
+            files.update(node_files or {})
+        if self._commit(pending.step, pending.tmp, files):
+            total_s = time.perf_counter() - pending.started
+            self._record(pending.step, files, blocking_s=pending.blocking_s, total_s=total_s)
+
+    # ------------------------------------------------------------------ resuming
+    def resume(self) -> dict | None:
+        """Collective: restore the newest valid checkpoint (per `checkpoint.resume`); None for a fresh start."""
+        mode = self.cfg.resume
+        if self.rank == 0:
+            for leftover in list_leftovers(self.root):
+                log.warning("removing %s, left by a save or deletion that was interrupted", leftover)
+                shutil.rmtree(leftover, ignore_errors=True)
+        self._barrier()
+        if mode == "never":
+            found = list_checkpoints(self.root)
+            if found:
+                raise CheckpointError(
+                    f"checkpoint.resume=never but {self.root} already holds {len(found)} checkpoint(s) "
+                    f"(newest {found[-1][1].name}); use checkpoint.resume=auto to continue that run or a new run_dir"
+                )
+            return None
+        if mode == "auto":
+            candidates = self._auto_candidates()
+            if not candidates:
+                if self.rank == 0:
+                    log.info("no checkpoint under %s: starting from step 0", self.root)
+                return None
+        else:
+            candidates = [Path(mode)]
+        rejected = []
+        for path in candidates:
+            manifest, problems = self._verify(path)
+            if not problems:
+                break
+            summary = "; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
+            rejected.append(f"{path}: {summary}")
+            if self.rank == 0:
+                log.warning("checkpoint %s is incomplete or corrupt, not used: %s", path, summary)
+        else:
+            what = "the checkpoint given by checkpoint.resume" if mode != "auto" else "any checkpoint"
+            raise CheckpointError(
+                f"cannot resume: {what} failed verification:\n  " + "\n  ".join(rejected)
+                + "\nRestore the files, point checkpoint.resume at another checkpoint directory, "
+                "or start a new run_dir."
+            )
+        if rejected and self.rank == 0:
+            log.warning("falling back to %s (step %d), the newest valid checkpoint", path, manifest["step"])
+        return self._load(path, manifest)
+
+    def _auto_candidates(self) -> list[Path]:
+        """Checkpoints up to the one `latest` names, newest first (later ones belong to an abandoned run)."""
+        found = list_checkpoints(self.root)
+        latest = read_latest(self.root)
+        limit = step_of(Path(latest)) if latest else None
+        if limit is not None:
+            ignored = [path.name for step, path in found if step > limit]
+            if ignored and self.rank == 0:
+                log.warning(
+                    "ignoring %s: newer than `latest` (%s), so never committed by the run that continued; "
+                    "they are replaced when this run reaches their step", ", ".join(ignored), latest,
+                )
+            found = [(step, path) for step, path in found if step <= limit]
+        return [path for _, path in reversed(found)]
+
+    def _verify(self, path: Path) -> tuple[dict | None, list[str]]:
+        """Collective: the manifest of `path` and its problems; the ranks share the hashing."""
+        problems, manifest = [], None
+        try:
+            manifest = read_manifest(path)
+        except ValueError as exc:
+            problems.append(str(exc))
+        problems = self._broadcast(problems)
+        if problems:
+            return None, problems
+        names = sorted(manifest["files"])
+        mine = check_files(path, manifest["files"], names[self.rank :: self.world_size], self.cfg.verify)
+        problems = [problem for part in self._gather(mine) for problem in part]
+        return manifest, problems
+
+    def _load(self, path: Path, manifest: dict) -> dict:
+        mismatched = _differences(manifest.get("model_config", {}), self.model_config, "model")
+        if mismatched:
+            raise CheckpointError(
+                f"checkpoint {path} was written for a different model configuration; mismatched keys:\n  "
+                + "\n  ".join(mismatched)
+                + "\nResume with the model settings of that run, or start a new run_dir."
+            )
+        if self.rank == 0 and manifest.get("config_hash") != self.config_hash:
+            saved = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=True)
+            current = {k: v for k, v in self.resolved_config.items() if k != "model"}
+            changed = _differences({k: v for k, v in saved.items() if k != "model"}, current, "")
+            log.info("resuming with changed settings: %s", "; ".join(changed) or "none")
+        saved_world = int(manifest["world_size"])
+        self.engine.load_checkpoint(path, saved_world)
+        self._restore_rng(path, manifest, saved_world)
+        state = torch.load(path / "trainer_state.pt", weights_only=True)
+        self._last_step = int(manifest["step"])
+        if self.rank == 0:
+            log.info("resumed from %s (step %d, saved by %d rank(s), now %d)", path, self._last_step, saved_world,
+                     self.world_size)
+        return state
+
+    def _restore_rng(self, path: Path, manifest: dict, saved_world: int) -> None:
+        """Each rank continues its own saved streams; on a world-size change, ranks that did not exist get
+        fresh streams seeded from (train.seed, step, rank), and the streams of ranks that are gone end.
+        The data order does not depend on these (it is a function of the data cursor)."""
+        if self.rank < saved_world:
+            rng.restore(torch.load(path / "rng" / f"rank_{self.rank:05d}.pt", weights_only=True))
+        else:
+            rng.restore(rng.fresh(self.seed, int(manifest["step"]), self.rank))
+        if saved_world != self.world_size and self.rank == 0:
+            log.warning(
+                "world size changed %d -> %d: ranks below %d continue their saved RNG streams, the others start "
+                "fresh ones seeded from (train.seed, step, rank); the data order is unchanged",
+                saved_world, self.world_size, min(saved_world, self.world_size),
+            )

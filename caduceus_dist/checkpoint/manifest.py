@@ -1,0 +1,175 @@
+"""The on-disk layout of a run's checkpoints, the manifest that vouches for one, and atomic file moves.
+
+    RUN/checkpoints/
+      latest                  text file naming the newest complete checkpoint ("step_000123")
+      step_000123/
+        manifest.json         written last: files, sizes, sha256, step, world size, config hashes
+        config.yaml           the resolved job config of the run that wrote it
+        trainer_state.pt      client state: step, data cursor, curriculum stage, scheduler ...
+        rng/rank_00000.pt     Python, NumPy, torch CPU and CUDA generator states, one file per rank
+        deepspeed/ | dcp/ | model_optim.pt   what the engine writes (ZeRO files, DCP shards, ...)
+      step_000123.tmp/        a save in progress (or a crashed one; removed at the next start)
+
+A directory without a manifest, or whose files do not match it, is not a checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import caduceus_dist
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+FORMAT = "caduceus-dist-checkpoint"
+FORMAT_VERSION = 1
+STEP_DIR = re.compile(r"^step_(\d+)$")
+TMP_SUFFIX = ".tmp"
+TRASH_SUFFIX = ".trash"
+_HASH_CHUNK = 8 << 20
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def step_of(path: Path) -> int | None:
+    match = STEP_DIR.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Finished checkpoint directories (by name; validity is checked separately), oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(step_of(p), p) for p in root.iterdir() if p.is_dir() and step_of(p) is not None]
+    return sorted(found)
+
+
+def list_leftovers(root: Path) -> list[Path]:
+    """Directories of saves that crashed (`.tmp`) or deletions that were interrupted (`.trash`)."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.endswith((TMP_SUFFIX, TRASH_SUFFIX)))
+
+
+def read_latest(root: Path) -> str | None:
+    try:
+        name = (root / LATEST).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return name or None
+
+
+def relative_files(directory: Path) -> list[str]:
+    """Every regular file under `directory`, as sorted POSIX paths relative to it (the manifest excluded)."""
+    files = []
+    for dirpath, _, names in os.walk(directory):
+        for name in names:
+            rel = (Path(dirpath) / name).relative_to(directory).as_posix()
+            if rel != MANIFEST:
+                files.append(rel)
+    return sorted(files)
+
+
+def hash_file(path: Path, fsync: bool = False) -> dict:
+    """Size and sha256 of one file; with `fsync`, also force it to stable storage first."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        if fsync:
+            os.fsync(handle.fileno())
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+        size = handle.tell()
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in `path` durable (POSIX needs the directory itself synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dirs(root: Path) -> None:
+    for dirpath, _, _ in os.walk(root):
+        fsync_dir(Path(dirpath))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Readers see the old content or the new one, never a torn file: temp file, fsync, os.replace."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def build_manifest(
+    *, step: int, world_size: int, engine: str, files: dict[str, dict], config_hash: str, model_config: dict
+) -> dict:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created_by": f"caduceus-dist {caduceus_dist.__version__}",
+        "created_unix": time.time(),
+        "step": step,
+        "world_size": world_size,
+        "engine": engine,
+        "config_hash": config_hash,
+        "model_config": model_config,
+        "total_bytes": sum(entry["bytes"] for entry in files.values()),
+        "files": dict(sorted(files.items())),
+    }
+
+
+def read_manifest(directory: Path) -> dict:
+    """The manifest of `directory`; raises ValueError naming the file when it is missing or unreadable."""
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise ValueError(f"{directory} is not a directory (no such checkpoint)")
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing (the save did not finish)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is unreadable: {exc}") from None
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} manifest")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has format_version {manifest['format_version']}; this caduceus-dist reads up to "
+            f"{FORMAT_VERSION} (upgrade caduceus-dist)"
+        )
+    return manifest
+
+
+def check_files(directory: Path, expected: dict[str, dict], names: list[str], verify: str) -> list[str]:
+    """Problems with the files `names` of a checkpoint (empty list: they match the manifest)."""
+    problems = []
+    for name in names:
+        path = directory / name
+        want = expected[name]
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            problems.append(f"{name}: missing")
+            continue
+        if size != want["bytes"]:
+            problems.append(f"{name}: {size} bytes, manifest says {want['bytes']}")
+        elif verify == "sha256" and hash_file(path)["sha256"] != want["sha256"]:
+            problems.append(f"{name}: sha256 differs from the manifest (corrupt)")
+    return problems
