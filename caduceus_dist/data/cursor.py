@@ -1,0 +1,163 @@
+"""The data order as a pure function of (seed, epoch, global position): no state but a number.
+
+Positions count *units* of `unit` tokens (the shortest curriculum length), so a curriculum stage
+change never re-segments what was already counted (the llm-foundry #1277 bug). An epoch is the
+stream of every stored base once, laid out as follows (all maps are keyed bijections, O(1) memory):
+
+1. the split's windows are permuted (keyed by seed, epoch);
+2. consecutive runs of `group` permuted windows form a shuffle group;
+3. each window is cut into slabs of `slab` tokens (the longest curriculum length); the slabs of a
+   group are permuted (keyed by seed, epoch, group);
+4. a slab is consumed front to back in crops of the current `seq_len` (which divides `slab`).
+
+So with a fixed length (slab == seq_len) crops are shuffled across `group` windows; a step at a
+short curriculum stage draws its crops from `tokens_per_step / slab` slabs. Because every crop
+length divides the slab and every unit position a crop starts at is a multiple of its length, a
+crop never straddles a slab or an epoch, and a step may straddle an epoch boundary (its first rows
+end epoch e, the rest start e + 1) without loss or a special last batch.
+
+Randomness comes from SplitMix64 (Steele et al. 2014) applied to counters, vectorised over numpy
+uint64 arrays; the permutations are 4-round Feistel networks with cycle walking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_FEISTEL_ROUNDS = 4
+
+# Domain-separation tags for the independent random streams.
+TAG_WINDOWS, TAG_SLABS, TAG_MASK, TAG_STRAND = 0x57494E44, 0x534C4142, 0x4D41534B, 0x5354524E
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser (a bijection of uint64 with full avalanche); returns a new array."""
+    z = np.array(x, dtype=np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        z ^= z >> np.uint64(30)
+        z *= _MIX1
+        z ^= z >> np.uint64(27)
+        z *= _MIX2
+        z ^= z >> np.uint64(31)
+    return z
+
+
+def derive_key(*parts) -> np.ndarray:
+    """Hash a tuple of integers / integer arrays (broadcast together) into uint64 keys."""
+    key = np.zeros((), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for part in parts:
+            key = mix64(key + GOLDEN + np.asarray(part).astype(np.uint64))
+    return key
+
+
+_CHUNK = 1 << 14  # uint64 values per mixing pass: keeps the temporaries in L2 cache
+
+
+def _mix_inplace(z: np.ndarray, tmp: np.ndarray) -> None:
+    np.right_shift(z, np.uint64(30), out=tmp)
+    z ^= tmp
+    z *= _MIX1
+    np.right_shift(z, np.uint64(27), out=tmp)
+    z ^= tmp
+    z *= _MIX2
+    np.right_shift(z, np.uint64(31), out=tmp)
+    z ^= tmp
+
+
+def uniform_u32(keys: np.ndarray, length: int) -> np.ndarray:
+    """(len(keys), length) uint32 stream: row i is SplitMix64 seeded with keys[i], two values per draw.
+
+    Computed in cache-sized chunks in place: this is the masking hot path.
+    """
+    keys = np.asarray(keys, dtype=np.uint64).reshape(-1)
+    pairs = (length + 1) // 2
+    out = np.empty((len(keys), pairs), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        counters = np.arange(1, pairs + 1, dtype=np.uint64) * GOLDEN
+        tmp = np.empty(_CHUNK, dtype=np.uint64)
+        if pairs >= _CHUNK:
+            for row, key in enumerate(keys):
+                for start in range(0, pairs, _CHUNK):
+                    z = out[row, start:start + _CHUNK]
+                    np.add(counters[start:start + _CHUNK], key, out=z)
+                    _mix_inplace(z, tmp[:z.size])
+        else:
+            rows = _CHUNK // pairs
+            for start in range(0, len(keys), rows):
+                z = out[start:start + rows]
+                np.add(counters, keys[start:start + rows, None], out=z)
+                _mix_inplace(z, tmp[:z.size].reshape(z.shape))
+    return out.view(np.uint32)[:, :length]
+
+
+def uniform_float(keys: np.ndarray) -> np.ndarray:
+    """One float64 in [0, 1) per key."""
+    return (mix64(keys) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def feistel_permute(x: np.ndarray, n: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """Keyed bijection of [0, n) applied elementwise (x, n, key broadcast; x < n)."""
+    x, n, key = np.broadcast_arrays(np.asarray(x, np.uint64), np.asarray(n, np.uint64), np.asarray(key, np.uint64))
+    bits = np.ceil(np.log2(np.maximum(n, 2).astype(np.float64))).astype(np.uint64)
+    half = (bits + np.uint64(1)) >> np.uint64(1)
+    mask = (np.uint64(1) << half) - np.uint64(1)
+    round_keys = [derive_key(key, r) for r in range(_FEISTEL_ROUNDS)]
+
+    def once(v, idx):
+        left, right = v >> half[idx], v & mask[idx]
+        for rk in round_keys:
+            left, right = right, left ^ (mix64(right ^ rk[idx]) & mask[idx])
+        return (left << half[idx]) | right
+
+    y = once(x.copy(), slice(None))
+    pending = np.flatnonzero(y >= n)
+    while pending.size:  # cycle walking: at most a few rounds since the domain is < 4n
+        y[pending] = once(y[pending], pending)
+        pending = pending[y[pending] >= n[pending]]
+    return y.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where global unit positions land: epoch, stored window (sample id) and token offset in it."""
+
+    epoch: np.ndarray
+    sample_id: np.ndarray
+    offset: np.ndarray
+
+
+class EpochOrder:
+    """Maps global unit positions to (epoch, sample id, offset); see the module docstring."""
+
+    def __init__(self, sample_ids: np.ndarray, window: int, slab: int, unit: int, group: int, seed: int):
+        if window % slab or slab % unit:
+            raise ValueError(f"unit {unit} must divide slab {slab}, which must divide window {window}")
+        self.sample_ids = np.asarray(sample_ids, dtype=np.int64)
+        self.windows = len(self.sample_ids)
+        if self.windows == 0:
+            raise ValueError("no windows to read (every shard of the split is empty or was skipped)")
+        self.window, self.slab, self.unit, self.group, self.seed = window, slab, unit, group, seed
+        self.slabs_per_window = window // slab
+        self.units_per_slab = slab // unit
+        self.units_per_epoch = self.windows * self.slabs_per_window * self.units_per_slab
+
+    def locate(self, positions: np.ndarray) -> Located:
+        positions = np.asarray(positions, dtype=np.int64)
+        epoch, in_epoch = np.divmod(positions, self.units_per_epoch)
+        slab_number, within = np.divmod(in_epoch, self.units_per_slab)
+        slabs_per_group = self.group * self.slabs_per_window
+        group, slab_in_group = np.divmod(slab_number, slabs_per_group)
+        group_windows = np.minimum(self.group, self.windows - group * self.group)
+        shuffled = feistel_permute(slab_in_group, group_windows * self.slabs_per_window,
+                                   derive_key(self.seed, TAG_SLABS, epoch, group))
+        window_in_group, slab_in_window = np.divmod(shuffled, self.slabs_per_window)
+        window_rank = feistel_permute(group * self.group + window_in_group, self.windows,
+                                      derive_key(self.seed, TAG_WINDOWS, epoch))
+        offset = slab_in_window * self.slab + within * self.unit
+        return Located(epoch, self.sample_ids[window_rank], offset)

@@ -1,0 +1,126 @@
+"""One split of a shard directory: start-up verification, sample id -> window tokens.
+
+Every rank checks every shard of the split when the split is opened (before step 0), so that a bad
+file stops the job at once with its name, and so that `on_corrupt: skip` drops the *same* shards
+on every rank (the data order is computed from the surviving windows; ranks that disagreed would
+train on different orders). `verify: sha256` hashes each shard (about 1 s per GB); `verify: size`
+checks sizes and the (small) member indexes only. Decoding errors found later (a shard changed
+under a running job) always raise, naming the shard and sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from caduceus_dist.data.shard_format import (
+    ShardFormatError,
+    ShardReader,
+    load_manifest,
+    read_index,
+    sha256_file,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    tar: Path
+    index: Path
+    first_id: int
+    samples: int
+
+
+def _check_shard(root: Path, entry: dict, verify: str) -> None:
+    tar, index = root / entry["tar"], root / entry["index"]
+    if not tar.exists():
+        raise ShardFormatError(f"shard {tar} is missing (listed in {root}/manifest.json); restore it or "
+                               f"rerun data_prep/shard_genome.py")
+    size = tar.stat().st_size
+    if size != entry["bytes"]:
+        raise ShardFormatError(f"shard {tar} is {size} bytes but the manifest says {entry['bytes']}: the file is "
+                               f"truncated or was modified; rerun data_prep/shard_genome.py")
+    if not index.exists():
+        raise ShardFormatError(f"shard index {index} is missing; rerun data_prep/shard_genome.py")
+    if hashlib.sha256(index.read_bytes()).hexdigest() != entry["index_sha256"]:
+        raise ShardFormatError(f"shard index {index}: sha256 does not match the manifest; rerun data_prep/shard_genome.py")
+    rows = read_index(index)
+    if len(rows) != entry["samples"]:
+        raise ShardFormatError(f"shard index {index} has {len(rows)} rows but the manifest says {entry['samples']} samples")
+    if verify == "sha256" and sha256_file(tar) != entry["sha256"]:
+        raise ShardFormatError(f"shard {tar}: sha256 does not match the manifest (corrupted on disk or in transfer); "
+                               f"restore it or rerun data_prep/shard_genome.py")
+
+
+class ShardSplit:
+    """The surviving shards of one split and O(1) access to any window by its sample id."""
+
+    def __init__(self, root: str | Path, split: str, verify: str = "sha256", on_corrupt: str = "error",
+                 cache_windows: int = 64):
+        self.root = Path(root)
+        self.manifest = load_manifest(self.root)
+        splits = self.manifest["splits"]
+        if split not in splits:
+            raise ShardFormatError(f"{self.root}/manifest.json has no split '{split}' (it has {sorted(splits)}); "
+                                   f"set data.split or reshard")
+        if not isinstance(self.manifest.get("window"), int) or self.manifest["window"] <= 0:
+            raise ShardFormatError(f"{self.root}/manifest.json: key 'window' is {self.manifest.get('window')!r}, "
+                                   f"expected a positive integer")
+        self.split, self.window = split, int(self.manifest["window"])
+        self.shards: list[ShardEntry] = []
+        self.skipped: list[tuple[str, str]] = []  # (tar path, reason)
+        for i, entry in enumerate(splits[split].get("shards", [])):
+            try:
+                missing = [k for k in ("tar", "index", "samples", "bytes", "sha256", "index_sha256", "first_id")
+                           if k not in entry]
+                if missing:
+                    raise ShardFormatError(f"{self.root}/manifest.json: splits.{split}.shards[{i}] lacks key(s) {missing}")
+                _check_shard(self.root, entry, verify)
+            except ShardFormatError as err:
+                if on_corrupt != "skip":
+                    raise
+                log.warning("data.on_corrupt=skip: skipping %s (%s)", entry.get("tar"), err)
+                self.skipped.append((str(entry.get("tar")), str(err)))
+                continue
+            self.shards.append(ShardEntry(self.root / entry["tar"], self.root / entry["index"],
+                                          int(entry["first_id"]), int(entry["samples"])))
+        self.sample_ids = (np.concatenate([np.arange(s.first_id, s.first_id + s.samples) for s in self.shards])
+                           if self.shards else np.zeros(0, dtype=np.int64))
+        self._first_ids = np.array([s.first_id for s in self.shards], dtype=np.int64)
+        self._readers: dict[int, ShardReader] = {}
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cache_windows = cache_windows
+
+    def _reader(self, shard: int) -> ShardReader:
+        if shard not in self._readers:
+            entry = self.shards[shard]
+            self._readers[shard] = ShardReader(entry.tar, entry.index)
+        return self._readers[shard]
+
+    def window_tokens(self, sample_id: int) -> np.ndarray:
+        """The stored window (uint8 token ids) of a sample id, from a small per-process LRU cache."""
+        tokens = self._cache.get(sample_id)
+        if tokens is not None:
+            self._cache.move_to_end(sample_id)
+            return tokens
+        shard = int(np.searchsorted(self._first_ids, sample_id, side="right")) - 1
+        entry = self.shards[shard]
+        tokens = self._reader(shard).read_tokens(sample_id - entry.first_id)
+        if len(tokens) != self.window:
+            raise ShardFormatError(f"shard {entry.tar}: sample {sample_id} has {len(tokens)} tokens, the manifest "
+                                   f"window is {self.window}")
+        self._cache[sample_id] = tokens
+        if len(self._cache) > self._cache_windows:
+            self._cache.popitem(last=False)
+        return tokens
+
+    def __getstate__(self):  # file descriptors and caches are per process (DataLoader workers)
+        state = self.__dict__.copy()
+        state["_readers"], state["_cache"] = {}, OrderedDict()
+        return state

@@ -1,0 +1,292 @@
+"""Training and evaluation streams: from a global cursor to masked, collated, pinned batches.
+
+    stream = TrainStream(data_cfg, rank=r, world_size=W, grad_accum=G)
+    stream.load_state_dict(saved)              # optional: exact (or elastic) resume
+    for step_batch in stream.iterate():         # one StepBatch per optimizer step, in order
+        for micro in step_batch.micro_batches:  # G dicts: input_ids, targets (B, L) int64;
+            ...                                 # sample_id, crop_offset, strand, epoch (B,) int64
+        saved = stream.state_dict()             # = step_batch.state: data consumed through this step
+
+Step s consumes the global unit range [P(s), P(s) + global_batch * seq_len / unit) of the order
+in `cursor.py`; global row j of the step starts at unit P(s) + j * seq_len / unit; rank r takes rows
+[r * G * B, (r + 1) * G * B) and micro-batch m the m-th B of those. Everything (which crop, its
+strand, its mask) is a function of (seed, epoch, sample id, offset), so the global batch is the
+same at any world size, resume is "set the step", and batches that were prefetched but never
+consumed are simply regenerated. DataLoader workers build whole micro-batches (no per-sample
+Python work); the worker that builds an item does not influence its content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from caduceus_dist.data.config import DataConfig
+from caduceus_dist.data.curriculum import DataPlanError, Schedule, StepPlan
+from caduceus_dist.data.cursor import TAG_MASK, TAG_STRAND, EpochOrder, derive_key, uniform_float
+from caduceus_dist.data.dataset import ShardSplit
+from caduceus_dist.data.masking import MaskingPolicy, mask_batch, prepare_crop
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+DEFAULT_SEED = 2222  # the reference's seed (spec 4.1)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Provenance of the rows of one batch: which bases, in which orientation, under which epoch key."""
+
+    epoch: np.ndarray
+    sample_id: np.ndarray
+    offset: np.ndarray
+    strand: np.ndarray  # 0 = as stored (+), 1 = reverse complement
+    seq_len: int
+
+
+def crop_keys(seed: int, tag: int, rows: Rows) -> np.ndarray:
+    return derive_key(seed, tag, rows.epoch, rows.sample_id, rows.offset, rows.seq_len)
+
+
+class _BatchBuilder:
+    """Reads and masks the rows of a batch; shared by the training and evaluation streams."""
+
+    def __init__(self, split: ShardSplit, seed: int, policy: MaskingPolicy):
+        self.split, self.seed, self.policy = split, seed, policy
+
+    def build(self, rows: Rows) -> dict:
+        count, length = len(rows.sample_id), rows.seq_len
+        tokens = np.empty((count, length), dtype=np.uint8)
+        for i, (sample, offset, strand) in enumerate(zip(rows.sample_id.tolist(), rows.offset.tolist(),
+                                                         rows.strand.tolist(), strict=True)):
+            prepare_crop(self.split.window_tokens(sample), offset, length, bool(strand), tokens[i])
+        inputs, targets = mask_batch(tokens, crop_keys(self.seed, TAG_MASK, rows), self.policy)
+        return {
+            "input_ids": torch.from_numpy(inputs).to(torch.int64),
+            "targets": torch.from_numpy(targets).to(torch.int64),
+            "sample_id": torch.from_numpy(rows.sample_id.astype(np.int64)),
+            "crop_offset": torch.from_numpy(rows.offset.astype(np.int64)),
+            "strand": torch.from_numpy(rows.strand.astype(np.int64)),
+            "epoch": torch.from_numpy(rows.epoch.astype(np.int64)),
+        }
+
+
+def resolve_seed(cfg: DataConfig, train_seed: int | None = None) -> int:
+    if cfg.seed is not None:
+        return cfg.seed
+    return DEFAULT_SEED if train_seed is None else train_seed
+
+
+def masking_policy(cfg: DataConfig) -> MaskingPolicy:
+    return MaskingPolicy(cfg.mlm_probability, cfg.mask_fraction, cfg.random_fraction)
+
+
+def open_split(cfg: DataConfig, split: str, cache_windows: int) -> ShardSplit:
+    return ShardSplit(cfg.shards, split, verify=cfg.verify, on_corrupt=cfg.on_corrupt, cache_windows=cache_windows)
+
+
+def _pin(cfg: DataConfig) -> bool:
+    return cfg.pin_memory and torch.cuda.is_available()
+
+
+@dataclass
+class StepBatch:
+    step: int
+    plan: StepPlan
+    micro_batches: list[dict]
+    state: dict  # the stream's state_dict once this step is consumed
+
+
+class _TrainItems(Dataset):
+    """Map-style view: key (step, micro) -> that rank's micro-batch; pickled into each worker."""
+
+    def __init__(self, stream: TrainStream):
+        self.stream = stream
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        step, micro = key
+        batch = self.stream._builder.build(self.stream.rows(step, self.stream.rank, micro))
+        batch["step"], batch["micro"] = step, micro
+        return batch
+
+    def __len__(self) -> int:  # unbounded stream; the sampler decides what is read
+        raise TypeError("the training stream is unbounded")
+
+
+class _StepSampler:
+    def __init__(self, start: int, stop: int | None, grad_accum: int):
+        self.start, self.stop, self.grad_accum = start, stop, grad_accum
+
+    def __iter__(self):
+        steps = itertools.count(self.start) if self.stop is None else range(self.start, self.stop)
+        for step in steps:
+            for micro in range(self.grad_accum):
+                yield step, micro
+
+
+class TrainStream:
+    """The training data of one data-parallel rank; see the module docstring."""
+
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, grad_accum: int = 1,
+                 train_seed: int | None = None):
+        cfg.validate()
+        if not 0 <= rank < world_size:
+            raise DataPlanError(f"rank {rank} is not in [0, world_size {world_size})")
+        self.cfg, self.rank, self.world_size, self.grad_accum = cfg, rank, world_size, grad_accum
+        self.seed = resolve_seed(cfg, train_seed)
+        self.split = open_split(cfg, cfg.split, cache_windows=cfg.shuffle_windows + 1)
+        self.skipped_shards = list(self.split.skipped)
+        self.schedule = Schedule(cfg, world_size, grad_accum, self.split.window)
+        self.order = EpochOrder(self.split.sample_ids, self.split.window, self.schedule.slab, self.schedule.unit,
+                                cfg.shuffle_windows, self.seed)
+        self._builder = _BatchBuilder(self.split, self.seed, masking_policy(cfg))
+        self._next_step = 0
+        self._anchor = (0, 0)  # (step, unit position): positions are natural ones shifted to pass through it
+
+    # ---- the plan: pure functions of the step ----
+    def position(self, step: int) -> int:
+        anchor_step, anchor_pos = self._anchor
+        return anchor_pos + self.schedule.natural_position(step) - self.schedule.natural_position(anchor_step)
+
+    def plan(self, step: int) -> StepPlan:
+        return self.schedule.plan(step, self.position(step))
+
+    def rows(self, step: int, rank: int, micro: int) -> Rows:
+        """The rows that `rank` receives in micro-batch `micro` of `step` (any rank: used by the plan CLI)."""
+        plan = self.plan(step)
+        first = (rank * self.grad_accum + micro) * plan.micro_batch
+        starts = plan.position + (first + np.arange(plan.micro_batch, dtype=np.int64)) * plan.units_per_row
+        located = self.order.locate(starts)
+        strand_keys = derive_key(self.seed, TAG_STRAND, located.epoch, located.sample_id, located.offset, plan.seq_len)
+        strand = (uniform_float(strand_keys) < self.cfg.rc_probability).astype(np.int64)
+        return Rows(located.epoch, located.sample_id, located.offset, strand, plan.seq_len)
+
+    # ---- iteration ----
+    def iterate(self, start_step: int | None = None, stop_step: int | None = None) -> Iterator[StepBatch]:
+        """StepBatches from `start_step` (default: where the state says) to `stop_step` (exclusive; None = forever)."""
+        start = self._next_step if start_step is None else start_step
+        workers = self.cfg.num_workers
+        loader = DataLoader(_TrainItems(self), batch_size=None, sampler=_StepSampler(start, stop_step, self.grad_accum),
+                            num_workers=workers, pin_memory=_pin(self.cfg),
+                            prefetch_factor=self.cfg.prefetch_factor if workers else None)
+        micro_batches: list[dict] = []
+        for batch in loader:
+            micro_batches.append(batch)
+            if len(micro_batches) == self.grad_accum:
+                step = batch["step"]
+                self._next_step = step + 1
+                yield StepBatch(step, self.plan(step), micro_batches, self.state_dict())
+                micro_batches = []
+
+    # ---- state ----
+    def state_dict(self) -> dict:
+        step = self._next_step
+        position = self.position(step)
+        return {
+            "version": STATE_VERSION, "seed": self.seed, "step": step,
+            "tokens": position * self.schedule.unit,  # global data position (all epochs), in tokens
+            "epoch": position // self.order.units_per_epoch,
+            "position": (position % self.order.units_per_epoch) * self.schedule.unit,  # tokens into the epoch
+            "stage": self.schedule.stage_at(step).index,
+            "order": self._order_fingerprint(),
+        }
+
+    def _order_fingerprint(self) -> dict:
+        return {"windows": self.order.windows, "window": self.order.window, "slab": self.order.slab,
+                "group": self.order.group}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue after `state` (saved at any world size): the same global sequence of crops."""
+        if state.get("version") != STATE_VERSION:
+            raise DataPlanError(f"data state: key 'version' is {state.get('version')!r}, expected {STATE_VERSION}")
+        if state["seed"] != self.seed:
+            raise DataPlanError(f"data state: key 'seed' is {state['seed']} but this run uses seed {self.seed} "
+                                f"(data.seed / train.seed); the data order would change mid-run")
+        mine = self._order_fingerprint()
+        changed = {k: (state["order"].get(k), v) for k, v in mine.items() if state["order"].get(k) != v}
+        if changed:
+            raise DataPlanError(f"data state: the data order depends on {sorted(changed)} which changed "
+                                f"(saved, now) = {changed}; resuming would repeat or skip data. Restore the "
+                                f"original shards / curriculum lengths / data.shuffle_windows")
+        step, tokens = int(state["step"]), int(state["tokens"])
+        unit = self.schedule.unit
+        seq_len = self.schedule.stage_at(step).seq_len
+        if tokens % seq_len:
+            raise DataPlanError(f"data state: position {tokens} tokens is not a multiple of seq_len {seq_len} "
+                                f"at step {step}; cannot continue without skipping data")
+        if tokens // unit != self.schedule.natural_position(step):
+            log.warning("data: tokens per step or curriculum changed since the checkpoint; continuing the data "
+                        "stream from token %d at step %d", tokens, step)
+        self._anchor = (step, tokens // unit)
+        self._next_step = step
+
+
+def _split_epoch(split: str) -> int:
+    """A fixed pseudo-epoch per evaluation split, outside the range of training epochs."""
+    return (1 << 40) + int.from_bytes(hashlib.blake2s(split.encode(), digest_size=4).digest(), "little")
+
+
+class _EvalItems(Dataset):
+    def __init__(self, builder: _BatchBuilder, rows_of):
+        self.builder, self.rows_of = builder, rows_of
+
+    def __getitem__(self, index: int) -> dict:
+        return self.builder.build(self.rows_of(index))
+
+
+class EvalStream:
+    """A fixed evaluation stream: crops in sample-id order, fixed masks, no RC; the same at any world size.
+
+    Global batch t holds crops [t * B, (t + 1) * B) of the split (the last one may be short); rank r
+    gets a contiguous slice (sizes differ by at most one; a rank may get an empty (0, L) batch).
+    Re-iterable: every pass yields the same batches.
+    """
+
+    def __init__(self, cfg: DataConfig, split: str, rank: int, world_size: int, max_batches: int | None = None,
+                 train_seed: int | None = None):
+        cfg.validate()
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.split = open_split(cfg, split, cache_windows=4)
+        self.seq_len = cfg.eval_seq_len or cfg.seq_len
+        if self.split.window % self.seq_len:
+            raise DataPlanError(f"eval seq_len {self.seq_len} does not divide the stored window length "
+                                f"{self.split.window} (manifest 'window')")
+        self.batch_size = cfg.eval_batch_size or max(1, cfg.tokens_per_step // self.seq_len)
+        self.crops_per_window = self.split.window // self.seq_len
+        self.crops = len(self.split.sample_ids) * self.crops_per_window
+        batches = -(-self.crops // self.batch_size)
+        self.batches = batches if max_batches is None else min(batches, max_batches)
+        self._epoch = _split_epoch(split)
+        self._builder = _BatchBuilder(self.split, resolve_seed(cfg, train_seed), masking_policy(cfg))
+
+    def rows(self, index: int, rank: int | None = None) -> Rows:
+        rank = self.rank if rank is None else rank
+        first = index * self.batch_size
+        size = min(self.batch_size, self.crops - first)
+        lo, hi = (first + size * r // self.world_size for r in (rank, rank + 1))
+        crop = np.arange(lo, hi, dtype=np.int64)
+        window, piece = np.divmod(crop, self.crops_per_window)
+        return Rows(np.full(len(crop), self._epoch, dtype=np.int64), self.split.sample_ids[window],
+                    piece * self.seq_len, np.zeros(len(crop), dtype=np.int64), self.seq_len)
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self) -> Iterator[dict]:
+        workers = min(self.cfg.num_workers, self.batches)
+        return iter(DataLoader(_EvalItems(self._builder, self.rows), batch_size=None,
+                               sampler=range(self.batches), num_workers=workers, pin_memory=_pin(self.cfg),
+                               prefetch_factor=self.cfg.prefetch_factor if workers else None))
+
+
+def build_eval_loader(cfg: DataConfig, split: str = "valid", rank: int = 0, world_size: int = 1,
+                      max_batches: int | None = None, train_seed: int | None = None) -> EvalStream:
+    """The fixed validation/test stream of `split` for one rank (see EvalStream)."""
+    return EvalStream(cfg, split, rank, world_size, max_batches, train_seed)
