@@ -1,0 +1,198 @@
+"""The one training loop, shared by every engine.
+
+Per optimizer step: take the step's micro-batches from the loader, set the LR from the schedule
+(a pure function of the step), let the engine do forward/backward/update, reduce the timing
+metrics across ranks, log, validate when due, and hand the step to the checkpoint manager, which
+saves when due or when a preemption was agreed on (then the run exits with code 75).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from caduceus_dist.engine import build_engine, init_distributed
+from caduceus_dist.engine.base import all_reduce_sum
+from caduceus_dist.metrics import MetricsWriter, eval_line, peak_flops, peak_memory_gib, train_line
+from caduceus_dist.optim import lr_at
+
+EXIT_OK = 0
+CURSOR_KEYS = ("tokens", "epoch", "position")  # the loader's global cursor, logged every step
+
+
+@dataclass
+class TrainConfig:
+    """`eval_every` 0 = every max_steps/5 steps, as the reference; `eval_batches` per validation
+    (the same global batches at any world size); `deterministic` turns on torch's deterministic
+    algorithms (bitwise-reproducible CPU runs, at some speed cost)."""
+
+    max_steps: int = 1000
+    seed: int = 2222
+    grad_accum: int = 1
+    eval_every: int = 0
+    eval_batches: int = 8
+    eval_split: str = "valid"
+    deterministic: bool = False
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _max_across_ranks(values: list[float], device: torch.device) -> list[float]:
+    buf = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+    return buf.tolist()
+
+
+class Trainer:
+    """Builds everything from a validated JobConfig; `run()` returns the process exit code."""
+
+    def __init__(self, cfg):
+        from caduceus_dist.checkpoint import CheckpointManager
+        from caduceus_dist.config import ConfigError, save_resolved
+        from caduceus_dist.data import DataPlanError, TrainStream, build_eval_loader
+        from caduceus_dist.model import CaduceusForMaskedLM, flops_per_token
+
+        self.cfg = cfg
+        torch.use_deterministic_algorithms(cfg.train.deterministic)
+        self.ctx = init_distributed(cfg.engine)
+        try:  # tokens_per_step / seq_len / world size / grad_accum must divide: fail before writing anything
+            self.stream = TrainStream(cfg.data, self.ctx.rank, self.ctx.world_size, cfg.train.grad_accum,
+                                      train_seed=cfg.train.seed)
+        except DataPlanError as err:
+            raise ConfigError(f"data: {err}") from None
+        self.run_dir = Path(cfg.run_dir)  # written only once the data plan is known to be valid
+        if self.ctx.rank == 0:
+            save_resolved(cfg, self.run_dir)
+        dist.barrier()
+        seed_everything(cfg.train.seed)
+        model = CaduceusForMaskedLM(cfg.model)
+        self.engine = build_engine(cfg, model, self.ctx, self.stream.plan(0).micro_batch)
+        self.flops_per_token = flops_per_token
+        self.eval_loader = (
+            build_eval_loader(cfg.data, cfg.train.eval_split, self.ctx.rank, self.ctx.world_size,
+                              cfg.train.eval_batches, train_seed=cfg.train.seed)
+            if cfg.train.eval_batches > 0 else None
+        )
+        self.manager = CheckpointManager(cfg, self.run_dir, self.engine)
+        self.writer = MetricsWriter(cfg.logging, self.run_dir, self.ctx.rank)
+        # Rank 0's measurement for everyone, so all ranks report the same MFU.
+        (self.peak_flops,) = self._broadcast([peak_flops(cfg.logging, self.ctx.device)])
+
+    def _broadcast(self, values: list[float]) -> list[float]:
+        buf = torch.tensor(values, dtype=torch.float64, device=self.ctx.device)
+        dist.broadcast(buf, src=0)
+        return buf.tolist()
+
+    def run(self) -> int:
+        from caduceus_dist.checkpoint import EXIT_PREEMPTED
+
+        cfg, engine = self.cfg, self.engine
+        max_steps = cfg.train.max_steps
+        eval_every = cfg.train.eval_every or max(1, max_steps // 5)
+        client = self.manager.resume()
+        step, consumed = 0, 0
+        if client is not None:
+            step, consumed = int(client["step"]), int(client["consumed_tokens"])
+            self.stream.load_state_dict(client["data"])
+            self.writer.print(f"resumed at step {step} from {self.run_dir}")
+        self.writer.print(self._banner(step))
+        batches = self.stream.iterate(step)
+        while step < max_steps:
+            start = time.perf_counter()
+            batch = next(batches)
+            data_wait = time.perf_counter() - start
+            if batch.step != step:
+                raise RuntimeError(f"loader yielded step {batch.step} where the trainer expected step {step}")
+            plan = batch.plan
+            lr = lr_at(step, cfg.optim, cfg.schedule, max_steps)
+            out = engine.train_step(batch.micro_batches, lr)
+            step += 1
+            consumed += plan.tokens_per_step
+            if not math.isfinite(out["loss"]):
+                raise FloatingPointError(f"training loss is {out['loss']} at step {step}; stopping "
+                                         "(the last checkpoint is intact; lower optim.lr or use fp32/bf16)")
+            elapsed = time.perf_counter() - start
+            step_time, data_wait, memory = _max_across_ranks(
+                [elapsed, data_wait, peak_memory_gib(self.ctx.device)], self.ctx.device)
+            metrics = self._train_metrics(out, lr, plan, batch.state, step_time, data_wait, memory, consumed)
+            self.writer.scalars(step, metrics)
+            if step % cfg.logging.log_every == 0 or step == 1 or step == max_steps:
+                self.writer.print(train_line(step, max_steps, metrics))
+            if self.eval_loader is not None and (step % eval_every == 0 or step == max_steps):
+                self.evaluate(step)
+
+            def client_state(step=step, consumed=consumed, data=batch.state):
+                return {"step": step, "data": data, "consumed_tokens": consumed}
+
+            if self.manager.after_step(step, client_state):
+                self.writer.print(f"preempted: checkpoint saved at step {step}; exiting with {EXIT_PREEMPTED}")
+                self.close()
+                return EXIT_PREEMPTED
+        self.close()
+        return EXIT_OK
+
+    def _train_metrics(self, out, lr, plan, cursor, step_time, data_wait, memory, consumed) -> dict[str, float]:
+        tokens_per_s = plan.tokens_per_step / step_time
+        per_device = tokens_per_s / self.ctx.world_size
+        flops = self.flops_per_token(self.cfg.model, plan.seq_len)
+        metrics = {
+            "train/loss": out["loss"],
+            "train/accuracy": out["accuracy"],
+            "train/grad_norm": out["grad_norm"],
+            "train/lr": lr,
+            "train/n_targets": out["n_targets"],
+            "perf/tokens_per_s": tokens_per_s,
+            "perf/tokens_per_s_per_device": per_device,
+            "perf/mfu": flops * per_device / self.peak_flops,
+            "perf/step_time_s": step_time,
+            "perf/data_wait_fraction": data_wait / step_time,
+            "perf/peak_memory_gib": memory,
+            "data/seq_len": plan.seq_len,
+            "data/stage": plan.stage,
+            "data/global_batch": plan.global_batch,
+            "data/consumed_tokens": consumed,
+        }
+        for key in CURSOR_KEYS:
+            metrics[f"data/cursor_{key}"] = cursor[key]
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, float]:
+        loss_sum = n_targets = n_correct = 0.0
+        for batch in self.eval_loader:
+            batch_loss, batch_targets, batch_correct = self.engine.eval_step(batch)
+            loss_sum += batch_loss
+            n_targets += batch_targets
+            n_correct += batch_correct
+        loss_sum, n_targets, n_correct = all_reduce_sum([loss_sum, n_targets, n_correct], self.ctx.device)
+        loss = loss_sum / max(n_targets, 1.0)
+        metrics = {"val/loss": loss, "val/perplexity": math.exp(loss), "val/bits_per_base": loss / math.log(2),
+                   "val/accuracy": n_correct / max(n_targets, 1.0), "val/n_targets": n_targets}
+        self.writer.scalars(step, metrics)
+        self.writer.print(eval_line(step, metrics))
+        return metrics
+
+    def _banner(self, step: int) -> str:
+        cfg, plan = self.cfg, self.stream.plan(step)
+        n_params = sum(p.numel() for p in self.engine.module.parameters())
+        return (f"caduceus-dist: engine {cfg.engine.name} ({cfg.engine.precision}"
+                f"{', ZeRO-' + str(cfg.engine.zero_stage) if cfg.engine.name == 'deepspeed' else ''})"
+                f" | world {self.ctx.world_size} on {self.ctx.device.type} | model {n_params:,} params (local)"
+                f" | L {plan.seq_len} x global batch {plan.global_batch} = {plan.tokens_per_step:,} tokens/step"
+                f" (micro {plan.micro_batch} x accum {cfg.train.grad_accum} x {self.ctx.world_size} ranks)"
+                f" | steps {step}->{cfg.train.max_steps} | run_dir {self.run_dir}")
+
+    def close(self) -> None:
+        self.manager.close()
+        self.writer.close()

@@ -1,0 +1,142 @@
+"""Engines in one process (a 1-rank gloo group): loss normalisation, optimizer groups, checkpoints, export."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from caduceus_dist.config import load_job_config
+from caduceus_dist.engine import build_engine, init_distributed
+from caduceus_dist.model import CaduceusForMaskedLM, param_groups
+
+RECIPE = "recipes/cpu_demo.yaml"
+TINY = ["model.d_model=16", "model.n_layer=2", "optim.grad_clip=0.5", "schedule.name=constant",
+        "schedule.warmup_fraction=0.0"]
+
+
+@pytest.fixture
+def process_group(monkeypatch, free_port):
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(free_port)}.items():
+        monkeypatch.setenv(key, value)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _job(*overrides: str):
+    from pathlib import Path
+
+    return load_job_config(Path(__file__).resolve().parents[1] / RECIPE, [*TINY, *overrides])
+
+
+def _batch(seed: int, rows: int, length: int, mask_prob: float) -> dict:
+    """Real-looking MLM micro-batch: ACGT ids, a Bernoulli mask, targets [PAD] (4) elsewhere."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(7, 11, (rows, length), generator=gen)
+    selected = torch.rand(rows, length, generator=gen) < mask_prob
+    targets = torch.where(selected, ids, torch.full_like(ids, 4))
+    return {"input_ids": torch.where(selected, torch.full_like(ids, 3), ids), "targets": targets}
+
+
+def _engine(cfg, seed=0):
+    torch.manual_seed(seed)
+    ctx = init_distributed(cfg.engine)
+    return build_engine(cfg, CaduceusForMaskedLM(cfg.model), ctx, micro_batch=2)
+
+
+def _params(engine) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in engine.full_state_dict().items()}
+
+
+def _reference_step(cfg, model: torch.nn.Module, batches: list[dict], lr: float) -> float:
+    """Plain PyTorch, computed differently: one cross-entropy mean over all targets, clip, AdamW."""
+    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=lr, betas=tuple(cfg.optim.betas),
+                            eps=cfg.optim.eps)
+    logits = torch.cat([model(b["input_ids"]) for b in batches])
+    targets = torch.cat([b["targets"] for b in batches])
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 16), targets.reshape(-1), ignore_index=4)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    opt.step()
+    return float(loss)
+
+
+@pytest.mark.parametrize("engine_name", ["ddp", "fsdp2"])
+def test_micro_batches_with_unequal_target_counts_equal_one_global_mean(process_group, engine_name):
+    """Loss = mean over the global batch's targets, not a mean of micro-batch means."""
+    cfg = _job(f"engine.name={engine_name}", "train.grad_accum=2")
+    first, second = _batch(1, 2, 64, 0.05), _batch(2, 2, 64, 0.4)  # ~6 vs ~50 targets
+    torch.manual_seed(0)
+    reference = CaduceusForMaskedLM(cfg.model)
+    engine = _engine(cfg)
+    lr = 3e-3
+    out = engine.train_step([first, second], lr)
+    ref_loss = _reference_step(cfg, reference, [first, second], lr)
+    assert out["loss"] == pytest.approx(ref_loss, rel=1e-6)
+    assert out["n_targets"] == int((first["targets"] != 4).sum() + (second["targets"] != 4).sum())
+    got, want = engine.full_state_dict(), reference.state_dict()
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
+    # a mean of per-micro-batch means would differ measurably here
+    means = [torch.nn.functional.cross_entropy(CaduceusForMaskedLM(cfg.model)(b["input_ids"]).reshape(-1, 16),
+                                               b["targets"].reshape(-1), ignore_index=4) for b in (first, second)]
+    assert abs(float(sum(means)) / 2 - ref_loss) > 1e-3
+
+
+@pytest.mark.parametrize("engine_name", ["ddp", "fsdp2", "deepspeed"])
+def test_checkpoint_round_trip_continues_identically(process_group, tmp_path, engine_name):
+    cfg = _job(f"engine.name={engine_name}")
+    batches = [[_batch(10 + s, 2, 64, 0.15)] for s in range(4)]
+    straight = _engine(cfg)
+    losses = [straight.train_step(b, 2e-3)["loss"] for b in batches]
+    final = _params(straight)
+    dist.destroy_process_group()
+
+    first = _engine(cfg)
+    for b in batches[:2]:
+        first.train_step(b, 2e-3)
+    (tmp_path / "ck").mkdir()
+    first.save_checkpoint(tmp_path / "ck")
+    dist.destroy_process_group()
+
+    resumed = _engine(cfg, seed=123)  # different init: everything must come from the checkpoint
+    resumed.load_checkpoint(tmp_path / "ck", saved_world_size=1)
+    resumed_losses = [resumed.train_step(b, 2e-3)["loss"] for b in batches[2:]]
+    assert resumed_losses == losses[2:]
+    for key, value in _params(resumed).items():
+        assert torch.equal(value, final[key]), key
+
+
+def test_optimizer_holds_reference_weight_decay_groups(process_group):
+    cfg = _job("engine.name=ddp")
+    engine = _engine(cfg)
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    decay = {names[id(p)] for p in engine.optimizer.param_groups[0]["params"]}
+    no_decay = {names[id(p)] for p in engine.optimizer.param_groups[1]["params"]}
+    assert engine.optimizer.param_groups[0]["weight_decay"] == 0.1
+    assert engine.optimizer.param_groups[1]["weight_decay"] == 0.0
+    assert all(n.endswith(("bias", "A_log", ".D", "word_embeddings.weight")) for n in no_decay)
+    assert any(n.endswith("A_log") for n in no_decay) and any("norm" in n for n in decay)
+    assert decay.isdisjoint(no_decay) and len(decay) + len(no_decay) == len(names)
+    engine.train_step([_batch(0, 2, 32, 0.15)], 1.234e-3)
+    assert [g["lr"] for g in engine.optimizer.param_groups] == [1.234e-3, 1.234e-3]
+
+
+def test_deepspeed_bf16_export_is_fp32_master_weights(process_group):
+    cfg = _job("engine.name=deepspeed", "engine.precision=bf16", "engine.zero_stage=2")
+    engine = _engine(cfg)
+    engine.train_step([_batch(0, 2, 64, 0.15)], 2e-3)
+    exported = engine.full_state_dict()
+    module_state = copy.deepcopy(engine.module.state_dict())
+    assert exported.keys() == module_state.keys()
+    assert all(v.dtype == torch.float32 for v in exported.values() if v.is_floating_point())
+    assert next(engine.module.parameters()).dtype == torch.bfloat16
+    # fp32 masters round to the bf16 module weights, and carry more precision than them
+    key = next(k for k in exported if k.endswith("word_embeddings.weight"))
+    torch.testing.assert_close(exported[key].to(torch.bfloat16), module_state[key])
+    assert not torch.equal(exported[key], module_state[key].float())
