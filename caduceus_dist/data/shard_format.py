@@ -80,15 +80,24 @@ class ShardWriter:
 
     def add(self, key: str, meta: dict, tokens: np.ndarray) -> None:
         tokens = np.ascontiguousarray(tokens, dtype=np.uint8)
+        self.add_compressed(key, meta, self._compressor.compress(tokens.tobytes()))
+
+    def add_compressed(self, key: str, meta: dict, compressed_tokens: bytes) -> None:
+        """Like `add` for tokens already zstd-compressed (the sharder compresses in worker processes)."""
         json_bytes = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
         json_off, json_size = self._add_member(key + JSON_SUFFIX, json_bytes)
-        tok_off, tok_size = self._add_member(key + TOKENS_SUFFIX, self._compressor.compress(tokens.tobytes()))
+        tok_off, tok_size = self._add_member(key + TOKENS_SUFFIX, compressed_tokens)
         self._rows.append((json_off, json_size, tok_off, tok_size))
 
     def close(self) -> np.ndarray:
         """Finish the tar and return the index (n, 4) int64; the caller writes it with `write_index`."""
         self._tar.close()
         return np.asarray(self._rows, dtype="<i8").reshape(-1, INDEX_COLUMNS)
+
+    def abort(self) -> None:
+        """Close the file without finishing the tar (after a write error); the caller deletes it."""
+        self._tar.fileobj.close()
+        self._tar.closed = True
 
 
 class _BytesReader:

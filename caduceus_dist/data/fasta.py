@@ -1,0 +1,222 @@
+"""Streaming FASTA reader: plain, gzip or BGZF; any line width; soft-masked lower case.
+
+Why streaming: hg38 is 3.1 Gbp, so memory must stay bounded by one record (chr1, 249 Mbp). Each
+record is turned straight into token ids by one `bytes.translate` per input chunk (newline removal
+and the base-to-id lookup in one C pass), so a record costs one byte per base and no Python loop.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from caduceus_dist.model.tokenizer import BYTE_TO_ID, IUPAC_AMBIGUOUS, N_ID, UNK_ID
+
+CHUNK_BYTES = 1 << 22
+GZIP_MAGIC = b"\x1f\x8b"
+LINE_BREAKS = b"\r\n \t"  # deleted from sequence lines; anything else must be a base letter
+INVALID_CODE = 0xFF
+OTHER_COMPRESSIONS = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+class FastaError(ValueError):
+    """Malformed FASTA input; the message names the file, line or record and what to do."""
+
+
+def _translation_table() -> bytes:
+    """Bytes -> token ids for ACGTN (either case); other printable bytes map to themselves (>= 12) so
+    the offending letter can be reported; control bytes map to INVALID_CODE."""
+    table = bytearray(range(256))
+    for byte in range(256):
+        if BYTE_TO_ID[byte] != UNK_ID:
+            table[byte] = BYTE_TO_ID[byte]
+        elif byte < 32 or byte >= 127:
+            table[byte] = INVALID_CODE
+    return bytes(table)
+
+
+TRANSLATION = _translation_table()
+IUPAC_LETTERS = frozenset(IUPAC_AMBIGUOUS + IUPAC_AMBIGUOUS.lower())
+
+
+@dataclass
+class FastaRecord:
+    name: str
+    header_line: int  # 1-based line number of the '>' header
+    tokens: np.ndarray  # uint8 token ids (writable), one per base
+    iupac_bases: int  # ambiguity codes other than N, already replaced by N
+
+
+def sha256_and_size(path: str | os.PathLike) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as fh:
+        while block := fh.read(CHUNK_BYTES):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
+
+
+class _CountingReader:
+    """Raw file wrapper that counts the (compressed) bytes consumed, for the progress bar."""
+
+    def __init__(self, fh):
+        self._fh, self.consumed = fh, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._fh.read(size)
+        self.consumed += len(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+class FastaReader:
+    """Iterate `FastaRecord`s of one FASTA file. `consumed_bytes` tracks progress through the file.
+
+    strict=True turns IUPAC ambiguity codes into an error instead of mapping them to N.
+    """
+
+    def __init__(self, path: str | os.PathLike, strict: bool = False):
+        self.path = Path(path)
+        self.strict = strict
+        if not self.path.is_file():
+            raise FastaError(f"FASTA file {self.path} does not exist; pass --fasta PATH to a .fa or .fa.gz file")
+        with open(self.path, "rb") as fh:
+            magic = fh.read(6)
+        for signature, codec in OTHER_COMPRESSIONS.items():
+            if magic.startswith(signature):
+                raise FastaError(
+                    f"{self.path} is {codec}-compressed; this tool reads plain, gzip or BGZF FASTA. "
+                    f"Recompress it with gzip or bgzip"
+                )
+        self._raw = _CountingReader(open(self.path, "rb"))  # noqa: SIM115 (closed by close())
+        self._stream = gzip.GzipFile(fileobj=self._raw, mode="rb") if magic.startswith(GZIP_MAGIC) else self._raw
+
+    @property
+    def consumed_bytes(self) -> int:
+        return self._raw.consumed
+
+    def close(self) -> None:
+        self._raw.close()
+
+    def _chunks(self, where: Callable[[], str]) -> Iterator[bytes]:
+        while True:
+            try:
+                chunk = self._stream.read(CHUNK_BYTES)
+            except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+                raise FastaError(
+                    f"{self.path}: the gzip stream is truncated or corrupt ({exc}) while reading {where()}. "
+                    f"Re-download or re-compress the file (`gzip -t {self.path}` checks it); shards finished so "
+                    "far are kept and a rerun resumes"
+                ) from None
+            if not chunk:
+                return
+            yield chunk
+
+    def __iter__(self) -> Iterator[FastaRecord]:
+        seen: dict[str, int] = {}
+        line = 1  # line number at the start of the current chunk position
+        name, header_line = None, 0
+        header_parts: list[bytes] = []
+        in_header, at_line_start = False, True
+        seq = bytearray()
+
+        def where() -> str:
+            return f"record {name!r} (header on line {header_line})" if name else f"line {line}"
+
+        for chunk in self._chunks(where):
+            pos = 0
+            while pos < len(chunk):
+                if in_header:
+                    eol = chunk.find(b"\n", pos)
+                    header_parts.append(chunk[pos:] if eol < 0 else chunk[pos:eol])
+                    if eol < 0:
+                        break
+                    line += 1
+                    pos = eol + 1
+                    in_header, at_line_start = False, True
+                    name = self._header_name(b"".join(header_parts), header_line, seen)
+                    header_parts.clear()
+                    continue
+                gt = chunk.find(b">", pos)
+                body = chunk[pos:] if gt < 0 else chunk[pos:gt]
+                if body:
+                    if name is None and body.strip():
+                        raise FastaError(
+                            f"{self.path}, line {line}: sequence before the first '>' header. "
+                            "A FASTA file must start with a '>name' line"
+                        )
+                    seq += body.translate(TRANSLATION, LINE_BREAKS)
+                    line += body.count(b"\n")
+                    at_line_start = body.endswith(b"\n")
+                if gt < 0:
+                    break
+                if not at_line_start:
+                    raise FastaError(
+                        f"{self.path}, line {line}: '>' in the middle of a sequence line of {where()}. "
+                        "Headers must start a line"
+                    )
+                if name is not None:
+                    yield self._finish(name, header_line, seq)
+                    seq = bytearray()
+                in_header, header_line, pos = True, line, gt + 1
+        if in_header:
+            name = self._header_name(b"".join(header_parts), header_line, seen)
+        if name is not None:
+            yield self._finish(name, header_line, seq)
+        elif not seen:
+            raise FastaError(f"{self.path} holds no FASTA records (no '>' header line); is it the right file?")
+
+    def _header_name(self, header: bytes, header_line: int, seen: dict[str, int]) -> str:
+        fields = header.split()
+        if not fields:
+            raise FastaError(f"{self.path}, line {header_line}: empty header ('>' without a record name)")
+        name = fields[0].decode("ascii", errors="replace")
+        if name in seen:
+            raise FastaError(
+                f"{self.path}, line {header_line}: duplicate record name {name!r} (first on line {seen[name]}). "
+                "Record names must be unique; rename or remove one of them"
+            )
+        seen[name] = header_line
+        return name
+
+    def _finish(self, name: str, header_line: int, seq: bytearray) -> FastaRecord:
+        if not seq:
+            raise FastaError(
+                f"{self.path}, line {header_line}: record {name!r} is empty (a header with no sequence). "
+                "Remove the empty record"
+            )
+        tokens = np.frombuffer(seq, dtype=np.uint8)
+        iupac = 0
+        if int(tokens.max()) > N_ID:
+            iupac = self._replace_ambiguous(name, header_line, tokens)
+        return FastaRecord(name, header_line, tokens, iupac)
+
+    def _replace_ambiguous(self, name: str, header_line: int, tokens: np.ndarray) -> int:
+        """Map IUPAC ambiguity codes to N (or fail under strict); any other byte is always an error."""
+        odd = np.flatnonzero(tokens > N_ID)
+        codes = tokens[odd]
+        bad = ~np.isin(codes, np.frombuffer(bytes(sorted(IUPAC_LETTERS)), dtype=np.uint8))
+        if bad.any() or self.strict:
+            first = int(odd[int(np.argmax(bad))] if bad.any() else odd[0])
+            code = int(tokens[first])
+            letter = repr(chr(code)) if code != INVALID_CODE else "a control or non-ASCII byte"
+            what = "an IUPAC ambiguity code (--strict forbids them)" if not bad.any() else "not a nucleotide letter"
+            raise FastaError(
+                f"{self.path}: record {name!r} (header on line {header_line}) has {letter} at base {first + 1} "
+                f"(1-based), which is {what}. Fix the FASTA"
+                + ("" if bad.any() else " or run without --strict to map IUPAC codes to N")
+            )
+        tokens[odd] = N_ID
+        return len(odd)

@@ -1,0 +1,153 @@
+"""Command line of `data_prep/shard_genome.py` (argument parsing, progress bar, messages, exit codes).
+
+With no arguments it shards the embedded hg38 sample into ./data/shards/sample, so the first command a
+newcomer runs works. Errors users can cause print one clear message and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from caduceus_dist.data.download import DOWNLOADS, DownloadError, download_assembly
+from caduceus_dist.data.fasta import FastaError
+from caduceus_dist.data.shard_format import ShardFormatError
+from caduceus_dist.data.sharding import ShardConfig, ShardingError, sample_config, shard_genome
+from caduceus_dist.data.splits import CONTIG_FILTERS, SplitError
+from caduceus_dist.data.tiling import TilingError
+from caduceus_dist.data.verify import format_report, verify_dataset
+
+USER_ERRORS = (FastaError, SplitError, TilingError, ShardingError, ShardFormatError, DownloadError)
+EXIT_USER_ERROR = 2
+
+
+def _chrom_list(text: str) -> list[str]:
+    return [c for c in (part.strip() for part in text.split(",")) if c]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shard_genome.py",
+        description="Turn a genome FASTA (+ split BED) into WebDataset shards of token ids. "
+        "Without arguments: shard the embedded hg38 sample into ./data/shards/sample.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    io = parser.add_argument_group("input and output")
+    io.add_argument("--fasta", help="genome FASTA: plain, gzip or BGZF (default: the embedded sample)")
+    io.add_argument("--bed", help="split BED: chrom, start, end, split (train/valid/test) or fold label")
+    io.add_argument("--split-map", help="fold label -> split, e.g. fold3=test,fold4=valid,*=train")
+    io.add_argument("--valid-chroms", type=_chrom_list, default=[], help="without --bed: comma-separated valid contigs")
+    io.add_argument("--test-chroms", type=_chrom_list, default=[], help="without --bed: comma-separated test contigs")
+    io.add_argument("--contigs", default="primary",
+                    help=f"without --bed: contigs to keep for train: {' | '.join(CONTIG_FILTERS)} | a regex")
+    io.add_argument("--out", help="output directory (default: ./data/shards/sample for the sample)")
+    io.add_argument("--assembly", help="assembly name stored with every sample (default: FASTA file name)")
+    win = parser.add_argument_group("windows and shards")
+    win.add_argument("--window", type=int, help="bases per stored window (default 131072; 8192 for the sample)")
+    win.add_argument("--tiling", choices=["reference", "tile"],
+                     help="reference: spec 3.2 (rows extended to 2^20, clamped); tile: non-overlapping "
+                     "(default: reference with --bed, tile without; tile for the sample)")
+    win.add_argument("--samples-per-shard", type=int, help="windows per shard (default: 2^27 bases / window)")
+    win.add_argument("--zstd-level", type=int, default=3)
+    run = parser.add_argument_group("behaviour")
+    run.add_argument("--workers", type=int, default=1, help="compression processes (output is identical for any)")
+    run.add_argument("--strict", action="store_true", help="IUPAC codes and contigs missing from the FASTA are errors")
+    run.add_argument("--overwrite", action="store_true", help="replace shards made with different arguments")
+    run.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    other = parser.add_argument_group("other modes")
+    other.add_argument("--verify", metavar="DIR", help="reread every shard of DIR and check it against its manifest")
+    other.add_argument("--download", choices=sorted(DOWNLOADS), help="fetch the reference inputs (spec 3.1)")
+    other.add_argument("--data-dir", default="data", help="--download: where to put the files (under NAME/)")
+    other.add_argument("--mirror", help="--download: base URL holding the same file names")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ShardConfig:
+    common = dict(
+        out=args.out, bed=args.bed, split_map=args.split_map, valid_chroms=args.valid_chroms,
+        test_chroms=args.test_chroms, contigs=args.contigs, window=args.window, tiling=args.tiling,
+        samples_per_shard=args.samples_per_shard, zstd_level=args.zstd_level, assembly=args.assembly,
+        strict=args.strict, workers=args.workers, overwrite=args.overwrite, quiet=args.quiet,
+    )
+    if args.fasta is None:
+        if args.bed or args.split_map or args.valid_chroms or args.test_chroms:
+            raise ShardingError("--bed/--split-map/--*-chroms need --fasta (run without them to shard the sample)")
+        return sample_config(**common)
+    if args.out is None:
+        raise ShardingError("--out is required with --fasta (the directory to write the shards to)")
+    return ShardConfig(fasta=args.fasta, **{k: v for k, v in common.items() if v is not None})
+
+
+class Progress:
+    """tqdm bar over the input file (so the ETA is right) that shows bases/s; off when quiet or not a TTY."""
+
+    def __init__(self, quiet: bool):
+        self.bar = None
+        self.enabled = not quiet and sys.stderr.isatty()
+        self.start = time.perf_counter()
+
+    def __call__(self, bases: int, consumed: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="input", file=sys.stderr, leave=False)
+        self.bar.update(consumed - self.bar.n)
+        rate = bases / max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"{bases / 1e6:.1f} Mbp written, {rate / 1e6:.1f} Mbp/s", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def summary(manifest: dict, out: str, seconds: float) -> str:
+    lines = []
+    total_bases = 0
+    for split, info in manifest["splits"].items():
+        total_bases += info["bases"]
+        lines.append(f"  {split}: {info['windows']} windows in {len(info['shards'])} shard(s), "
+                     f"{info['n_bases']} N bases, {info['dropped_windows']} all-N windows dropped")
+    head = (f"wrote {out} ({manifest['window']}-base windows, {manifest['tiling']} tiling) in {seconds:.1f} s, "
+            f"{total_bases / seconds / 1e6:.1f} Mbp/s")
+    notes = []
+    if manifest["fasta"]["iupac_to_n"]:
+        notes.append(f"note: {manifest['fasta']['iupac_to_n']} IUPAC ambiguity bases were stored as N (--strict forbids)")
+    missing = manifest["skipped"]["missing_contigs"]
+    if missing:
+        notes.append(f"warning: {len(missing)} contig(s) of the splits are not in the FASTA and were skipped: "
+                     f"{', '.join(sorted(missing)[:10])} (--strict makes this an error)")
+    if manifest["skipped"]["filtered_contigs"]:
+        notes.append(f"note: {manifest['skipped']['filtered_contigs']} contig(s) left out by --contigs")
+    return "\n".join([head, *lines, *notes])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.verify:
+            report = verify_dataset(args.verify)
+            print(format_report(report), file=sys.stdout if report.ok else sys.stderr)
+            return 0 if report.ok else 1
+        if args.download:
+            paths = download_assembly(args.download, Path(args.data_dir) / args.download, mirror=args.mirror)
+            fasta, bed = paths["hg38.ml.fa.gz"], paths["sequences_human.bed"]
+            print(f"downloaded {', '.join(map(str, paths.values()))}\nnext: python data_prep/shard_genome.py "
+                  f"--fasta {fasta} --bed {bed} --out data/shards/hg38 --workers 8")
+            return 0
+        cfg = config_from_args(args)
+        progress = Progress(cfg.quiet)
+        start = time.perf_counter()
+        try:
+            manifest = shard_genome(cfg, progress)
+        finally:
+            progress.close()
+        if not cfg.quiet:
+            print(summary(manifest, cfg.out, max(time.perf_counter() - start, 1e-9)), file=sys.stderr)
+        return 0
+    except USER_ERRORS as exc:
+        print(f"shard_genome.py: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR

@@ -1,0 +1,482 @@
+"""FASTA + splits -> WebDataset shards: planning, parallel compression, resumable output, manifest.
+
+Why it is shaped this way:
+- Determinism. The main process streams the FASTA, decides every window, its split and its sample id
+  (FASTA record order, then interval order, then position), and writes every shard itself in id order.
+  Worker processes only zstd-compress batches of windows, so the bytes on disk cannot depend on
+  `--workers`, and a big record (chr1, chr20) is spread over all workers by window ranges.
+- Crash safety. A shard is written as `.shard-NNNNNN.tar.partial`, fsynced, renamed, and then journaled
+  (with its sha256) in `OUT/.shard_genome/journal.jsonl`. A rerun with the same arguments keeps the
+  journaled shards whose sha256 still matches, skips their windows and writes the rest; the manifest is
+  written last, atomically, and then the journal is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import zstandard
+
+from caduceus_dist import __version__
+from caduceus_dist.data.fasta import FastaReader, sha256_and_size
+from caduceus_dist.data.shard_format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    ShardWriter,
+    sample_key,
+    sha256_file,
+    shard_name,
+    write_index,
+)
+from caduceus_dist.data.splits import make_split_plan
+from caduceus_dist.data.tiling import resolve_tiling
+from caduceus_dist.model.tokenizer import N_ID
+
+STATE_DIR = ".shard_genome"
+PARTIAL_SUFFIX = ".partial"
+LOCATION_ARGS = ("fasta", "bed")  # input paths: the sha256 entries decide whether the input is the same
+BATCH_BASES = 1 << 22  # bases per compression task: small enough to spread one chromosome over workers
+TARGET_SHARD_BASES = 1 << 27  # default shard size: 1024 windows of 131072 (~37 MB of compressed tokens)
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "sample"
+
+
+class ShardingError(RuntimeError):
+    """The run cannot go on (output directory, arguments, strict-mode findings); the message says what to do."""
+
+
+@dataclass
+class ShardConfig:
+    """Everything that decides the output, plus how to run (workers, quiet, overwrite)."""
+
+    fasta: str
+    out: str
+    bed: str | None = None
+    split_map: str | None = None
+    valid_chroms: list[str] = field(default_factory=list)
+    test_chroms: list[str] = field(default_factory=list)
+    contigs: str = "primary"
+    window: int = 131072
+    tiling: str | None = None  # reference with a BED, tile without
+    samples_per_shard: int | None = None  # default: TARGET_SHARD_BASES // window
+    zstd_level: int = 3
+    assembly: str | None = None  # default: the FASTA file name without .fa/.fasta/.gz
+    strict: bool = False
+    workers: int = 1
+    overwrite: bool = False
+    quiet: bool = False
+
+    RUN_ONLY = ("workers", "overwrite", "quiet")  # do not change the bytes written
+
+    def resolved_samples_per_shard(self) -> int:
+        return self.samples_per_shard or max(1, TARGET_SHARD_BASES // self.window)
+
+    def resolved_assembly(self) -> str:
+        if self.assembly:
+            return self.assembly
+        name = Path(self.fasta).name
+        for suffix in (".gz", ".bgz", ".fa", ".fasta", ".fna"):
+            name = name.removesuffix(suffix)
+        return name
+
+
+def sample_config(**overrides) -> ShardConfig:
+    """The no-argument run: the embedded real-hg38 sample, 8192-base windows, small shards."""
+    values = dict(
+        fasta=str(SAMPLE_DIR / "hg38_sample.fa.gz"), bed=str(SAMPLE_DIR / "hg38_sample_splits.bed"),
+        out="data/shards/sample", window=8192, tiling="tile", samples_per_shard=8, assembly="hg38",
+    )
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return ShardConfig(**values)
+
+
+# ---------------------------------------------------------------------------------------------- workers
+
+_COMPRESSORS: dict[int, zstandard.ZstdCompressor] = {}
+
+
+def compress_windows(payload: bytes, window: int, level: int) -> list[bytes]:
+    """Worker task: one zstd frame per `window`-byte slice of `payload`."""
+    compressor = _COMPRESSORS.setdefault(level, zstandard.ZstdCompressor(level=level))
+    view = memoryview(payload)
+    return [compressor.compress(view[i:i + window]) for i in range(0, len(view), window)]
+
+
+def ordered_map(fn: Callable, tasks: Iterable, workers: int) -> Iterator[tuple[object, object]]:
+    """Yield (task, fn(*task.args)) in task order, with at most 2 * workers tasks in flight (bounded memory)."""
+    if workers == 1:
+        for task in tasks:
+            yield task, fn(*task.args)
+        return
+    # fork: workers inherit the imported modules; the pool starts before any progress-bar thread.
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("fork"))
+    try:
+        pending: deque = deque()
+        for task in tasks:
+            pending.append((task, pool.submit(fn, *task.args)))
+            if len(pending) >= 2 * workers:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------------------------- planning
+
+@dataclass
+class SplitTotals:
+    windows: int = 0
+    bases: int = 0
+    n_bases: int = 0
+    dropped_windows: int = 0  # all-N windows, not stored
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class WindowBatch:
+    """Windows (in id order) whose tokens go to the workers together."""
+
+    window: int
+    level: int
+    metas: list[dict] = field(default_factory=list)
+    parts: list[bytes] = field(default_factory=list)
+
+    @property
+    def args(self) -> tuple:
+        return b"".join(self.parts), self.window, self.level
+
+
+@dataclass
+class RunStats:
+    totals: dict[str, SplitTotals] = field(default_factory=dict)
+    records: int = 0
+    fasta_bases: int = 0
+    iupac_to_n: int = 0
+
+
+def plan_batches(cfg: ShardConfig, reader: FastaReader, plan, tile, fasta_sha: str,
+                 finished: set[tuple[str, int]], stats: RunStats) -> Iterator[WindowBatch]:
+    """Stream the FASTA and yield batches of windows still to be written (finished shards are skipped)."""
+    window, per_shard, assembly = cfg.window, cfg.resolved_samples_per_shard(), cfg.resolved_assembly()
+    batch = WindowBatch(window, cfg.zstd_level)
+    for record in reader:
+        stats.records += 1
+        stats.fasta_bases += len(record.tokens)
+        stats.iupac_to_n += record.iupac_bases
+        for interval in plan.intervals(record.name, len(record.tokens)):
+            totals = stats.totals.setdefault(interval.split, SplitTotals())
+            for start, end in tile(interval, len(record.tokens), window):
+                view = record.tokens[start:end]
+                n_count = int(np.count_nonzero(view == N_ID))
+                if n_count == window:
+                    totals.dropped_windows += 1
+                    continue
+                sample_id = totals.windows
+                totals.windows += 1
+                totals.bases += window
+                totals.n_bases += n_count
+                if (interval.split, sample_id // per_shard) in finished:
+                    continue
+                batch.metas.append({
+                    "id": sample_id, "split": interval.split, "chrom": record.name, "start": start, "end": end,
+                    "strand": "+", "length": window, "n_fraction": n_count / window, "assembly": assembly,
+                    "fasta_sha256": fasta_sha,
+                })
+                batch.parts.append(view.tobytes())
+                if len(batch.parts) * window >= BATCH_BASES:
+                    yield batch
+                    batch = WindowBatch(window, cfg.zstd_level)
+    if batch.parts:
+        yield batch
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+class ShardSink:
+    """Receives compressed samples in id order, one open shard per split; finished shards are journaled."""
+
+    def __init__(self, root: Path, per_shard: int, journal: Path):
+        self.root, self.per_shard, self.journal = root, per_shard, journal
+        self.open: dict[str, tuple[int, ShardWriter]] = {}
+        self.written: dict[tuple[str, int], dict] = {}
+
+    def _paths(self, split: str, number: int) -> tuple[Path, Path]:
+        base = self.root / split / shard_name(number)
+        return base.with_suffix(".tar"), base.with_suffix(".idx")
+
+    def add(self, meta: dict, compressed: bytes) -> None:
+        split, sample_id = meta["split"], meta["id"]
+        number = sample_id // self.per_shard
+        current = self.open.get(split)
+        if current is not None and current[0] != number:
+            self.finish(split)
+            current = None
+        if current is None:
+            tar, _ = self._paths(split, number)
+            tar.parent.mkdir(parents=True, exist_ok=True)
+            current = (number, ShardWriter(_partial(tar)))
+            self.open[split] = current
+        current[1].add_compressed(sample_key(split, sample_id), meta, compressed)
+        if (sample_id + 1) % self.per_shard == 0:
+            self.finish(split)
+
+    def finish(self, split: str) -> None:
+        number, writer = self.open.pop(split)
+        tar, idx = self._paths(split, number)
+        rows = writer.close()
+        write_index(_partial(idx), rows)
+        for path in (_partial(tar), _partial(idx)):
+            fsync_path(path)
+        first_id = number * self.per_shard
+        entry = {
+            "tar": f"{split}/{tar.name}", "index": f"{split}/{idx.name}", "samples": len(rows),
+            "bytes": _partial(tar).stat().st_size, "sha256": sha256_file(_partial(tar)),
+            "index_sha256": sha256_file(_partial(idx)), "first_id": first_id, "last_id": first_id + len(rows) - 1,
+        }
+        os.replace(_partial(idx), idx)
+        os.replace(_partial(tar), tar)
+        fsync_path(tar.parent)
+        with open(self.journal, "a") as fh:
+            fh.write(json.dumps({"split": split, "shard": number, **entry}, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.written[(split, number)] = entry
+
+    def finish_all(self) -> None:
+        for split in list(self.open):
+            self.finish(split)
+
+    def abandon(self) -> None:
+        """After an error: drop the half-written shards (their partial files), keep every finished one."""
+        for split, (number, writer) in list(self.open.items()):
+            for path in self._paths(split, number):
+                _partial(path).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                writer.abort()
+        self.open.clear()
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name("." + path.name + PARTIAL_SUFFIX)
+
+
+# ---------------------------------------------------------------------------------------------- run state
+
+class OutputDir:
+    """The output root: argument check, journal of finished shards, cleanup of partial files."""
+
+    def __init__(self, root: Path, identity: dict):
+        self.root, self.identity = root, identity
+        self.state = root / STATE_DIR
+        self.journal = self.state / "journal.jsonl"
+
+    def _fail(self, action: str, exc: OSError) -> ShardingError:
+        return ShardingError(
+            f"cannot {action} ({exc.strerror or exc}); choose a writable --out with free space. "
+            "Shards finished so far are kept; rerun with the same arguments to resume"
+        )
+
+    def prepare(self, overwrite: bool) -> dict[tuple[str, int], dict]:
+        """Create or reuse the root; return the finished shards that can be kept (sha256 checked)."""
+        if self.root.exists() and not self.root.is_dir():
+            raise ShardingError(f"--out {self.root} exists and is not a directory; choose another --out")
+        previous = self._previous_args()
+        changed = sorted(k for k in (previous or {}).keys() | self.identity.keys()
+                         if k not in LOCATION_ARGS and (previous or {}).get(k) != self.identity.get(k))
+        if previous is not None and changed:
+            if not overwrite:
+                raise ShardingError(
+                    f"{self.root} holds shards made with different arguments ({', '.join(changed)} differ). "
+                    "Pass --overwrite to replace them, or choose another --out"
+                )
+            self._remove_outputs()
+        elif previous is None and self._has_shards() and not overwrite:
+            raise ShardingError(
+                f"{self.root} already holds shard files but no manifest or run state; "
+                "pass --overwrite to replace them, or choose another --out"
+            )
+        elif previous is None and overwrite:
+            self._remove_outputs()
+        try:
+            self.state.mkdir(parents=True, exist_ok=True)
+            if not (self.state / "args.json").exists():
+                write_atomic(self.state / "args.json", json.dumps(self.identity, sort_keys=True, indent=1))
+        except OSError as exc:
+            raise self._fail(f"create the output directory {self.root}", exc) from None
+        for partial in self.root.glob(f"*/.*{PARTIAL_SUFFIX}"):
+            partial.unlink()
+        return self._kept_shards()
+
+    def _previous_args(self) -> dict | None:
+        for path in (self.root / MANIFEST_NAME, self.state / "args.json"):
+            if path.exists():
+                try:
+                    data = json.loads(path.read_text())
+                except (OSError, json.JSONDecodeError):
+                    continue
+                return data.get("args") if path.name == MANIFEST_NAME else data
+        return None
+
+    def _has_shards(self) -> bool:
+        return any(self.root.glob("*/shard-*.tar"))
+
+    def _remove_outputs(self) -> None:
+        for pattern in ("*/shard-*.tar", "*/shard-*.idx", f"*/.*{PARTIAL_SUFFIX}", f"{STATE_DIR}/*", MANIFEST_NAME):
+            for path in self.root.glob(pattern):
+                path.unlink()
+        for directory in [self.state, *self.root.glob("*/")]:
+            if directory.is_dir() and not any(directory.iterdir()):
+                directory.rmdir()
+
+    def _kept_shards(self) -> dict[tuple[str, int], dict]:
+        candidates: dict[tuple[str, int], dict] = {}
+        manifest = self.root / MANIFEST_NAME
+        if manifest.exists():
+            for split, info in json.loads(manifest.read_text())["splits"].items():
+                for number, entry in enumerate(info["shards"]):
+                    candidates[(split, number)] = entry
+        if self.journal.exists():
+            for line in self.journal.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a crash: that shard is simply redone
+                candidates[(entry.pop("split"), entry.pop("shard"))] = entry
+        kept = {}
+        for key, entry in candidates.items():
+            tar, idx = self.root / entry["tar"], self.root / entry["index"]
+            if tar.exists() and idx.exists() and sha256_file(tar) == entry["sha256"] \
+                    and sha256_file(idx) == entry["index_sha256"]:
+                kept[key] = entry
+        return kept
+
+    def write_manifest(self, manifest: dict) -> None:
+        write_atomic(self.root / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        self.journal.unlink(missing_ok=True)
+        (self.state / "args.json").unlink(missing_ok=True)
+        self.state.rmdir()
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+def identity_of(cfg: ShardConfig, fasta_sha: str, bed_sha: str | None, tiling: str) -> dict:
+    args = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ShardConfig.RUN_ONLY}
+    args.update(tiling=tiling, samples_per_shard=cfg.resolved_samples_per_shard(),
+                assembly=cfg.resolved_assembly(), fasta_sha256=fasta_sha, bed_sha256=bed_sha)
+    args.pop("out")
+    return args
+
+
+def shard_genome(cfg: ShardConfig, progress: Callable[[int, int, int], None] | None = None) -> dict:
+    """Run the whole pipeline and return the manifest. `progress(bases_done, input_bytes_read, input_size)`."""
+    if cfg.workers < 1:
+        raise ShardingError(f"--workers must be >= 1, got {cfg.workers}")
+    if cfg.samples_per_shard is not None and cfg.samples_per_shard < 1:
+        raise ShardingError(f"--samples-per-shard must be >= 1, got {cfg.samples_per_shard}")
+    tiling, tile = resolve_tiling(cfg.tiling, cfg.window, cfg.bed is not None)
+    plan = make_split_plan(cfg.bed, cfg.split_map, cfg.valid_chroms, cfg.test_chroms, cfg.contigs)
+    reader = FastaReader(cfg.fasta, strict=cfg.strict)
+    fasta_sha, fasta_size = sha256_and_size(cfg.fasta)
+    bed_sha = sha256_and_size(cfg.bed)[0] if cfg.bed else None
+    identity = identity_of(cfg, fasta_sha, bed_sha, tiling)
+    out = OutputDir(Path(cfg.out), identity)
+    kept = out.prepare(cfg.overwrite)
+    sink = ShardSink(out.root, cfg.resolved_samples_per_shard(), out.journal)
+    stats = RunStats()
+    bases_done = 0
+    batches = plan_batches(cfg, reader, plan, tile, fasta_sha, set(kept), stats)
+    try:
+        for batch, compressed in ordered_map(compress_windows, batches, cfg.workers):
+            for meta, payload in zip(batch.metas, compressed, strict=True):
+                sink.add(meta, payload)
+            bases_done += len(batch.metas) * cfg.window
+            if progress:
+                progress(bases_done, reader.consumed_bytes, fasta_size)
+        sink.finish_all()
+    except OSError as exc:
+        sink.abandon()
+        raise out._fail(f"write shards under {out.root}: {exc.filename or ''}", exc) from None
+    except BaseException:
+        sink.abandon()
+        raise
+    finally:
+        reader.close()
+    missing = plan.missing()
+    if missing and cfg.strict:
+        raise ShardingError(
+            f"{len(missing)} contig(s) named by the splits are not in {cfg.fasta}: "
+            f"{', '.join(sorted(missing)[:10])}. Use the matching assembly, or drop --strict to skip them"
+        )
+    manifest = build_manifest(cfg, identity, stats, {**kept, **sink.written}, plan, fasta_sha)
+    try:
+        out.write_manifest(manifest)
+    except OSError as exc:
+        raise out._fail(f"write {out.root / MANIFEST_NAME}", exc) from None
+    return manifest
+
+
+def build_manifest(cfg: ShardConfig, identity: dict, stats: RunStats, shards: dict, plan, fasta_sha: str) -> dict:
+    per_shard = cfg.resolved_samples_per_shard()
+    splits = {}
+    for split in sorted(stats.totals):
+        totals = stats.totals[split]
+        count = -(-totals.windows // per_shard)
+        entries = [shards[(split, number)] for number in range(count)]
+        if sum(e["samples"] for e in entries) != totals.windows:
+            raise ShardingError(f"internal error: shard sample counts of split {split!r} do not add up")
+        splits[split] = {**totals.as_dict(), "shards": entries}
+    missing = plan.missing()
+    return {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+        "created_by": f"caduceus-dist {__version__} data_prep/shard_genome.py",
+        "args": identity, "assembly": cfg.resolved_assembly(),
+        "fasta": {"path": cfg.fasta, "sha256": fasta_sha, "records": stats.records, "bases": stats.fasta_bases,
+                  "iupac_to_n": stats.iupac_to_n},
+        "window": cfg.window, "samples_per_shard": per_shard, "tiling": identity["tiling"],
+        "splits": splits,
+        "skipped": {"missing_contigs": missing, "filtered_contigs": len(plan.skipped_contigs)},
+    }
+
+
+def log(message: str, quiet: bool) -> None:
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def elapsed_since(start: float) -> float:
+    return max(time.perf_counter() - start, 1e-9)
