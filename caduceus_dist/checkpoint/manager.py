@@ -235,6 +235,10 @@ class CheckpointManager:
         stats, self._stats = self._stats, {}
         return stats
 
+    def wait(self) -> None:
+        """Collective: block until an asynchronous save in flight is sealed (or has failed)."""
+        self._wait_pending()
+
     def close(self) -> None:
         """Collective: finish an asynchronous save and give the preemption signals back."""
         self._wait_pending()
@@ -335,9 +339,13 @@ class CheckpointManager:
 
     def _write_failed(self, step: int, errors: list[str]) -> None:
         latest = read_latest(self.root)
+        try:  # torch.save reports a full disk as "unexpected pos": say how much room there is
+            space = f"{shutil.disk_usage(self.root).free / 1e6:.1f} MB free on the filesystem of {self.root}"
+        except OSError:
+            space = f"{self.root} unreachable"
         message = (
-            f"checkpoint {step_dir_name(step)} could not be written under {self.root}: {'; '.join(errors)}. "
-            f"The previous checkpoint ({latest or 'none'}) and `latest` are unchanged. "
+            f"checkpoint {step_dir_name(step)} could not be written under {self.root}: {'; '.join(errors)} "
+            f"({space}). The previous checkpoint ({latest or 'none'}) and `latest` are unchanged. "
             "Free disk space (or move run_dir) before the next save."
         )
         if self.cfg.on_write_error == "stop":
@@ -407,8 +415,7 @@ class CheckpointManager:
         self._stats = {"checkpoint/step": float(step), "checkpoint/blocking_s": pending.blocking_s}
         return True
 
-    @staticmethod
-    def _copy(pending: _PendingSave) -> None:
+    def _copy(self, pending: _PendingSave) -> None:
         """Background thread: staging -> step_N.tmp, hashing while copying, fsync, then free the staging memory."""
         try:
             files = {}
@@ -425,7 +432,9 @@ class CheckpointManager:
                     files[name] = {"bytes": dst.tell(), "sha256": digest.hexdigest()}
             pending.files = files
         except OSError as exc:
-            pending.error = f"{socket.gethostname()} copying to {pending.tmp}: {type(exc).__name__}: {exc}"
+            pending.error = (
+                f"rank {self.rank} on {socket.gethostname()} copying to {pending.tmp}: {type(exc).__name__}: {exc}"
+            )
         finally:
             shutil.rmtree(pending.staging, ignore_errors=True)
 

@@ -1,0 +1,114 @@
+"""A checkpoint write that fails midway (a real full filesystem) leaves the previous checkpoint and
+`latest` untouched; training goes on and retries, or stops with a clear message.
+
+The full disk is a real one: a small tmpfs mounted over RUN/checkpoints (needs root; skipped with
+the reason otherwise), and, anywhere, RLIMIT_FSIZE set after the first save, which makes the kernel
+refuse writes past a size with EFBIG as a full quota does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import signal
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from test_checkpoint_manager import CKPT_LOG, Run, ckpts, make_cfg, process_group  # noqa: F401
+
+from caduceus_dist.checkpoint import CheckpointWriteError
+from caduceus_dist.checkpoint.manifest import check_files, read_latest, read_manifest
+
+PAGE = 4096
+
+
+def checkpoint_footprint(tmp_path: Path) -> int:
+    """Bytes one checkpoint of the test model takes on tmpfs (files rounded up to pages, plus inodes)."""
+    run = Run(tmp_path / "probe", make_cfg(max_steps=2))
+    run.train(2)
+    run.close()
+    manifest = read_manifest(tmp_path / "probe" / "checkpoints" / "step_000002")
+    return sum(-(-entry["bytes"] // PAGE) * PAGE for entry in manifest["files"].values())
+
+
+@contextmanager
+def full_disk(kind: str, run_dir: Path, footprint: int):
+    """Yields a callable that makes the disk "fill up" once the first checkpoint is written."""
+    if kind == "tmpfs":
+        root = run_dir / "checkpoints"
+        root.mkdir(parents=True)
+        size = footprint * 3 // 2  # room for one checkpoint and half of the next
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(root)],
+                                 capture_output=True, text=True)
+        if mounted.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+        try:
+            yield lambda: None
+        finally:
+            subprocess.run(["umount", "-l", str(root)], check=False)
+    else:
+        limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+        previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
+
+        def fill():
+            resource.setrlimit(resource.RLIMIT_FSIZE, (footprint // 4, limits[1]))
+
+        try:
+            yield fill
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+            signal.signal(signal.SIGXFSZ, previous)
+
+
+def assert_previous_intact(run_dir: Path) -> None:
+    root = run_dir / "checkpoints"
+    assert ckpts(run_dir) == ["step_000002"]  # no step_000004.tmp, no half checkpoint
+    assert read_latest(root) == "step_000002"
+    manifest = json.loads((root / "step_000002" / "manifest.json").read_text())
+    assert check_files(root / "step_000002", manifest["files"], sorted(manifest["files"]), "sha256") == []
+
+
+@pytest.mark.parametrize("kind", ["tmpfs", "rlimit"])
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_full_disk_retry_keeps_previous_and_training_goes_on(tmp_path, caplog, kind, async_save):
+    footprint = checkpoint_footprint(tmp_path)
+    run_dir = tmp_path / "run"
+    cfg = make_cfg(keep=1, async_save=async_save, async_staging_dir=str(tmp_path / "staging"))
+    with full_disk(kind, run_dir, footprint) as fill, caplog.at_level(logging.INFO, logger=CKPT_LOG):
+        run = Run(run_dir, cfg)
+        run.train(2)
+        run.manager.wait()  # the first checkpoint is sealed before the disk fills up
+        fill()
+        losses = run.train(6)
+        run.close()
+        assert sorted(losses) == [3, 4, 5, 6]  # training went on past both failed saves
+        assert_previous_intact(run_dir)
+    failures = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(failures) == 2  # step 4 and the final step 6 were both tried
+    for step, text in zip((4, 6), failures, strict=True):
+        assert f"checkpoint step_{step:06d} could not be written" in text
+        assert "rank 0" in text and " MB free on the filesystem of " in text  # who failed, how much room
+        assert "The previous checkpoint (step_000002) and `latest` are unchanged" in text
+        assert "retries at the next interval" in text
+
+
+@pytest.mark.parametrize("kind", ["tmpfs", "rlimit"])
+def test_full_disk_stop_fails_cleanly_with_the_reason(tmp_path, kind):
+    footprint = checkpoint_footprint(tmp_path)
+    run_dir = tmp_path / "run"
+    with full_disk(kind, run_dir, footprint) as fill:
+        run = Run(run_dir, make_cfg(keep=1, on_write_error="stop"))
+        run.train(2)
+        fill()
+        with pytest.raises(CheckpointWriteError) as err:
+            run.train(6)
+        run.close()
+        assert run.step == 4
+        assert_previous_intact(run_dir)
+    message = str(err.value)
+    assert "checkpoint step_000004 could not be written" in message
+    assert "Stopping (checkpoint.on_write_error=stop)" in message
+    assert "rerun the same command to resume" in message
