@@ -274,9 +274,9 @@ def test_config_errors_name_the_numbers(shards):
         TrainStream(config(shards, seq_len=384, tokens_per_step=384 * 4), 0, 1, 1)
     with pytest.raises(DataPlanError, match="tokens_per_step 1000 is not divisible by seq_len 256"):
         TrainStream(config(shards, tokens_per_step=1000), 0, 1, 1)
-    with pytest.raises(ValueError, match="data.mlm_probability must be in"):
+    with pytest.raises(ValueError, match=r"data\.mlm_probability must be in"):
         TrainStream(config(shards, mlm_probability=1.5), 0, 1, 1)
-    with pytest.raises(ValueError, match="data.curriculum.stages.0. needs steps or tokens"):
+    with pytest.raises(ValueError, match=r"data\.curriculum\.stages\[0\] needs steps or tokens"):
         TrainStream(config(shards, curriculum=CurriculumConfig(stages=[StageConfig(256), StageConfig(1024)])), 0, 1, 1)
     stream = TrainStream(config(shards), 0, 1, 1)
     state = stream.state_dict()
