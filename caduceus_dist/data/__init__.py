@@ -4,23 +4,35 @@
 
 See `loader.py` for the stream API and its guarantees, `cursor.py` for the data order,
 `curriculum.py` for the sequence-length schedule, `masking.py` for the MLM corruption and
-`shard_format.py` for the on-disk format.
+`shard_format.py` for the on-disk format. Names resolve lazily (PEP 562) so that the sharder,
+which imports `caduceus_dist.data.fasta` etc., never pays for importing torch.
 """
 
-from caduceus_dist.data.config import CurriculumConfig, DataConfig, StageConfig
-from caduceus_dist.data.curriculum import DataPlanError, StepPlan
-from caduceus_dist.data.loader import EvalStream, StepBatch, TrainStream, build_eval_loader
-from caduceus_dist.data.shard_format import ShardFormatError
+from importlib import import_module
 
-__all__ = [
-    "CurriculumConfig",
-    "DataConfig",
-    "DataPlanError",
-    "EvalStream",
-    "ShardFormatError",
-    "StageConfig",
-    "StepBatch",
-    "StepPlan",
-    "TrainStream",
-    "build_eval_loader",
-]
+_EXPORTS = {
+    "CurriculumConfig": "config",
+    "DataConfig": "config",
+    "StageConfig": "config",
+    "DataPlanError": "curriculum",
+    "StepPlan": "curriculum",
+    "EvalStream": "loader",
+    "StepBatch": "loader",
+    "TrainStream": "loader",
+    "build_eval_loader": "loader",
+    "ShardFormatError": "shard_format",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
