@@ -1,0 +1,147 @@
+"""MLM corruption (spec 3.3-3.5) and RC augmentation: statistics, semantics, independence of rank/worker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_data_fixtures import genome_tokens, write_dataset
+
+from caduceus_dist.data import DataConfig, TrainStream
+from caduceus_dist.data.cursor import derive_key, uniform_u32
+from caduceus_dist.data.masking import MaskingPolicy, mask_batch, prepare_crop
+from caduceus_dist.model.tokenizer import MASK_ID, N_ID, PAD_ID, VOCAB_SIZE, CaduceusTokenizer
+
+SIGMAS = 5.0  # tolerance for every frequency check; a false failure has probability < 1e-6 per check
+
+
+def real_batch(rows: int, length: int, n_run: tuple[int, int] | None = None) -> np.ndarray:
+    tokens, _, _ = genome_tokens()
+    batch = tokens[:rows * length].reshape(rows, length).copy()
+    if n_run is not None:  # an assembly gap: a run of N as in real chromosomes
+        batch[:, n_run[0]:n_run[1]] = N_ID
+    out = np.empty_like(batch)
+    for i in range(rows):
+        prepare_crop(batch[i], 0, length, False, out[i])
+    return out
+
+
+def within(observed: int, trials: int, p: float) -> bool:
+    return abs(observed - trials * p) <= SIGMAS * np.sqrt(trials * p * (1 - p))
+
+
+def test_selection_and_80_10_10_frequencies():
+    tokens = real_batch(180, 1024)  # 184,320 real bases, no N
+    policy = MaskingPolicy()
+    inputs, targets = mask_batch(tokens, derive_key(3, np.arange(180)), policy)
+    selected = targets != PAD_ID
+    n, k = tokens.size, int(selected.sum())
+    assert within(k, n, 0.15)  # about 27,650 selected; 5 sigma = 0.41% of n... see SIGMAS
+    assert np.array_equal(targets[selected], tokens[selected])
+    assert np.array_equal(inputs[~selected], tokens[~selected])
+    sel_in, sel_orig = inputs[selected], tokens[selected]
+    # a random replacement can draw [MASK] (1/12) or the original id (1/12)
+    assert within(int((sel_in == MASK_ID).sum()), k, 0.8 + 0.1 / VOCAB_SIZE)
+    assert within(int((sel_in == sel_orig).sum()), k, 0.1 + 0.1 / VOCAB_SIZE)
+    other = (sel_in != MASK_ID) & (sel_in != sel_orig)
+    assert within(int(other.sum()), k, 0.1 * (VOCAB_SIZE - 2) / VOCAB_SIZE)
+    # random ids are uniform over all 12 ids, specials included (spec 3.5: no eligible_replacements)
+    counts = np.bincount(sel_in[other], minlength=VOCAB_SIZE)
+    for token in range(VOCAB_SIZE):
+        if token == MASK_ID:
+            continue
+        trials = int((sel_orig != token).sum())  # positions where `token` counts as "other"
+        assert within(int(counts[token]), trials, 0.1 / VOCAB_SIZE), (token, counts)
+    # independent positions: P(i and i+1 both selected) = p^2
+    both = int((selected[:, 1:] & selected[:, :-1]).sum())
+    assert within(both, selected[:, 1:].size, 0.15 ** 2)
+
+
+def test_masking_matches_the_reference_rules_position_by_position():
+    """Independent per-position implementation of mlm_getitem's rules on the same uniform draws."""
+    tokens = real_batch(4, 2048, n_run=(100, 400))
+    keys = derive_key(9, np.arange(4))
+    policy = MaskingPolicy(0.3, 0.6, 0.3)  # non-default probabilities are honoured
+    inputs, targets = mask_batch(tokens, keys, policy)
+    u = uniform_u32(keys, 2048).astype(np.float64) / 2 ** 32  # the same stream, as floats in [0, 1)
+    for row in range(4):
+        for pos in range(2048):
+            x, v = int(tokens[row, pos]), u[row, pos]
+            if v >= 0.3:
+                assert (inputs[row, pos], targets[row, pos]) == (x, PAD_ID)
+                continue
+            assert targets[row, pos] == x  # [PAD] (from N) stays the target, i.e. ignored
+            w = v / 0.3
+            if w < 0.6:
+                assert inputs[row, pos] == MASK_ID
+            elif w < 0.9:
+                assert inputs[row, pos] == int((w - 0.6) / 0.3 * VOCAB_SIZE)
+            else:
+                assert inputs[row, pos] == x
+
+
+def test_n_becomes_pad_and_is_never_a_loss_target():
+    tokens = real_batch(8, 1024, n_run=(200, 700))
+    assert (tokens[:, 200:700] == PAD_ID).all() and not (tokens == N_ID).any()
+    inputs, targets = mask_batch(tokens, derive_key(1, np.arange(8)), MaskingPolicy())
+    assert (targets[:, 200:700] == PAD_ID).all()
+    gap = inputs[:, 200:700]  # selected like any position (no exclusion), so [MASK] appears inside gaps
+    assert within(int((gap == MASK_ID).sum()), gap.size, 0.15 * (0.8 + 0.1 / VOCAB_SIZE))
+    assert within(int((gap != PAD_ID).sum()), gap.size, 0.15 * (0.8 + 0.1 * (VOCAB_SIZE - 1) / VOCAB_SIZE))
+
+
+def test_reverse_complement_then_n_to_pad():
+    window = CaduceusTokenizer().encode("ACGTNNacgtAAC")
+    out = np.empty(13, dtype=np.uint8)
+    prepare_crop(window, 0, 13, True, out)
+    assert CaduceusTokenizer.decode(out[out != PAD_ID]) == "GTTACGTACGT"
+    assert np.flatnonzero(out == PAD_ID).tolist() == [7, 8]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("mask_shards")
+    write_dataset(root, 2048, {"train": [6, 10]})
+    return root
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
+def test_masks_and_strands_do_not_depend_on_rank_or_worker(shards):
+    def by_crop(world_size, grad_accum, workers):
+        cfg = DataConfig(shards=str(shards), seq_len=512, tokens_per_step=512 * 16, num_workers=workers,
+                         rc_probability=0.5, seed=5, shuffle_windows=4)
+        rows = {}
+        for rank in range(world_size):
+            for sb in TrainStream(cfg, rank, world_size, grad_accum).iterate(0, 4):
+                for batch in sb.micro_batches:
+                    for i, key in enumerate(zip(batch["epoch"].tolist(), batch["sample_id"].tolist(),
+                                                batch["crop_offset"].tolist(), strict=True)):
+                        rows[key] = (batch["input_ids"][i], batch["targets"][i], int(batch["strand"][i]))
+        return rows
+
+    single, spread = by_crop(1, 1, 0), by_crop(4, 2, 3)
+    assert single.keys() == spread.keys() and len(single) == 64
+    for key, (inputs, targets, strand) in single.items():
+        assert torch.equal(inputs, spread[key][0]) and torch.equal(targets, spread[key][1])
+        assert strand == spread[key][2]
+    strands = [v[2] for v in single.values()]
+    assert within(sum(strands), len(strands), 0.5)
+
+
+def test_masks_change_between_epochs_but_not_between_runs(shards):
+    cfg = DataConfig(shards=str(shards), seq_len=2048, tokens_per_step=2048 * 16, num_workers=0, seed=5)
+    stream = TrainStream(cfg, 0, 1, 1)
+    first = {}
+    for sb in stream.iterate(0, 2):  # 16 windows = exactly one epoch per step
+        batch = sb.micro_batches[0]
+        for i in range(16):
+            key = int(batch["sample_id"][i])
+            if sb.step == 0:
+                first[key] = batch["input_ids"][i]
+            else:
+                assert not torch.equal(first[key], batch["input_ids"][i])  # re-masked in epoch 1
+    again = next(iter(TrainStream(cfg, 0, 1, 1).iterate(0, 1))).micro_batches[0]
+    for i in range(16):
+        assert torch.equal(again["input_ids"][i], first[int(again["sample_id"][i])])
