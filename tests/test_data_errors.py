@@ -1,0 +1,146 @@
+"""Bad input to the loader: each error names the shard / key and says what to do; `on_corrupt: skip`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+from test_data_fixtures import write_dataset
+
+from caduceus_dist.data import DataConfig, ShardFormatError, TrainStream, build_eval_loader
+from caduceus_dist.data.curriculum import DataPlanError
+from caduceus_dist.data.shard_format import read_index
+
+WINDOW = 1024
+
+
+@pytest.fixture
+def shards(tmp_path) -> Path:
+    root = tmp_path / "shards"
+    write_dataset(root, WINDOW, {"train": [4, 6, 6], "valid": [2]})
+    return root
+
+
+def cfg(root: Path, **kw) -> DataConfig:
+    base = dict(shards=str(root), seq_len=512, tokens_per_step=512 * 8, num_workers=0, seed=1, shuffle_windows=4)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_missing_shard(shards):
+    (shards / "train" / "shard-000001.tar").unlink()
+    with pytest.raises(ShardFormatError, match=r"shard .*train/shard-000001\.tar is missing .*rerun data_prep"):
+        TrainStream(cfg(shards))
+
+
+def test_missing_index(shards):
+    (shards / "train" / "shard-000002.idx").unlink()
+    with pytest.raises(ShardFormatError, match=r"shard index .*train/shard-000002\.idx is missing"):
+        TrainStream(cfg(shards))
+
+
+def test_checksum_mismatch(shards):
+    tar = shards / "train" / "shard-000002.tar"
+    flip_byte(tar, tar.stat().st_size // 2)
+    with pytest.raises(ShardFormatError, match=r"shard .*train/shard-000002\.tar: sha256 does not match the manifest"):
+        TrainStream(cfg(shards))
+
+
+def test_truncated_tar(shards):
+    tar = shards / "train" / "shard-000000.tar"
+    size = tar.stat().st_size
+    os.truncate(tar, size // 3)
+    with pytest.raises(ShardFormatError, match=rf"shard-000000\.tar is {size // 3} bytes but the manifest says "
+                                               rf"{size}: the file is truncated"):
+        TrainStream(cfg(shards, verify="size"))
+
+
+def test_unknown_manifest_version(shards):
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardFormatError, match="key 'format_version' is 99; this caduceus-dist reads version 1"):
+        TrainStream(cfg(shards))
+
+
+def test_missing_manifest_and_unknown_split(shards, tmp_path):
+    with pytest.raises(ShardFormatError, match=r"manifest\.json not found"):
+        TrainStream(cfg(tmp_path / "nowhere"))
+    with pytest.raises(ShardFormatError, match=r"has no split 'validation' \(it has \['train', 'valid'\]\)"):
+        build_eval_loader(cfg(shards), "validation")
+
+
+def test_seq_len_that_does_not_divide_the_window(shards):
+    with pytest.raises(DataPlanError, match="seq_len 768 does not divide the stored window length 1024"):
+        TrainStream(cfg(shards, seq_len=768, tokens_per_step=768 * 8))
+    with pytest.raises(DataPlanError, match="eval seq_len 600 does not divide the stored window length 1024"):
+        build_eval_loader(cfg(shards, eval_seq_len=600), "valid")
+
+
+def test_corruption_found_while_reading_names_the_shard_and_sample(shards):
+    """A shard that changes under a running job (size kept, so the size check passes) fails in the worker."""
+    tar = shards / "train" / "shard-000001.tar"
+    rows = read_index(shards / "train" / "shard-000001.idx")
+    for sample in range(len(rows)):  # damage the zstd frame header of every sample of the shard
+        flip_byte(tar, int(rows[sample, 2]))
+    stream = TrainStream(cfg(shards, verify="size", num_workers=2))
+    with pytest.raises(ShardFormatError, match=r"shard .*shard-000001\.tar: sample \d does not decompress"):
+        for _ in stream.iterate(0, 4):  # one epoch = 4 steps, so shard 1 is read
+            pass
+
+
+def test_window_length_disagreeing_with_the_manifest(tmp_path):
+    root = tmp_path / "short"
+    write_dataset(root, 512, {"train": [4]})
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["window"] = 1024
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardFormatError, match=r"shard-000000\.tar: sample \d has 512 tokens, the manifest window is 1024"):
+        next(iter(TrainStream(cfg(root)).iterate(0, 1)))
+
+
+def test_skip_mode_drops_bad_shards_on_every_rank_alike(shards, caplog):
+    tar = shards / "train" / "shard-000001.tar"
+    flip_byte(tar, 700)
+    (shards / "train" / "shard-000002.tar").unlink()
+    with caplog.at_level(logging.WARNING, logger="caduceus_dist.data.dataset"):
+        ranks = [TrainStream(cfg(shards, on_corrupt="skip"), rank, 2, 1) for rank in range(2)]
+    warned = [r.getMessage() for r in caplog.records]
+    assert any("shard-000001.tar" in m and "sha256" in m for m in warned)
+    assert any("shard-000002.tar" in m and "missing" in m for m in warned)
+    assert [len(r.skipped_shards) for r in ranks] == [2, 2]
+    # 4 good windows x 2 crops = 8 crops = one step: both ranks agree and only shard 0 (ids 0-3) is read
+    crops = []
+    for stream in ranks:
+        for sb in stream.iterate(0, 1):
+            batch = sb.micro_batches[0]
+            crops += list(zip(batch["sample_id"].tolist(), batch["crop_offset"].tolist(), strict=True))
+    assert sorted(crops) == [(i, o) for i in range(4) for o in (0, 512)]
+    with pytest.raises(ShardFormatError, match="sha256 does not match"):
+        TrainStream(cfg(shards))  # the default mode still refuses
+
+
+def test_skip_mode_with_nothing_left(shards):
+    for shard in (shards / "train").glob("*.tar"):
+        shard.unlink()
+    with pytest.raises(ValueError, match="no windows to read"):
+        TrainStream(cfg(shards, on_corrupt="skip"))
+
+
+def test_bad_data_config_values():
+    for key, value, message in [("on_corrupt", "ignore", r"data\.on_corrupt: 'ignore' is not one of"),
+                                ("verify", "md5", r"data\.verify: 'md5' is not one of"),
+                                ("mask_fraction", 0.95, r"data\.mask_fraction \+ data\.random_fraction must be <= 1")]:
+        with pytest.raises(ValueError, match=message):
+            DataConfig(**{key: value}).validate()
