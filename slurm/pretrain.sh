@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Pretrain Caduceus on SLURM: one torchrun per node, automatic requeue on preemption or time limit.
+#
+#   sbatch slurm/pretrain.sh [RECIPE] [key=value ...]        # RECIPE: a name in recipes/ or a YAML path
+#   sbatch --nodes=4 --time=48:00:00 --account=A --partition=P slurm/pretrain.sh ps_131k train.max_steps=20000
+#   SBATCH_ACCOUNT=A SBATCH_PARTITION=P SBATCH_TIMELIMIT=12:00:00 sbatch slurm/pretrain.sh ps_131k
+#   sbatch --gpus-per-node=0 --nodes=2 slurm/pretrain.sh cpu_demo      # CPU nodes (CPU=1 forces it)
+#
+# Preemption: SLURM sends USR2 to this shell GRACE seconds before the time limit (--signal=B:USR2@GRACE,
+# or `scancel --batch --signal=USR2 JOB`); the shell forwards it to the training processes, which agree
+# at the next step boundary, save a checkpoint together and exit 75. Only then does the shell requeue
+# the job (`scontrol requeue`); the requeued run resumes from RUN/checkpoints/latest. Any other exit
+# code is a real failure: the job fails once, with the error in this log, and is not requeued.
+#
+# Environment knobs: CPU=1 (force CPU mode), PROCS_PER_NODE (training processes per node; default: GPUs
+# on the node, or 1 on CPU nodes), CADUCEUS_HOME (the checkout; default: the submit directory),
+# CADUCEUS_PYTHON (default: CADUCEUS_HOME/.venv/bin/python if present, else python3), CADUCEUS_ENTRY
+# (default: recipes/pretrain.py), MASTER_PORT, MAX_REQUEUES (default 50), FORWARD_EVERY (seconds
+# between repeats of a forwarded signal while training has not exited; default 30).
+#
+#SBATCH --job-name=caduceus
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --exclusive
+#SBATCH --time=24:00:00
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR2@300
+#SBATCH --output=%x-%j.out
+
+set -uo pipefail
+
+log() { echo "[pretrain.sh $(date -u +%H:%M:%S)] $*"; }
+die() { log "error: $*"; exit 2; }
+
+[ -n "${SLURM_JOB_ID:-}" ] || die "submit this script with sbatch (it reads the SLURM allocation), e.g. sbatch slurm/pretrain.sh cpu_demo"
+
+HOME_DIR=${CADUCEUS_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
+ENTRY=${CADUCEUS_ENTRY:-$HOME_DIR/recipes/pretrain.py}
+[ -f "$ENTRY" ] || die "$ENTRY not found: run sbatch from the caduceus-dist checkout or set CADUCEUS_HOME"
+if [ -n "${CADUCEUS_PYTHON:-}" ]; then PYTHON=$CADUCEUS_PYTHON
+elif [ -x "$HOME_DIR/.venv/bin/python" ]; then PYTHON=$HOME_DIR/.venv/bin/python
+else PYTHON=python3; fi
+export PYTHONPATH="$HOME_DIR${PYTHONPATH:+:$PYTHONPATH}"
+
+RECIPE=${1:-ps_131k}
+[ $# -gt 0 ] && shift
+case $RECIPE in
+  *=*) die "the first argument is the recipe (a name in recipes/ or a YAML path), got the override '$RECIPE'" ;;
+  */*|*.yaml|*.yml) CONFIG=$RECIPE ;;
+  *) CONFIG=$HOME_DIR/recipes/$RECIPE.yaml ;;
+esac
+[ -f "$CONFIG" ] || die "recipe $CONFIG not found (recipes: $(cd "$HOME_DIR/recipes" 2>/dev/null && ls -- *.yaml | sed 's/\.yaml$//' | tr '\n' ' '))"
+
+# CPU mode: asked for, or no GPU in the allocation.
+GPUS=${SLURM_GPUS_ON_NODE:-0}
+if [ "${CPU:-0}" = 1 ] || [ "$GPUS" = 0 ]; then
+  MODE=cpu
+  PROCS=${PROCS_PER_NODE:-1}
+  export DS_ACCELERATOR=cpu
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_ON_NODE:-1} / PROCS > 0 ? ${SLURM_CPUS_ON_NODE:-1} / PROCS : 1 ))}
+else
+  MODE=gpu
+  PROCS=${PROCS_PER_NODE:-$GPUS}
+  export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+fi
+
+# Rendezvous on the first node of the allocation, at the address SLURM itself uses to reach it
+# (NodeAddr), so node names that DNS does not know still work.
+FIRST_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_ADDR=$(scontrol show node "$FIRST_NODE" -o 2>/dev/null | tr ' ' '\n' | sed -n 's/^NodeAddr=//p')
+MASTER_ADDR=${MASTER_ADDR:-$FIRST_NODE}
+MASTER_PORT=${MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}
+export MASTER_ADDR MASTER_PORT
+
+RESTARTS=${SLURM_RESTART_COUNT:-0}
+MAX_REQUEUES=${MAX_REQUEUES:-50}
+log "job $SLURM_JOB_ID SLURM_RESTART_COUNT=$RESTARTS nodes=$SLURM_JOB_NODELIST ($SLURM_JOB_NUM_NODES) mode=$MODE procs/node=$PROCS master=$MASTER_ADDR:$MASTER_PORT"
+log "recipe $CONFIG overrides: $*"
+[ "$RESTARTS" -gt 0 ] && log "requeued run: training resumes from the run's checkpoints/latest"
+
+SIGNALLED=""
+STEP_PID=""
+forward() {
+  SIGNALLED=$1
+  LAST_FORWARD=$SECONDS
+  log "received SIG$1: forwarding it to the training processes (they save a checkpoint together and exit 75)"
+  [ -n "$STEP_PID" ] && kill -s "$1" "$STEP_PID" 2>/dev/null
+}
+trap 'forward USR2' USR2
+trap 'forward TERM' TERM
+
+srun --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" --kill-on-bad-exit=1 \
+  "$PYTHON" -m caduceus_dist.launch torchrun --nnodes="$SLURM_JOB_NUM_NODES" --nproc-per-node="$PROCS" \
+  --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" "$ENTRY" --config "$CONFIG" "$@" &
+STEP_PID=$!
+[ -n "$SIGNALLED" ] && kill -s "$SIGNALLED" "$STEP_PID" 2>/dev/null
+
+# Wait in short sleeps so traps run promptly; repeat a forwarded signal in case it landed before the
+# training processes had installed their handlers (they ignore it until then).
+FORWARD_EVERY=${FORWARD_EVERY:-30}
+while kill -0 "$STEP_PID" 2>/dev/null; do
+  sleep 1 & wait $! 2>/dev/null
+  if [ -n "$SIGNALLED" ] && [ $(( SECONDS - LAST_FORWARD )) -ge "$FORWARD_EVERY" ]; then
+    LAST_FORWARD=$SECONDS
+    kill -s "$SIGNALLED" "$STEP_PID" 2>/dev/null
+  fi
+done
+wait "$STEP_PID"
+RC=$?
+
+case $RC in
+  0)
+    log "training finished"
+    exit 0 ;;
+  75)
+    if [ "$RESTARTS" -ge "$MAX_REQUEUES" ]; then
+      log "checkpoint saved, but the job was already requeued $RESTARTS times (MAX_REQUEUES=$MAX_REQUEUES): not requeueing; resubmit to resume"
+      exit 75
+    fi
+    log "checkpoint saved (exit 75): requeueing job $SLURM_JOB_ID; the next run resumes from latest"
+    if scontrol requeue "$SLURM_JOB_ID"; then
+      exit 0
+    fi
+    log "SLURM refused the requeue (job cancelled or past its time limit?): resubmit the same command to resume from latest"
+    exit 75 ;;
+  *)
+    log "training failed with exit code $RC${SIGNALLED:+ after SIG$SIGNALLED}: not a preemption, so the job is not requeued (errors above)"
+    exit "$RC" ;;
+esac
