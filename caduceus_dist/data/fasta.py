@@ -111,17 +111,20 @@ class FastaReader:
         self._raw.close()
 
     def _chunks(self, where: Callable[[], str]) -> Iterator[bytes]:
+        decompressed = 0
         while True:
             try:
                 chunk = self._stream.read(CHUNK_BYTES)
             except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
                 raise FastaError(
-                    f"{self.path}: the gzip stream is truncated or corrupt ({exc}) while reading {where()}. "
+                    f"{self.path}: the gzip stream is truncated or corrupt ({exc}) after {decompressed} "
+                    f"decompressed bytes, while reading {where()}. "
                     f"Re-download or re-compress the file (`gzip -t {self.path}` checks it); shards finished so "
                     "far are kept and a rerun resumes"
                 ) from None
             if not chunk:
                 return
+            decompressed += len(chunk)
             yield chunk
 
     def __iter__(self) -> Iterator[FastaRecord]:

@@ -122,9 +122,18 @@ def ordered_map(fn: Callable, tasks: Iterable, workers: int) -> Iterator[tuple[o
         return
     # fork: workers inherit the imported modules; the pool starts before any progress-bar thread.
     pool = ProcessPoolExecutor(workers, mp_context=get_context("fork"))
+    pending: deque = deque()
+    failure: Exception | None = None
+    task_iter = iter(tasks)
     try:
-        pending: deque = deque()
-        for task in tasks:
+        while True:
+            try:
+                task = next(task_iter)
+            except StopIteration:
+                break
+            except Exception as exc:  # the input failed (e.g. truncated gzip): first hand over what is
+                failure = exc  # already compressed, so every shard that can be completed is kept
+                break
             pending.append((task, pool.submit(fn, *task.args)))
             if len(pending) >= 2 * workers:
                 done, future = pending.popleft()
@@ -134,6 +143,8 @@ def ordered_map(fn: Callable, tasks: Iterable, workers: int) -> Iterator[tuple[o
             yield done, future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+    if failure is not None:
+        raise failure
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -203,8 +214,9 @@ def plan_batches(cfg: ShardConfig, reader: FastaReader, plan, tile, fasta_sha: s
                 if len(batch.parts) * window >= BATCH_BASES:
                     yield batch
                     batch = WindowBatch(window, cfg.zstd_level)
-    if batch.parts:
-        yield batch
+        if batch.parts:  # end of record: its shards can complete before the next record is read
+            yield batch
+            batch = WindowBatch(window, cfg.zstd_level)
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -270,11 +282,10 @@ class ShardSink:
         }
         os.replace(_partial(idx), idx)
         os.replace(_partial(tar), tar)
-        fsync_path(tar.parent)
+        # No directory/journal fsync here: a rerun trusts a journaled shard only if its sha256 matches,
+        # so a journal line that outlives its file after a power cut just means the shard is redone.
         with open(self.journal, "a") as fh:
             fh.write(json.dumps({"split": split, "shard": number, **entry}, sort_keys=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
         self.written[(split, number)] = entry
 
     def finish_all(self) -> None:
@@ -386,6 +397,9 @@ class OutputDir:
         return kept
 
     def write_manifest(self, manifest: dict) -> None:
+        for split in manifest["splits"]:
+            if (self.root / split).is_dir():
+                fsync_path(self.root / split)  # the shard renames are durable before the manifest names them
         write_atomic(self.root / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         self.journal.unlink(missing_ok=True)
         (self.state / "args.json").unlink(missing_ok=True)
