@@ -1,0 +1,85 @@
+"""Sharder on the real genomes of ../shared/data: hg38 coordinates with the Borzoi fold BED, GRCh37 chr20."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pytest
+from test_shard_pipeline import assert_round_trip, tree
+
+from caduceus_dist.data.sharding import ShardConfig, shard_genome
+from caduceus_dist.data.tiling import REFERENCE_SPAN
+from caduceus_dist.data.verify import verify_dataset
+
+pytestmark = pytest.mark.shared_data
+
+SLICE_START, SLICE_LENGTH = 16_599_999, 200_001  # hg38 chr22:16,600,000-16,800,000 (1-based, inclusive)
+
+
+def hg38_chr22_with_real_slice(shared: Path, dest: Path) -> tuple[Path, int]:
+    """hg38 chr22 at its real length (hg38.chrom.sizes), N everywhere except the real slice: real coordinates."""
+    sizes = dict(line.split("\t") for line in (shared / "hg38.chrom.sizes").read_text().splitlines())
+    length = int(sizes["chr22"])
+    lines = (shared / "hg38_chr22_16.6M-16.8M.fa").read_text().splitlines()
+    assert lines[0] == ">chr22:16600000-16800000"
+    real = "".join(lines[1:])
+    assert len(real) == SLICE_LENGTH
+    sequence = "N" * SLICE_START + real + "N" * (length - SLICE_START - SLICE_LENGTH)
+    dest.write_text(">chr22\n" + "".join(sequence[i:i + 80] + "\n" for i in range(0, len(sequence), 80)))
+    return dest, length
+
+
+def test_borzoi_fold_bed_reference_tiling_on_hg38_coordinates(shared_data, tmp_path):
+    fasta, length = hg38_chr22_with_real_slice(shared_data, tmp_path / "chr22.fa")
+    bed = shared_data / "borzoi_sequences_human.bed.gz"
+    window = 1 << 17
+    out = tmp_path / "borzoi"
+    manifest = shard_genome(ShardConfig(fasta=str(fasta), bed=str(bed), split_map="fold3=test,fold4=valid,*=train",
+                                        out=str(out), window=window, samples_per_shard=16, quiet=True, workers=2))
+    assert manifest["tiling"] == "reference"
+    # Independent count: the FASTA is N except the real slice, so a window is stored iff it overlaps the
+    # slice, and its N bases are the ones outside it. Rows on other chromosomes are missing contigs.
+    mapping = {"fold3": "test", "fold4": "valid"}
+    want: dict[str, dict] = {}
+    rows_elsewhere: dict[str, int] = {}
+    with gzip.open(bed, "rt") as fh:
+        rows = [line.split("\t")[:4] for line in fh]
+    for chrom, start, _, fold in rows:
+        split = mapping.get(fold.strip(), "train")
+        if chrom != "chr22":
+            rows_elsewhere[chrom] = rows_elsewhere.get(chrom, 0) + 1
+            continue
+        c = want.setdefault(split, {"windows": 0, "bases": 0, "n_bases": 0, "dropped_windows": 0})
+        for shift in range(REFERENCE_SPAN // window):
+            s = int(start) + shift * window
+            s = min(s, length - window)
+            overlap = max(0, min(s + window, SLICE_START + SLICE_LENGTH) - max(s, SLICE_START))
+            if overlap == 0:
+                c["dropped_windows"] += 1
+            else:
+                c["windows"] += 1
+                c["bases"] += window
+                c["n_bases"] += window - overlap
+    got = {s: {k: i[k] for k in ("windows", "bases", "n_bases", "dropped_windows")} for s, i in manifest["splits"].items()}
+    assert got == want and want["valid"]["windows"] > 0
+    assert manifest["skipped"]["missing_contigs"] == rows_elsewhere and len(rows_elsewhere) == 22
+    assert assert_round_trip(out, fasta) == sum(c["windows"] for c in want.values())
+    assert verify_dataset(out).ok
+
+
+@pytest.mark.slow
+def test_grch37_chr20_whole_chromosome_bgzf(shared_data, tmp_path):
+    """The whole 63 Mbp chromosome: BGZF input, window-range parallelism inside one record, round trip."""
+    plain = tmp_path / "chr20.fa"
+    plain.write_bytes(gzip.decompress((shared_data / "grch37_chr20.fa.gz").read_bytes()))
+    outs = {}
+    for workers in (1, 2):
+        outs[workers] = tmp_path / f"w{workers}"
+        manifest = shard_genome(ShardConfig(fasta=str(shared_data / "grch37_chr20.fa.gz"), out=str(outs[workers]),
+                                            window=1 << 17, workers=workers, samples_per_shard=64, quiet=True))
+    assert tree(outs[1]) == tree(outs[2])
+    train = manifest["splits"]["train"]
+    assert train["windows"] + train["dropped_windows"] == 63_025_520 // (1 << 17)
+    assert manifest["fasta"]["bases"] == 63_025_520 and len(train["shards"]) == -(-train["windows"] // 64)
+    assert assert_round_trip(outs[2], plain) == train["windows"]
