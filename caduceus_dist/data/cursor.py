@@ -56,7 +56,7 @@ def derive_key(*parts) -> np.ndarray:
     return key
 
 
-_CHUNK = 1 << 14  # uint64 values per mixing pass: keeps the temporaries in L2 cache
+BLOCK_TOKENS = 1 << 15  # tokens per pass of the hot loops: temporaries stay in L2 cache
 
 
 def _mix_inplace(z: np.ndarray, tmp: np.ndarray) -> None:
@@ -70,30 +70,49 @@ def _mix_inplace(z: np.ndarray, tmp: np.ndarray) -> None:
     z ^= tmp
 
 
-def uniform_u32(keys: np.ndarray, length: int) -> np.ndarray:
-    """(len(keys), length) uint32 stream: row i is SplitMix64 seeded with keys[i], two values per draw.
+def token_blocks(rows: int, length: int):
+    """Cover a (rows, length) array with blocks of about BLOCK_TOKENS: (row slice, first column, columns).
 
-    Computed in cache-sized chunks in place: this is the masking hot path.
+    First columns are even, so each block starts on a whole SplitMix64 draw (two uint32 values).
     """
-    keys = np.asarray(keys, dtype=np.uint64).reshape(-1)
-    pairs = (length + 1) // 2
-    out = np.empty((len(keys), pairs), dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        counters = np.arange(1, pairs + 1, dtype=np.uint64) * GOLDEN
-        tmp = np.empty(_CHUNK, dtype=np.uint64)
-        if pairs >= _CHUNK:
-            for row, key in enumerate(keys):
-                for start in range(0, pairs, _CHUNK):
-                    z = out[row, start:start + _CHUNK]
-                    np.add(counters[start:start + _CHUNK], key, out=z)
-                    _mix_inplace(z, tmp[:z.size])
-        else:
-            rows = _CHUNK // pairs
-            for start in range(0, len(keys), rows):
-                z = out[start:start + rows]
-                np.add(counters, keys[start:start + rows, None], out=z)
-                _mix_inplace(z, tmp[:z.size].reshape(z.shape))
-    return out.view(np.uint32)[:, :length]
+    if length <= BLOCK_TOKENS:
+        step = max(1, BLOCK_TOKENS // length)
+        for first in range(0, rows, step):
+            yield slice(first, min(rows, first + step)), 0, length
+    else:
+        for row in range(rows):
+            for col in range(0, length, BLOCK_TOKENS):
+                yield slice(row, row + 1), col, min(BLOCK_TOKENS, length - col)
+
+
+class UniformStream:
+    """uint32 values of the per-row SplitMix64 streams (row i seeded with keys[i]), block by block."""
+
+    def __init__(self, keys: np.ndarray, length: int):
+        self.keys = np.asarray(keys, dtype=np.uint64).reshape(-1)
+        with np.errstate(over="ignore"):
+            self.counters = np.arange(1, (length + 1) // 2 + 1, dtype=np.uint64) * GOLDEN
+        self._z = np.empty(BLOCK_TOKENS // 2 + 1, dtype=np.uint64)
+        self._tmp = np.empty_like(self._z)
+
+    def block(self, rows: slice, first_col: int, cols: int) -> np.ndarray:
+        """(rows, cols) uint32 view, valid until the next call."""
+        keys = self.keys[rows]
+        pairs = (cols + 1) // 2
+        z = self._z[:len(keys) * pairs].reshape(len(keys), pairs)
+        with np.errstate(over="ignore"):
+            np.add(self.counters[first_col // 2:first_col // 2 + pairs], keys[:, None], out=z)
+            _mix_inplace(z, self._tmp[:z.size].reshape(z.shape))
+        return z.view(np.uint32)[:, :cols]
+
+
+def uniform_u32(keys: np.ndarray, length: int) -> np.ndarray:
+    """The whole (len(keys), length) uint32 array of the per-row streams (what the masking uses)."""
+    stream = UniformStream(keys, length)
+    out = np.empty((len(stream.keys), length), dtype=np.uint32)
+    for rows, col, cols in token_blocks(len(stream.keys), length):
+        out[rows, col:col + cols] = stream.block(rows, col, cols)
+    return out
 
 
 def uniform_float(keys: np.ndarray) -> np.ndarray:

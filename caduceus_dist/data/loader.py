@@ -32,7 +32,7 @@ from caduceus_dist.data.config import DataConfig
 from caduceus_dist.data.curriculum import DataPlanError, Schedule, StepPlan
 from caduceus_dist.data.cursor import TAG_MASK, TAG_STRAND, EpochOrder, derive_key, uniform_float
 from caduceus_dist.data.dataset import ShardSplit
-from caduceus_dist.data.masking import MaskingPolicy, mask_batch, prepare_crop
+from caduceus_dist.data.masking import MaskingPolicy, gather_crops, mask_batch
 
 log = logging.getLogger(__name__)
 
@@ -56,26 +56,39 @@ def crop_keys(seed: int, tag: int, rows: Rows) -> np.ndarray:
 
 
 class _BatchBuilder:
-    """Reads and masks the rows of a batch; shared by the training and evaluation streams."""
+    """Reads and masks the rows of a batch; shared by the training and evaluation streams.
+
+    Returns compact numpy arrays (uint8 tokens): that is what crosses the worker -> trainer pipe,
+    8x less than int64 and without one shared-memory segment per tensor. `to_torch` (in the
+    consuming process) widens to int64 and pins.
+    """
 
     def __init__(self, split: ShardSplit, seed: int, policy: MaskingPolicy):
         self.split, self.seed, self.policy = split, seed, policy
 
     def build(self, rows: Rows) -> dict:
-        count, length = len(rows.sample_id), rows.seq_len
-        tokens = np.empty((count, length), dtype=np.uint8)
-        for i, (sample, offset, strand) in enumerate(zip(rows.sample_id.tolist(), rows.offset.tolist(),
-                                                         rows.strand.tolist(), strict=True)):
-            prepare_crop(self.split.window_tokens(sample), offset, length, bool(strand), tokens[i])
+        windows = [self.split.window_tokens(sample) for sample in rows.sample_id.tolist()]
+        tokens = gather_crops(windows, rows.offset, rows.strand, rows.seq_len)
         inputs, targets = mask_batch(tokens, crop_keys(self.seed, TAG_MASK, rows), self.policy)
-        return {
-            "input_ids": torch.from_numpy(inputs.astype(np.int64)),  # numpy's cast is ~5x torch's .to() here
-            "targets": torch.from_numpy(targets.astype(np.int64)),
-            "sample_id": torch.from_numpy(rows.sample_id.astype(np.int64)),
-            "crop_offset": torch.from_numpy(rows.offset.astype(np.int64)),
-            "strand": torch.from_numpy(rows.strand.astype(np.int64)),
-            "epoch": torch.from_numpy(rows.epoch.astype(np.int64)),
-        }
+        return {"input_ids": inputs, "targets": targets, "sample_id": rows.sample_id, "crop_offset": rows.offset,
+                "strand": rows.strand, "epoch": rows.epoch}
+
+
+def to_torch(batch: dict, pin: bool) -> dict:
+    """numpy batch -> torch: tokens widened to int64 (numpy's cast: ~5x torch's here), pinned if asked."""
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(value.astype(np.int64, copy=value.dtype != np.int64))
+            if pin:
+                value = value.pin_memory()
+        out[key] = value
+    return out
+
+
+def _keep(item):
+    """collate_fn of our loaders: items are already whole batches, kept as numpy for the pipe."""
+    return item
 
 
 def resolve_seed(cfg: DataConfig, train_seed: int | None = None) -> int:
@@ -174,11 +187,12 @@ class TrainStream:
         start = self._next_step if start_step is None else start_step
         workers = self.cfg.num_workers
         loader = DataLoader(_TrainItems(self), batch_size=None, sampler=_StepSampler(start, stop_step, self.grad_accum),
-                            num_workers=workers, pin_memory=_pin(self.cfg),
+                            num_workers=workers, collate_fn=_keep,
                             prefetch_factor=self.cfg.prefetch_factor if workers else None)
+        pin = _pin(self.cfg)
         micro_batches: list[dict] = []
         for batch in loader:
-            micro_batches.append(batch)
+            micro_batches.append(to_torch(batch, pin))
             if len(micro_batches) == self.grad_accum:
                 step = batch["step"]
                 self._next_step = step + 1
@@ -281,9 +295,11 @@ class EvalStream:
 
     def __iter__(self) -> Iterator[dict]:
         workers = min(self.cfg.num_workers, self.batches)
-        return iter(DataLoader(_EvalItems(self._builder, self.rows), batch_size=None,
-                               sampler=range(self.batches), num_workers=workers, pin_memory=_pin(self.cfg),
-                               prefetch_factor=self.cfg.prefetch_factor if workers else None))
+        loader = DataLoader(_EvalItems(self._builder, self.rows), batch_size=None, sampler=range(self.batches),
+                            num_workers=workers, collate_fn=_keep,
+                            prefetch_factor=self.cfg.prefetch_factor if workers else None)
+        pin = _pin(self.cfg)
+        return (to_torch(batch, pin) for batch in loader)
 
 
 def build_eval_loader(cfg: DataConfig, split: str = "valid", rank: int = 0, world_size: int = 1,

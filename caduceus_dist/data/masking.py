@@ -11,6 +11,10 @@ One uint32 u per position decides everything (thresholds on u): selected iff u <
 iff u < t_mask, random iff t_mask <= u < t_rand, and the random id is (u - t_mask) * 12 //
 (t_rand - t_mask), uniform to within 1e-7. The stream of row i is keyed by the crop's identity
 (seed, epoch, sample id, offset, length), never by rank or worker.
+
+Speed: every per-token step is branch-free uint8/uint32 arithmetic over cache-sized blocks
+(masked selects such as np.where / np.copyto(where=) cost 10x more per token here); only the
+~1.5% randomly replaced positions are handled by index.
 """
 
 from __future__ import annotations
@@ -19,16 +23,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from caduceus_dist.data.cursor import uniform_u32
-from caduceus_dist.model.tokenizer import COMPLEMENT_IDS, MASK_ID, N_ID, PAD_ID, VOCAB_SIZE
+from caduceus_dist.data.cursor import BLOCK_TOKENS, UniformStream, token_blocks
+from caduceus_dist.model.tokenizer import (
+    A_ID,
+    C_ID,
+    COMPLEMENT_IDS,
+    G_ID,
+    MASK_ID,
+    N_ID,
+    PAD_ID,
+    T_ID,
+    VOCAB_SIZE,
+)
 
 _SCALE = 1 << 32
-
-# Token LUTs (uint8 -> uint8): N -> [PAD] for the forward strand; complement then N -> [PAD] for RC.
-_FORWARD_LUT = np.arange(256, dtype=np.uint8)
-_FORWARD_LUT[N_ID] = PAD_ID
-_REVERSE_LUT = _FORWARD_LUT.copy()
-_REVERSE_LUT[:VOCAB_SIZE] = _FORWARD_LUT[COMPLEMENT_IDS]
+_PAIR_SUM = A_ID + T_ID  # complement(x) = _PAIR_SUM - x for the four bases
+if C_ID + G_ID != _PAIR_SUM or A_ID + 3 != T_ID or any(
+        int(COMPLEMENT_IDS[x]) != _PAIR_SUM - x for x in (A_ID, C_ID, G_ID, T_ID)):
+    raise ImportError("masking.py assumes A, C, G, T are consecutive ids with complement(x) = A + T - x")
 
 
 @dataclass(frozen=True)
@@ -44,31 +56,76 @@ class MaskingPolicy:
         return t_sel, t_mask, min(t_rand, t_sel)
 
 
-def _below(u: np.ndarray, threshold: int) -> np.ndarray:
+class _Scratch:
+    """Block-sized temporaries, allocated once per call."""
+
+    def __init__(self):
+        self.u8 = np.empty(BLOCK_TOKENS, dtype=np.uint8)
+        self.flag = np.empty(BLOCK_TOKENS, dtype=bool)
+        self.u32 = np.empty(BLOCK_TOKENS, dtype=np.uint32)
+
+    def like(self, shape):
+        size = shape[0] * shape[1]
+        return (self.u8[:size].reshape(shape), self.flag[:size].reshape(shape), self.u32[:size].reshape(shape))
+
+
+def _below(u: np.ndarray, threshold: int, out: np.ndarray) -> np.ndarray:
     """u < threshold for uint32 u and 0 <= threshold <= 2^32, without upcasting u."""
     if threshold <= 0:
-        return np.zeros(u.shape, dtype=bool)
-    return u <= np.uint32(threshold - 1)
+        out[...] = False
+        return out
+    return np.less_equal(u, np.uint32(threshold - 1), out=out)
 
 
-def prepare_crop(window: np.ndarray, offset: int, length: int, reverse: bool, out: np.ndarray) -> None:
-    """Write the crop window[offset:offset+length] into `out`, RC'd if asked, with N -> [PAD]."""
-    crop = window[offset:offset + length]
-    if reverse:
-        np.take(_REVERSE_LUT, crop[::-1], out=out)
-    else:
-        np.take(_FORWARD_LUT, crop, out=out)
+def gather_crops(windows, offsets: np.ndarray, strands: np.ndarray, length: int) -> np.ndarray:
+    """(B, length) uint8: crop i of windows[i] (uint8 ids), reverse-complemented where strands[i], N -> [PAD]."""
+    out = np.empty((len(offsets), length), dtype=np.uint8)
+    for i, (window, offset, reverse) in enumerate(zip(windows, offsets.tolist(), strands.tolist(), strict=True)):
+        crop = window[offset:offset + length]
+        out[i] = crop[::-1] if reverse else crop
+    reverse = np.asarray(strands, dtype=bool).reshape(-1, 1)
+    scratch = _Scratch()
+    for rows, col, cols in token_blocks(*out.shape):
+        tok = out[rows, col:col + cols]
+        tmp, flag, _ = scratch.like(tok.shape)
+        np.equal(tok, np.uint8(N_ID), out=flag)  # N -> [PAD]
+        np.multiply(flag.view(np.uint8), np.uint8(N_ID - PAD_ID), out=tmp)
+        tok -= tmp
+        if reverse[rows].any():  # complement the bases of reversed rows: x -> A + T - x
+            np.subtract(tok, np.uint8(A_ID), out=tmp)
+            np.less(tmp, np.uint8(4), out=flag)
+            flag &= reverse[rows]
+            np.multiply(tok, np.uint8(2), out=tmp)
+            np.subtract(np.uint8(_PAIR_SUM), tmp, out=tmp)
+            tmp *= flag.view(np.uint8)
+            tok += tmp
+    return out
 
 
 def mask_batch(tokens: np.ndarray, keys: np.ndarray, policy: MaskingPolicy) -> tuple[np.ndarray, np.ndarray]:
     """(inputs, targets) uint8 (B, L) from prepared tokens (B, L) uint8 and one uint64 key per row."""
     t_sel, t_mask, t_rand = policy.thresholds()
-    u = uniform_u32(keys, tokens.shape[1])
-    targets = np.where(_below(u, t_sel), tokens, np.uint8(PAD_ID))
-    inputs = tokens.copy()
-    np.putmask(inputs, _below(u, t_mask), np.uint8(MASK_ID))
-    if t_rand > t_mask:
-        random_pos = np.flatnonzero(_below(u, t_rand) & ~_below(u, t_mask))
-        drawn = u.reshape(-1)[random_pos].astype(np.uint64) - np.uint64(t_mask)
-        inputs.reshape(-1)[random_pos] = (drawn * np.uint64(VOCAB_SIZE) // np.uint64(t_rand - t_mask)).astype(np.uint8)
+    inputs, targets = np.empty_like(tokens), np.empty_like(tokens)
+    stream = UniformStream(keys, tokens.shape[1])
+    scratch = _Scratch()
+    for rows, col, cols in token_blocks(*tokens.shape):
+        u = stream.block(rows, col, cols)
+        tok, inp, tgt = (a[rows, col:col + cols] for a in (tokens, inputs, targets))
+        tmp, flag, tmp32 = scratch.like(tok.shape)
+        # targets = tok where selected, else [PAD]:  PAD + (tok - PAD) * selected  (uint8 wrap-around)
+        _below(u, t_sel, flag)
+        np.subtract(tok, np.uint8(PAD_ID), out=tgt)
+        tgt *= flag.view(np.uint8)
+        tgt += np.uint8(PAD_ID)
+        # inputs = [MASK] where u < t_mask, else tok:  tok - (tok - MASK) * masked
+        _below(u, t_mask, flag)
+        np.subtract(tok, np.uint8(MASK_ID), out=tmp)
+        tmp *= flag.view(np.uint8)
+        np.subtract(tok, tmp, out=inp)
+        if t_rand > t_mask:  # t_mask <= u < t_rand: a uniform id from the position of u inside that band
+            np.subtract(u, np.uint32(t_mask), out=tmp32)
+            np.less(tmp32, np.uint32(t_rand - t_mask), out=flag)
+            hits = np.flatnonzero(flag)  # a block is a run of whole rows or part of one row: contiguous
+            drawn = tmp32.reshape(-1)[hits].astype(np.uint64)
+            inp.reshape(-1)[hits] = (drawn * np.uint64(VOCAB_SIZE) // np.uint64(t_rand - t_mask)).astype(np.uint8)
     return inputs, targets
