@@ -76,12 +76,16 @@ def torchrun(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    if "SLURM_NODEID" in os.environ and not any(a.startswith(("--node-rank", "--node_rank")) for a in argv):
+    def given(*names: str) -> bool:
+        return any(arg.startswith(names) for arg in argv)
+
+    if "SLURM_NODEID" in os.environ and not given("--node-rank", "--node_rank"):
         argv = [f"--node-rank={os.environ['SLURM_NODEID']}", *argv]
     # SLURM signals every process of the step, workers included. The agent must survive preemption
     # signals (torchrun would kill its workers mid-save) and its workers start with them ignored until
     # the trainer installs its handlers, so an early signal is never fatal (the batch script repeats it).
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
+    if not given("--signals-to-handle", "--signals_to_handle"):
+        argv = ["--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", *argv]
     for signum in PREEMPTION_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     try:
