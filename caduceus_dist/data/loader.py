@@ -67,8 +67,7 @@ class _BatchBuilder:
         self.split, self.seed, self.policy = split, seed, policy
 
     def build(self, rows: Rows) -> dict:
-        windows = [self.split.window_tokens(sample) for sample in rows.sample_id.tolist()]
-        tokens = gather_crops(windows, rows.offset, rows.strand, rows.seq_len)
+        tokens = gather_crops(self.split.window_tokens, rows.sample_id, rows.offset, rows.strand, rows.seq_len)
         inputs, targets = mask_batch(tokens, crop_keys(self.seed, TAG_MASK, rows), self.policy)
         return {"input_ids": inputs, "targets": targets, "sample_id": rows.sample_id, "crop_offset": rows.offset,
                 "strand": rows.strand, "epoch": rows.epoch}

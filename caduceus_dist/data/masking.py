@@ -77,12 +77,21 @@ def _below(u: np.ndarray, threshold: int, out: np.ndarray) -> np.ndarray:
     return np.less_equal(u, np.uint32(threshold - 1), out=out)
 
 
-def gather_crops(windows, offsets: np.ndarray, strands: np.ndarray, length: int) -> np.ndarray:
-    """(B, length) uint8: crop i of windows[i] (uint8 ids), reverse-complemented where strands[i], N -> [PAD]."""
+def gather_crops(window_of, sample_ids: np.ndarray, offsets: np.ndarray, strands: np.ndarray,
+                 length: int) -> np.ndarray:
+    """(B, length) uint8: crop i of window_of(sample_ids[i]) at offsets[i] (a multiple of length),
+    reverse-complemented where strands[i], N -> [PAD]. One gather per distinct window, not per row."""
+    if np.any(offsets % length):
+        raise ValueError(f"crop offsets must be multiples of the crop length {length}")
     out = np.empty((len(offsets), length), dtype=np.uint8)
-    for i, (window, offset, reverse) in enumerate(zip(windows, offsets.tolist(), strands.tolist(), strict=True)):
-        crop = window[offset:offset + length]
-        out[i] = crop[::-1] if reverse else crop
+    windows, inverse = np.unique(sample_ids, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.cumsum(np.bincount(inverse, minlength=len(windows)))
+    for sample, rows in zip(windows.tolist(), np.split(order, bounds[:-1]), strict=True):
+        window = window_of(sample)
+        out[rows] = window[:len(window) // length * length].reshape(-1, length)[offsets[rows] // length]
+    reversed_rows = np.flatnonzero(strands)
+    out[reversed_rows] = out[reversed_rows, ::-1]
     reverse = np.asarray(strands, dtype=bool).reshape(-1, 1)
     scratch = _Scratch()
     for rows, col, cols in token_blocks(*out.shape):
