@@ -326,3 +326,12 @@ def test_real_sharder_output_one_epoch_matches_the_fasta(tmp_path):
                 want = np.where(want == 11, PAD_ID, want)
                 assert np.array_equal(row.numpy(), want.astype(np.int64)), (sample, offset, strand)
     assert all((c == 1).all() for c in coverage.values())
+
+
+def test_streams_leave_the_global_torch_rng_alone(shards):
+    """The trainer checkpoints the global RNG; a resumed run must not be one draw off (DataLoader seeds)."""
+    cfg = config(shards)
+    before = torch.random.get_rng_state()
+    list(TrainStream(cfg, 0, 1, 1).iterate(0, 2))
+    list(build_eval_loader(cfg, "valid", 0, 1, max_batches=1))
+    assert torch.equal(before, torch.random.get_rng_state())

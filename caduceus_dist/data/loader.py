@@ -186,7 +186,7 @@ class TrainStream:
         start = self._next_step if start_step is None else start_step
         workers = self.cfg.num_workers
         loader = DataLoader(_TrainItems(self), batch_size=None, sampler=_StepSampler(start, stop_step, self.grad_accum),
-                            num_workers=workers, collate_fn=_keep,
+                            num_workers=workers, collate_fn=_keep, generator=self._private_generator(),
                             prefetch_factor=self.cfg.prefetch_factor if workers else None)
         pin = _pin(self.cfg)
         micro_batches: list[dict] = []
@@ -197,6 +197,12 @@ class TrainStream:
                 self._next_step = step + 1
                 yield StepBatch(step, self.plan(step), micro_batches, self.state_dict())
                 micro_batches = []
+
+    def _private_generator(self) -> torch.Generator:
+        """DataLoader draws its worker base seed from this, never from the global torch RNG (whose state
+        the checkpoint restores: drawing from it would shift a resumed run by one draw). Batches do not
+        depend on it: all their randomness is keyed by the data cursor."""
+        return torch.Generator().manual_seed(self.seed)
 
     # ---- state ----
     def state_dict(self) -> dict:
@@ -295,7 +301,7 @@ class EvalStream:
     def __iter__(self) -> Iterator[dict]:
         workers = min(self.cfg.num_workers, self.batches)
         loader = DataLoader(_EvalItems(self._builder, self.rows), batch_size=None, sampler=range(self.batches),
-                            num_workers=workers, collate_fn=_keep,
+                            num_workers=workers, collate_fn=_keep, generator=torch.Generator().manual_seed(0),
                             prefetch_factor=self.cfg.prefetch_factor if workers else None)
         pin = _pin(self.cfg)
         return (to_torch(batch, pin) for batch in loader)
