@@ -48,6 +48,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def ensure_sample_shards(shards: str) -> None:
+    """The quickstart convenience: the default sample location is sharded on first use."""
+    from caduceus_dist.data.shard_format import MANIFEST_NAME
+    from caduceus_dist.data.sharding import sample_config, shard_genome
+
+    target = Path(shards)
+    default = Path(sample_config().out)
+    if target.resolve() == default.resolve() and not (target / MANIFEST_NAME).exists():
+        print(f"sharding the embedded sample genome into {target} (first run only)", flush=True)
+        shard_genome(sample_config(out=str(target)))
+
+
 def _max_across_ranks(values: list[float], device: torch.device) -> list[float]:
     buf = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(buf, op=dist.ReduceOp.MAX)
@@ -66,6 +78,9 @@ class Trainer:
         self.cfg = cfg
         torch.use_deterministic_algorithms(cfg.train.deterministic)
         self.ctx = init_distributed(cfg.engine)
+        if self.ctx.rank == 0:
+            ensure_sample_shards(cfg.data.shards)
+        dist.barrier()
         try:  # tokens_per_step / seq_len / world size / grad_accum must divide: fail before writing anything
             self.stream = TrainStream(cfg.data, self.ctx.rank, self.ctx.world_size, cfg.train.grad_accum,
                                       train_seed=cfg.train.seed)

@@ -22,7 +22,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from caduceus_dist.engine.base import PRECISIONS, DistContext, TrainStepMixin, compile_layers, fp32_cpu
-from caduceus_dist.optim import build_optimizer
+from caduceus_dist.optim import build_optimizer, group_names
 
 DCP_DIR = "dcp"
 
@@ -37,13 +37,14 @@ class FSDP2Engine(TrainStepMixin):
         self.module = model.to(self.device)
         if self.cfg.compile:
             compile_layers(self.module)
+        groups = group_names(self.module, job_cfg.optim.weight_decay)  # before sharding drops the no-decay marks
         mesh = init_device_mesh(self.device.type, (self.world_size,))
         policy = MixedPrecisionPolicy(param_dtype=PRECISIONS[self.cfg.precision], reduce_dtype=torch.float32)
         reshard = self.cfg.fsdp_reshard_after_forward
         for layer in self.module.caduceus.backbone.layers:
             fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
         fully_shard(self.module, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
-        self.optimizer = build_optimizer(self.module, job_cfg.optim)
+        self.optimizer = build_optimizer(self.module, job_cfg.optim, groups)
 
     def _accumulation_context(self, last: bool):
         # Skip the reduce-scatter on all but the last micro-batch: gradients accumulate unsharded.
