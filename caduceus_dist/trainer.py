@@ -154,6 +154,7 @@ class Trainer:
                 self.writer.print(f"preempted: checkpoint saved at step {step}; exiting with {EXIT_PREEMPTED}")
                 self.close()
                 return EXIT_PREEMPTED
+            self.writer.scalars(step, self.manager.stats())  # non-empty at the steps that saved
         self.close()
         return EXIT_OK
 

@@ -22,7 +22,8 @@ STEPS = 6
 TINY = [
     "model.d_model=16", "model.n_layer=2", "data.seq_len=128", "data.tokens_per_step=1024",
     "data.curriculum.start_seq_len=null", "data.num_workers=0", "schedule.name=constant",
-    "schedule.warmup_fraction=0.0", "optim.lr=5e-3", f"train.max_steps={STEPS}", "train.eval_batches=0",
+    "schedule.warmup_fraction=0.0", "optim.lr=5e-3", f"train.max_steps={STEPS}", "train.eval_batches=3", f"train.eval_every={STEPS}",
+    "data.eval_batch_size=5",
     "checkpoint.every=0", "logging.log_every=1", "logging.peak_flops_per_device=1e9",
 ]
 # Ranks sum their gradients in a different order than one process does; fp32 rounding then grows
@@ -105,6 +106,9 @@ def assert_matches_reference(scalars, reference, rtol=LOSS_RTOL):
     assert got[-1] < got[0] - 0.3  # it learns: from ~ln 16 towards the base composition and beyond
     # the same global batch: same number of masked targets per step
     assert [v for _, v in scalars["train/n_targets"]] == [v for _, v in reference["train/n_targets"]]
+    # validation sums losses and counts over uneven (possibly empty) rank slices: same global result
+    assert scalars["val/n_targets"] == reference["val/n_targets"]
+    assert scalars["val/loss"][-1][1] == pytest.approx(reference["val/loss"][-1][1], rel=rtol)
 
 
 @pytest.mark.slow

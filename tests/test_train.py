@@ -1,0 +1,111 @@
+"""The training entry point end to end: quickstart sharding, curriculum, metrics read back from TensorBoard,
+validation metrics checked against an independent evaluation of the saved weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_engine_distributed import pretrain_cmd, read_scalars, run_job
+
+from caduceus_dist.config import load_job_config
+from caduceus_dist.optim import lr_at
+
+STEPS = 8
+TRAIN_TAGS = {
+    "train/loss", "train/accuracy", "train/grad_norm", "train/lr", "train/n_targets", "perf/tokens_per_s",
+    "perf/tokens_per_s_per_device", "perf/mfu", "perf/step_time_s", "perf/data_wait_fraction",
+    "perf/peak_memory_gib", "data/seq_len", "data/stage", "data/global_batch", "data/consumed_tokens",
+    "data/cursor_tokens", "data/cursor_epoch", "data/cursor_position",
+}
+VAL_TAGS = {"val/loss", "val/perplexity", "val/bits_per_base", "val/accuracy", "val/n_targets"}
+OVERRIDES = [
+    "model.d_model=16", "model.n_layer=2", "data.seq_len=128", "data.tokens_per_step=1024",
+    "data.curriculum.start_seq_len=64", "data.curriculum.stage_steps=4", "data.num_workers=1",
+    "data.eval_batch_size=6", f"train.max_steps={STEPS}", "train.eval_every=4", "train.eval_batches=3",
+    "checkpoint.every=4", "logging.log_every=2", "logging.peak_flops_per_device=2e9",
+]
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    """The README command with small overrides, from a fresh directory: it must shard the sample itself."""
+    cwd = tmp_path_factory.mktemp("quickstart")
+    result = run_job(pretrain_cmd("python", 0, "run_dir=runs/demo", *OVERRIDES), cwd=cwd)
+    assert result.returncode == 0, result.stdout[-6000:]
+    return cwd, cwd / "runs" / "demo", result.stdout
+
+
+@pytest.mark.slow
+def test_quickstart_shards_the_sample_and_writes_the_run(quickstart_run):
+    cwd, run_dir, log = quickstart_run
+    assert "sharding the embedded sample genome" in log
+    assert (cwd / "data" / "shards" / "sample" / "manifest.json").exists()
+    saved = load_job_config(run_dir / "config.yaml")  # the resolved config is itself a valid recipe
+    assert saved.train.max_steps == STEPS and saved.data.seed == saved.train.seed == 2222
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_000004", "step_000008"]
+
+
+@pytest.mark.slow
+def test_tensorboard_holds_every_metric_with_consistent_values(quickstart_run):
+    _, run_dir, log = quickstart_run
+    scalars = read_scalars(run_dir)
+    assert set(scalars) >= TRAIN_TAGS | VAL_TAGS, sorted(TRAIN_TAGS | VAL_TAGS - set(scalars))
+    value = {tag: dict(points) for tag, points in scalars.items()}
+    assert sorted(value["train/loss"]) == list(range(1, STEPS + 1))
+    cfg = load_job_config(run_dir / "config.yaml")
+    from caduceus_dist.model import flops_per_token
+
+    for step in range(1, STEPS + 1):
+        # curriculum: 64 for steps 0-3, then 128, tokens per step held at 1024
+        seq_len = 64 if step <= 4 else 128
+        assert (value["data/seq_len"][step], value["data/stage"][step]) == (seq_len, 0 if step <= 4 else 1)
+        assert value["data/global_batch"][step] == 1024 / seq_len
+        assert value["data/consumed_tokens"][step] == value["data/cursor_tokens"][step] == 1024 * step
+        assert value["train/lr"][step] == pytest.approx(lr_at(step - 1, cfg.optim, cfg.schedule, STEPS))
+        tok_s = value["perf/tokens_per_s"][step]
+        assert tok_s == pytest.approx(1024 / value["perf/step_time_s"][step], rel=1e-5)
+        assert value["perf/tokens_per_s_per_device"][step] == pytest.approx(tok_s, rel=1e-6)  # one rank
+        assert value["perf/mfu"][step] == pytest.approx(flops_per_token(cfg.model, seq_len) * tok_s / 2e9, rel=1e-5)
+        assert 0 <= value["perf/data_wait_fraction"][step] < 1
+        assert value["perf/peak_memory_gib"][step] > 0
+        assert value["train/grad_norm"][step] > 0 and 0 <= value["train/accuracy"][step] <= 1
+    assert sorted(value["val/loss"]) == [4, 8]
+    for step in (4, 8):
+        loss = value["val/loss"][step]
+        assert value["val/perplexity"][step] == pytest.approx(math.exp(loss), rel=1e-5)
+        assert value["val/bits_per_base"][step] == pytest.approx(loss / math.log(2), rel=1e-5)
+    assert {"checkpoint/blocking_s", "checkpoint/bytes"} <= set(scalars)
+    assert sorted(value["checkpoint/bytes"]) == [4, 8]
+    # the console line carries the same numbers
+    line = next(line for line in log.splitlines() if line.startswith("step      8/8"))
+    for field in ("loss", "lr", "gnorm", "tok/s", "mfu", "L 128 stage 1", "mem", "ms/step", "data wait", "tokens"):
+        assert field in line
+    assert f"loss {value['train/loss'][8]:.4f}" in line
+
+
+@pytest.mark.slow
+def test_validation_metrics_match_an_independent_evaluation(quickstart_run):
+    """Reload the final weights into a bare model and recompute val loss/accuracy with plain PyTorch."""
+    from caduceus_dist.data import build_eval_loader
+    from caduceus_dist.model import CaduceusForMaskedLM
+
+    cwd, run_dir, _ = quickstart_run
+    cfg = load_job_config(run_dir / "config.yaml", [f"data.shards={cwd / 'data' / 'shards' / 'sample'}"])
+    model = CaduceusForMaskedLM(cfg.model)
+    state = torch.load(run_dir / "checkpoints" / "step_000008" / "model_optim.pt", weights_only=True)
+    model.load_state_dict(state["model"])
+    logits, targets = [], []
+    with torch.no_grad():
+        for batch in build_eval_loader(cfg.data, "valid", 0, 1, cfg.train.eval_batches, train_seed=cfg.train.seed):
+            logits.append(model(batch["input_ids"]).reshape(-1, 16))
+            targets.append(batch["targets"].reshape(-1))
+    logits, targets = torch.cat(logits), torch.cat(targets)
+    keep = targets != 4
+    loss = torch.nn.functional.cross_entropy(logits[keep], targets[keep]).item()
+    accuracy = (logits[keep].argmax(-1) == targets[keep]).float().mean().item()
+    value = {tag: dict(points) for tag, points in read_scalars(run_dir).items()}
+    assert value["val/loss"][8] == pytest.approx(loss, rel=1e-5)
+    assert value["val/accuracy"][8] == pytest.approx(accuracy, rel=1e-6)
+    assert value["val/n_targets"][8] == int(keep.sum())
