@@ -193,7 +193,7 @@ def test_fold_map_maps_labels_and_default(tmp_path):
     bed = write(tmp_path / "folds.bed.gz", "")
     bed.write_bytes(gzip.compress(b"chr1\t0\t10\tfold3\nchr2\t5\t9\tfold4\nchr1\t20\t30\tfold0\n"))
     plan = make_split_plan(str(bed), "fold3=test,fold4=valid,*=train", [], [], "primary")
-    assert [(i.start, i.split, i.source_line) for i in plan.intervals("chr1", 100)] == [(0, "test", 1), (20, "train", 3)]
+    assert [(i.start, i.split, i.source_line) for i in plan.intervals("chr1")] == [(0, "test", 1), (20, "train", 3)]
     assert plan.missing() == {"chr2": 1}
 
 
@@ -213,12 +213,12 @@ def test_whole_contig_mode_primary_filter_and_lists():
     plan = make_split_plan(None, None, ["chr8"], ["chr9", "chrQ"], "primary")
     names = ["chr1", "chr8", "chr9", "chr1_KI270706v1_random", "chrUn_GL000195v1", "chrEBV", "chr6_GL000250v2_alt",
              "chrX", "chrM", "20", "MT"]
-    got = {n: [i.split for i in plan.intervals(n, 1000)] for n in names}
+    got = {n: [i.split for i in plan.intervals(n)] for n in names}
     assert got == {"chr1": ["train"], "chr8": ["valid"], "chr9": ["test"], "chr1_KI270706v1_random": [],
                    "chrUn_GL000195v1": [], "chrEBV": [], "chr6_GL000250v2_alt": [], "chrX": ["train"],
                    "chrM": ["train"], "20": ["train"], "MT": ["train"]}
     assert len(plan.skipped_contigs) == 4 and plan.missing() == {"chrQ": 1}
-    assert [i.split for i in make_split_plan(None, None, [], [], "all").intervals("chrEBV", 10)] == ["train"]
+    assert [i.split for i in make_split_plan(None, None, [], [], "all").intervals("chrEBV")] == ["train"]
 
 
 def test_contig_lists_conflict_and_bad_regex():

@@ -433,3 +433,23 @@ def test_cli_without_arguments_shards_the_sample(tmp_path):
     assert "train: 22 windows in 3 shard(s)" in proc.stderr and "\r" not in proc.stderr  # no bar without a TTY
     assert verify_dataset(root).ok
     assert io.StringIO(proc.stdout).read() == ""
+
+
+@pytest.mark.parametrize("mode", ["tile-bed", "reference-bed", "whole-contigs"])
+def test_windows_cut_while_streaming_equal_windows_cut_from_whole_records(tmp_path, monkeypatch, mode):
+    """Windows are emitted as soon as their bases arrive; tiny input chunks must not change a byte."""
+    fasta = _edited_sample(tmp_path)
+    bed = tmp_path / "rows.bed"
+    bed.write_text(f"chrM\t0\t16569\tvalid\n{CHR22}\t150000\t200001\ttrain\n{CHR22}\t10000\t190000\ttest\n"
+                   f"{CHR22}\t199000\t200001\ttrain\n")
+    options = {"tile-bed": dict(bed=str(bed), tiling="tile", window=3000),
+               "reference-bed": dict(bed=str(bed), tiling="reference", window=1 << 15),
+               "whole-contigs": dict(contigs="all", window=3000)}[mode]
+    trees = []
+    for chunk in (fasta_mod.CHUNK_BYTES, 4099):
+        monkeypatch.setattr(fasta_mod, "CHUNK_BYTES", chunk)
+        out = tmp_path / f"chunk{chunk}"
+        shard_genome(ShardConfig(fasta=str(fasta), out=str(out), samples_per_shard=7, quiet=True, **options))
+        trees.append(tree(out))
+    assert trees[0] == trees[1]
+    assert_round_trip(tmp_path / "chunk4099", plain_fasta(fasta, tmp_path / "plain.fa"))

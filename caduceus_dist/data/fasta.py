@@ -7,12 +7,10 @@ and the base-to-id lookup in one C pass), so a record costs one byte per base an
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,12 +44,30 @@ TRANSLATION = _translation_table()
 IUPAC_LETTERS = frozenset(IUPAC_AMBIGUOUS + IUPAC_AMBIGUOUS.lower())
 
 
-@dataclass
 class FastaRecord:
-    name: str
-    header_line: int  # 1-based line number of the '>' header
-    tokens: np.ndarray  # uint8 token ids (writable), one per base
-    iupac_bases: int  # ambiguity codes other than N, already replaced by N
+    """One record; while streaming it grows chunk by chunk (`complete` False) and is then finished.
+
+    Bases are token ids in a bytearray. `window()` copies a range out without keeping a view on the
+    buffer (a live view would stop it from growing); `tokens` is the numpy view of a complete record.
+    """
+
+    def __init__(self, name: str, header_line: int):
+        self.name, self.header_line = name, header_line  # header_line: 1-based line of the '>' header
+        self.iupac_bases = 0  # ambiguity codes other than N, stored as N
+        self.complete = False
+        self._seq = bytearray()
+
+    def __len__(self) -> int:
+        return len(self._seq)
+
+    def window(self, start: int, end: int) -> bytes:
+        with memoryview(self._seq) as view:
+            return view[start:end].tobytes()
+
+    @property
+    def tokens(self) -> np.ndarray:
+        assert self.complete, "tokens of a record still being read"
+        return np.frombuffer(self._seq, dtype=np.uint8)
 
 
 def sha256_and_size(path: str | os.PathLike) -> tuple[str, int]:
@@ -81,6 +97,37 @@ class _CountingReader:
         self._fh.close()
 
 
+def gunzip_chunks(raw, out_size: int, read_size: int = 1 << 20) -> Iterator[bytes]:
+    """Decompress concatenated gzip members (gzip, BGZF) in chunks of at most `out_size` bytes.
+
+    zlib parses the gzip header and checks the CRC in C (the `gzip` module does both in Python, which
+    costs ~30% of the reader's time); a file that ends inside a member raises EOFError.
+    """
+    decompressor, in_member, data = zlib.decompressobj(wbits=31), False, b""
+    while True:
+        if not data:
+            data = raw.read(read_size)
+            if not data:
+                if not in_member:
+                    return
+                tail = decompressor.flush()
+                if tail:
+                    yield tail
+                if not decompressor.eof:
+                    raise EOFError("compressed file ended before the end-of-stream marker was reached")
+                data, decompressor, in_member = decompressor.unused_data, zlib.decompressobj(wbits=31), False
+                if not data:
+                    return
+        in_member = True
+        out = decompressor.decompress(data, out_size)
+        if decompressor.eof:
+            data, decompressor, in_member = decompressor.unused_data, zlib.decompressobj(wbits=31), False
+        else:
+            data = decompressor.unconsumed_tail
+        if out:
+            yield out
+
+
 class FastaReader:
     """Iterate `FastaRecord`s of one FASTA file. `consumed_bytes` tracks progress through the file.
 
@@ -101,7 +148,7 @@ class FastaReader:
                     f"Recompress it with gzip or bgzip"
                 )
         self._raw = _CountingReader(open(self.path, "rb"))  # noqa: SIM115 (closed by close())
-        self._stream = gzip.GzipFile(fileobj=self._raw, mode="rb") if magic.startswith(GZIP_MAGIC) else self._raw
+        self._gzipped = magic.startswith(GZIP_MAGIC)
 
     @property
     def consumed_bytes(self) -> int:
@@ -112,10 +159,12 @@ class FastaReader:
 
     def _chunks(self, where: Callable[[], str]) -> Iterator[bytes]:
         decompressed = 0
+        chunks = gunzip_chunks(self._raw, CHUNK_BYTES) if self._gzipped else iter(
+            lambda: self._raw.read(CHUNK_BYTES), b"")
         while True:
             try:
-                chunk = self._stream.read(CHUNK_BYTES)
-            except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+                chunk = next(chunks, b"")
+            except (EOFError, zlib.error) as exc:
                 raise FastaError(
                     f"{self.path}: the gzip stream is truncated or corrupt ({exc}) after {decompressed} "
                     f"decompressed bytes, while reading {where()}. "
@@ -128,18 +177,25 @@ class FastaReader:
             yield chunk
 
     def __iter__(self) -> Iterator[FastaRecord]:
+        """Complete records only."""
+        return (record for record in self.stream() if record.complete)
+
+    def stream(self) -> Iterator[FastaRecord]:
+        """Yield the current record after every input chunk (growing) and once more when complete, so
+        windows can be cut while the rest of a long chromosome is still being decompressed."""
         seen: dict[str, int] = {}
-        line = 1  # line number at the start of the current chunk position
-        name, header_line = None, 0
+        line = 1  # line number at the current position
+        record: FastaRecord | None = None
+        header_line = 0
         header_parts: list[bytes] = []
         in_header, at_line_start = False, True
-        seq = bytearray()
 
         def where() -> str:
-            return f"record {name!r} (header on line {header_line})" if name else f"line {line}"
+            return f"record {record.name!r} (header on line {record.header_line})" if record else f"line {line}"
 
         for chunk in self._chunks(where):
             pos = 0
+            grew = False
             while pos < len(chunk):
                 if in_header:
                     eol = chunk.find(b"\n", pos)
@@ -149,18 +205,20 @@ class FastaReader:
                     line += 1
                     pos = eol + 1
                     in_header, at_line_start = False, True
-                    name = self._header_name(b"".join(header_parts), header_line, seen)
+                    record = FastaRecord(self._header_name(b"".join(header_parts), header_line, seen), header_line)
                     header_parts.clear()
                     continue
                 gt = chunk.find(b">", pos)
                 body = chunk[pos:] if gt < 0 else chunk[pos:gt]
                 if body:
-                    if name is None and body.strip():
+                    if record is not None:
+                        self._append(record, body.translate(TRANSLATION, LINE_BREAKS))
+                        grew = True
+                    elif body.strip():
                         raise FastaError(
                             f"{self.path}, line {line}: sequence before the first '>' header. "
                             "A FASTA file must start with a '>name' line"
                         )
-                    seq += body.translate(TRANSLATION, LINE_BREAKS)
                     line += body.count(b"\n")
                     at_line_start = body.endswith(b"\n")
                 if gt < 0:
@@ -170,14 +228,16 @@ class FastaReader:
                         f"{self.path}, line {line}: '>' in the middle of a sequence line of {where()}. "
                         "Headers must start a line"
                     )
-                if name is not None:
-                    yield self._finish(name, header_line, seq)
-                    seq = bytearray()
+                if record is not None:
+                    yield self._finish(record)
+                    record, grew = None, False
                 in_header, header_line, pos = True, line, gt + 1
+            if grew and record is not None:
+                yield record
         if in_header:
-            name = self._header_name(b"".join(header_parts), header_line, seen)
-        if name is not None:
-            yield self._finish(name, header_line, seq)
+            record = FastaRecord(self._header_name(b"".join(header_parts), header_line, seen), header_line)
+        if record is not None:
+            yield self._finish(record)
         elif not seen:
             raise FastaError(f"{self.path} holds no FASTA records (no '>' header line); is it the right file?")
 
@@ -194,32 +254,34 @@ class FastaReader:
         seen[name] = header_line
         return name
 
-    def _finish(self, name: str, header_line: int, seq: bytearray) -> FastaRecord:
-        if not seq:
+    def _finish(self, record: FastaRecord) -> FastaRecord:
+        if not record._seq:
             raise FastaError(
-                f"{self.path}, line {header_line}: record {name!r} is empty (a header with no sequence). "
-                "Remove the empty record"
+                f"{self.path}, line {record.header_line}: record {record.name!r} is empty (a header with no "
+                "sequence). Remove the empty record"
             )
-        tokens = np.frombuffer(seq, dtype=np.uint8)
-        iupac = 0
-        if int(tokens.max()) > N_ID:
-            iupac = self._replace_ambiguous(name, header_line, tokens)
-        return FastaRecord(name, header_line, tokens, iupac)
+        record.complete = True
+        return record
 
-    def _replace_ambiguous(self, name: str, header_line: int, tokens: np.ndarray) -> int:
-        """Map IUPAC ambiguity codes to N (or fail under strict); any other byte is always an error."""
-        odd = np.flatnonzero(tokens > N_ID)
-        codes = tokens[odd]
-        bad = ~np.isin(codes, np.frombuffer(bytes(sorted(IUPAC_LETTERS)), dtype=np.uint8))
-        if bad.any() or self.strict:
-            first = int(odd[int(np.argmax(bad))] if bad.any() else odd[0])
-            code = int(tokens[first])
-            letter = repr(chr(code)) if code != INVALID_CODE else "a control or non-ASCII byte"
-            what = "an IUPAC ambiguity code (--strict forbids them)" if not bad.any() else "not a nucleotide letter"
-            raise FastaError(
-                f"{self.path}: record {name!r} (header on line {header_line}) has {letter} at base {first + 1} "
-                f"(1-based), which is {what}. Fix the FASTA"
-                + ("" if bad.any() else " or run without --strict to map IUPAC codes to N")
-            )
-        tokens[odd] = N_ID
-        return len(odd)
+    def _append(self, record: FastaRecord, translated: bytes) -> None:
+        """Append translated bases; IUPAC codes become N (counted, or an error under strict), any other
+        byte is always an error naming the record and base position."""
+        codes = np.frombuffer(translated, dtype=np.uint8)
+        if codes.size and int(codes.max()) > N_ID:
+            odd = np.flatnonzero(codes > N_ID)
+            bad = ~np.isin(codes[odd], np.frombuffer(bytes(sorted(IUPAC_LETTERS)), dtype=np.uint8))
+            if bad.any() or self.strict:
+                first = int(odd[int(np.argmax(bad))] if bad.any() else odd[0])
+                code = int(codes[first])
+                letter = repr(chr(code)) if code != INVALID_CODE else "a control or non-ASCII byte"
+                what = "an IUPAC ambiguity code (--strict forbids them)" if not bad.any() else "not a nucleotide letter"
+                raise FastaError(
+                    f"{self.path}: record {record.name!r} (header on line {record.header_line}) has {letter} at "
+                    f"base {len(record._seq) + first + 1} (1-based), which is {what}. Fix the FASTA"
+                    + ("" if bad.any() else " or run without --strict to map IUPAC codes to N")
+                )
+            fixed = codes.copy()
+            fixed[odd] = N_ID
+            translated = fixed.tobytes()
+            record.iupac_bases += len(odd)
+        record._seq += translated

@@ -23,10 +23,10 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from multiprocessing import get_context
 from pathlib import Path
 
-import numpy as np
 import zstandard
 
 from caduceus_dist import __version__
@@ -182,41 +182,81 @@ class RunStats:
     iupac_to_n: int = 0
 
 
+class WindowCursor:
+    """Walks one record's windows in output order (interval by interval) as its bases arrive.
+
+    While the record streams, a window is handed out once it ends within the bases read so far (final in
+    every tiling mode); when the record is complete, the rest come from the tiling with the true length.
+    """
+
+    def __init__(self, intervals: list, tile, window: int):
+        self.intervals, self.tile, self.window = intervals, tile, window
+        self.index = 0  # current interval
+        self.done_in_interval = 0  # windows of it already handed out
+        self._windows: Iterator | None = None
+        self._next: tuple[int, int] | None = None
+        self._final = False
+
+    def advance(self, available: int, length: int | None) -> Iterator[tuple[object, int, int]]:
+        if length is not None and not self._final:  # the record just completed: switch to true windows
+            self._final, self._windows, self._next = True, None, None
+        while self.index < len(self.intervals):
+            interval = self.intervals[self.index]
+            if self._windows is None:
+                self._windows = islice(self.tile(interval, length, self.window),
+                                       self.done_in_interval if self._final else 0, None)
+            if self._next is None:
+                self._next = next(self._windows, None)
+                if self._next is None:
+                    self.index, self.done_in_interval, self._windows = self.index + 1, 0, None
+                    continue
+            start, end = self._next
+            if not self._final and end > available:
+                return
+            self._next = None
+            self.done_in_interval += 1
+            yield interval, start, end
+
+
 def plan_batches(cfg: ShardConfig, reader: FastaReader, plan, tile, fasta_sha: str,
                  finished: set[tuple[str, int]], stats: RunStats) -> Iterator[WindowBatch]:
     """Stream the FASTA and yield batches of windows still to be written (finished shards are skipped)."""
     window, per_shard, assembly = cfg.window, cfg.resolved_samples_per_shard(), cfg.resolved_assembly()
     batch = WindowBatch(window, cfg.zstd_level)
-    for record in reader:
-        stats.records += 1
-        stats.fasta_bases += len(record.tokens)
-        stats.iupac_to_n += record.iupac_bases
-        for interval in plan.intervals(record.name, len(record.tokens)):
+    cursor, current = None, None
+    for record in reader.stream():
+        if record is not current:
+            current, cursor = record, WindowCursor(plan.intervals(record.name), tile, window)
+        length = len(record) if record.complete else None
+        for interval, start, end in cursor.advance(len(record), length):
             totals = stats.totals.setdefault(interval.split, SplitTotals())
-            for start, end in tile(interval, len(record.tokens), window):
-                view = record.tokens[start:end]
-                n_count = int(np.count_nonzero(view == N_ID))
-                if n_count == window:
-                    totals.dropped_windows += 1
-                    continue
-                sample_id = totals.windows
-                totals.windows += 1
-                totals.bases += window
-                totals.n_bases += n_count
-                if (interval.split, sample_id // per_shard) in finished:
-                    continue
-                batch.metas.append({
-                    "id": sample_id, "split": interval.split, "chrom": record.name, "start": start, "end": end,
-                    "strand": "+", "length": window, "n_fraction": n_count / window, "assembly": assembly,
-                    "fasta_sha256": fasta_sha,
-                })
-                batch.parts.append(view.tobytes())
-                if len(batch.parts) * window >= BATCH_BASES:
-                    yield batch
-                    batch = WindowBatch(window, cfg.zstd_level)
-        if batch.parts:  # end of record: its shards can complete before the next record is read
-            yield batch
-            batch = WindowBatch(window, cfg.zstd_level)
+            bases = record.window(start, end)
+            n_count = bases.count(N_ID)
+            if n_count == window:
+                totals.dropped_windows += 1
+                continue
+            sample_id = totals.windows
+            totals.windows += 1
+            totals.bases += window
+            totals.n_bases += n_count
+            if (interval.split, sample_id // per_shard) in finished:
+                continue
+            batch.metas.append({
+                "id": sample_id, "split": interval.split, "chrom": record.name, "start": start, "end": end,
+                "strand": "+", "length": window, "n_fraction": n_count / window, "assembly": assembly,
+                "fasta_sha256": fasta_sha,
+            })
+            batch.parts.append(bases)
+            if len(batch.parts) * window >= BATCH_BASES:
+                yield batch
+                batch = WindowBatch(window, cfg.zstd_level)
+        if record.complete:
+            stats.records += 1
+            stats.fasta_bases += len(record)
+            stats.iupac_to_n += record.iupac_bases
+            if batch.parts:  # end of record: its shards can complete before the next record is read
+                yield batch
+                batch = WindowBatch(window, cfg.zstd_level)
 
 
 # ---------------------------------------------------------------------------------------------- output

@@ -1,6 +1,6 @@
 """Which parts of which contigs go to which split: BED with a split column, BED with folds, or whole contigs.
 
-Each split mode is a `SplitPlan`: given a contig name and length (as the FASTA stream reaches it), it
+Each split mode is a `SplitPlan`: given a contig name (as the FASTA stream reaches it), it
 returns that contig's labelled intervals in a fixed order (BED file order, or the whole contig), and at
 the end reports what the FASTA never provided. Modes live in `SPLIT_MODES`; `make_split_plan` picks one.
 """
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SPLIT_COLUMN_LABELS = ("train", "valid", "test")
+CONTIG_END = 1 << 62  # "to the end of the contig" for whole-contig intervals
 SPLIT_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 # Contig filters for whole-contig mode: primary assembly chromosomes with or without the "chr" prefix.
 CONTIG_FILTERS = {
@@ -111,7 +112,8 @@ class SplitPlan:
     seen: set[str] = field(default_factory=set)
     skipped_contigs: list[str] = field(default_factory=list)
 
-    def intervals(self, chrom: str, length: int) -> list[Interval]:
+    def intervals(self, chrom: str) -> list[Interval]:
+        """The intervals of `chrom`, in output order; a whole contig ends at CONTIG_END (clipped by tiling)."""
         raise NotImplementedError
 
     def missing(self) -> dict[str, int]:
@@ -130,7 +132,7 @@ class BedSplitPlan(SplitPlan):
             grouped[row.chrom].append(Interval(row.chrom, row.start, row.end, label_to_split(row), row.line))
         return cls(rows_by_chrom=dict(grouped))
 
-    def intervals(self, chrom: str, length: int) -> list[Interval]:
+    def intervals(self, chrom: str) -> list[Interval]:
         self.seen.add(chrom)
         return self.rows_by_chrom.get(chrom, [])
 
@@ -172,7 +174,7 @@ class ContigSplitPlan(SplitPlan):
     chrom_to_split: dict[str, str] = field(default_factory=dict)
     contig_filter: re.Pattern = re.compile(".*")
 
-    def intervals(self, chrom: str, length: int) -> list[Interval]:
+    def intervals(self, chrom: str) -> list[Interval]:
         self.seen.add(chrom)
         split = self.chrom_to_split.get(chrom)
         if split is None:
@@ -180,7 +182,7 @@ class ContigSplitPlan(SplitPlan):
                 self.skipped_contigs.append(chrom)
                 return []
             split = "train"
-        return [Interval(chrom, 0, length, split, 0)]
+        return [Interval(chrom, 0, CONTIG_END, split, 0)]
 
     def missing(self) -> dict[str, int]:
         return {c: 1 for c in self.chrom_to_split if c not in self.seen}

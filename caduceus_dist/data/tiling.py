@@ -7,6 +7,10 @@
   contig, and a remainder shorter than a window is left out.
 
 A contig shorter than one window yields nothing (every stored window has exactly `window` bases).
+
+While a contig is still streaming its length is unknown (`contig_length=None`): a tiling then yields
+the windows as if the contig were endless. Those that end within the bases read so far are final in
+both modes (clamping only touches windows past the contig end), so the caller can emit them early.
 """
 
 from __future__ import annotations
@@ -22,21 +26,20 @@ class TilingError(ValueError):
     """A window size or tiling mode that cannot work; the message names the option."""
 
 
-def reference_windows(interval: Interval, contig_length: int, window: int) -> Iterator[tuple[int, int]]:
-    if contig_length < window:
-        return
+def reference_windows(interval: Interval, contig_length: int | None, window: int) -> Iterator[tuple[int, int]]:
     for shift in range(REFERENCE_SPAN // window):
         start = interval.start + shift * window
         end = start + window
-        if end > contig_length:
-            start, end = contig_length - window, contig_length
-        if start < 0:
-            start, end = 0, window
+        if contig_length is not None:
+            if contig_length < window:
+                return
+            if end > contig_length:
+                start, end = contig_length - window, contig_length
         yield start, end
 
 
-def tile_windows(interval: Interval, contig_length: int, window: int) -> Iterator[tuple[int, int]]:
-    end = min(interval.end, contig_length)
+def tile_windows(interval: Interval, contig_length: int | None, window: int) -> Iterator[tuple[int, int]]:
+    end = interval.end if contig_length is None else min(interval.end, contig_length)
     for start in range(interval.start, end - window + 1, window):
         yield start, start + window
 
