@@ -250,6 +250,17 @@ def test_verify_finds_corruption_and_cli_reports_it(sample_shards, capsys):
 
 # ------------------------------------------------------------------------------------------ resume
 
+def test_rerun_of_a_finished_directory_reads_nothing(sample_shards, monkeypatch):
+    root, manifest = sample_shards
+    before = tree(root)
+
+    def no_reading(*_):
+        raise AssertionError("the FASTA was read again")
+
+    monkeypatch.setattr(sharding.FastaReader, "stream", no_reading)
+    assert shard_genome(sample_config(out=str(root), quiet=True)) == manifest and tree(root) == before
+
+
 def test_rerun_keeps_finished_shards_and_redoes_damaged_ones(sample_shards):
     root, manifest = sample_shards
     before = tree(root)
@@ -453,3 +464,21 @@ def test_windows_cut_while_streaming_equal_windows_cut_from_whole_records(tmp_pa
         trees.append(tree(out))
     assert trees[0] == trees[1]
     assert_round_trip(tmp_path / "chunk4099", plain_fasta(fasta, tmp_path / "plain.fa"))
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_on_a_terminal_only_and_quiet_silences_everything(tmp_path, monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert cli_main(["--out", str(tmp_path / "tty")]) == 0
+    shown = terminal.getvalue()
+    assert "input" in shown and "Mbp/s" in shown and "<" in shown  # tqdm bar: elapsed<ETA, bases/s
+    assert "train: 22 windows in 3 shard(s)" in shown
+    quiet = _Terminal()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    assert cli_main(["--out", str(tmp_path / "quiet"), "--quiet"]) == 0
+    assert quiet.getvalue() == ""

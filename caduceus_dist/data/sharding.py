@@ -428,13 +428,26 @@ class OutputDir:
                 except json.JSONDecodeError:
                     continue  # a line cut by a crash: that shard is simply redone
                 candidates[(entry.pop("split"), entry.pop("shard"))] = entry
-        kept = {}
-        for key, entry in candidates.items():
-            tar, idx = self.root / entry["tar"], self.root / entry["index"]
-            if tar.exists() and idx.exists() and sha256_file(tar) == entry["sha256"] \
-                    and sha256_file(idx) == entry["index_sha256"]:
-                kept[key] = entry
-        return kept
+        return {key: entry for key, entry in candidates.items() if self._intact(entry)}
+
+    def _intact(self, entry: dict) -> bool:
+        tar, idx = self.root / entry["tar"], self.root / entry["index"]
+        return (tar.exists() and idx.exists() and sha256_file(tar) == entry["sha256"]
+                and sha256_file(idx) == entry["index_sha256"])
+
+    def finished_manifest(self) -> dict | None:
+        """The manifest of a finished earlier run with exactly these arguments whose shards all verify."""
+        path = self.root / MANIFEST_NAME
+        if not path.exists() or self.state.exists():
+            return None
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if manifest.get("args") != self.identity:
+            return None
+        entries = [entry for info in manifest["splits"].values() for entry in info["shards"]]
+        return manifest if all(self._intact(entry) for entry in entries) else None
 
     def write_manifest(self, manifest: dict) -> None:
         for split in manifest["splits"]:
@@ -469,6 +482,8 @@ def shard_genome(cfg: ShardConfig, progress: Callable[[int, int, int], None] | N
     bed_sha = sha256_and_size(cfg.bed)[0] if cfg.bed else None
     identity = identity_of(cfg, fasta_sha, bed_sha, tiling)
     out = OutputDir(Path(cfg.out), identity)
+    if not cfg.overwrite and (finished := out.finished_manifest()) is not None:
+        return finished  # nothing to do: same arguments, same input, every shard intact
     kept = out.prepare(cfg.overwrite)
     sink = ShardSink(out.root, cfg.resolved_samples_per_shard(), out.journal)
     stats = RunStats()
