@@ -482,3 +482,13 @@ def test_progress_bar_on_a_terminal_only_and_quiet_silences_everything(tmp_path,
     monkeypatch.setattr(sys, "stderr", quiet)
     assert cli_main(["--out", str(tmp_path / "quiet"), "--quiet"]) == 0
     assert quiet.getvalue() == ""
+
+
+def test_empty_split_is_listed_and_no_windows_at_all_is_an_error(tmp_path):
+    bed = tmp_path / "rows.bed"
+    bed.write_text(f"{CHR22}\t0\t50000\ttrain\nchrM\t0\t5000\ttest\n")  # test: shorter than one window
+    manifest = shard_genome(sample_config(out=str(tmp_path / "one"), bed=str(bed), quiet=True))
+    assert manifest["splits"]["test"] == {"windows": 0, "bases": 0, "n_bases": 0, "dropped_windows": 0, "shards": []}
+    assert verify_dataset(tmp_path / "one").ok
+    with pytest.raises(ShardingError, match=r"no windows were produced .*shorter than --window 300000"):
+        shard_genome(sample_config(out=str(tmp_path / "none"), window=300_000, quiet=True))

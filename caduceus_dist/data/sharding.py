@@ -505,6 +505,11 @@ def shard_genome(cfg: ShardConfig, progress: Callable[[int, int, int], None] | N
         raise
     finally:
         reader.close()
+    if not any(totals.windows for totals in stats.totals.values()):
+        raise ShardingError(
+            f"no windows were produced from {cfg.fasta}: every interval is on a contig the FASTA lacks, "
+            f"shorter than --window {cfg.window}, or all N. Check the contig names and --window"
+        )
     missing = plan.missing()
     if missing and cfg.strict:
         raise ShardingError(
@@ -522,8 +527,8 @@ def shard_genome(cfg: ShardConfig, progress: Callable[[int, int, int], None] | N
 def build_manifest(cfg: ShardConfig, identity: dict, stats: RunStats, shards: dict, plan, fasta_sha: str) -> dict:
     per_shard = cfg.resolved_samples_per_shard()
     splits = {}
-    for split in sorted(stats.totals):
-        totals = stats.totals[split]
+    for split in sorted(plan.split_names() | stats.totals.keys()):
+        totals = stats.totals.get(split, SplitTotals())
         count = -(-totals.windows // per_shard)
         entries = [shards[(split, number)] for number in range(count)]
         if sum(e["samples"] for e in entries) != totals.windows:

@@ -120,6 +120,10 @@ class SplitPlan:
         """Contigs the plan wanted but the FASTA never had: name -> number of intervals (rows)."""
         raise NotImplementedError
 
+    def split_names(self) -> set[str]:
+        """Every split the plan can produce (listed in the manifest even when it ends up empty)."""
+        raise NotImplementedError
+
 
 @dataclass
 class BedSplitPlan(SplitPlan):
@@ -138,6 +142,9 @@ class BedSplitPlan(SplitPlan):
 
     def missing(self) -> dict[str, int]:
         return {c: len(rows) for c, rows in self.rows_by_chrom.items() if c not in self.seen}
+
+    def split_names(self) -> set[str]:
+        return {interval.split for rows in self.rows_by_chrom.values() for interval in rows}
 
 
 def _split_column_plan(bed: Path, split_map: str | None, **_) -> SplitPlan:
@@ -186,6 +193,9 @@ class ContigSplitPlan(SplitPlan):
 
     def missing(self) -> dict[str, int]:
         return {c: 1 for c in self.chrom_to_split if c not in self.seen}
+
+    def split_names(self) -> set[str]:
+        return {"train", *self.chrom_to_split.values()}
 
 
 def _contig_plan(valid_chroms: list[str], test_chroms: list[str], contigs: str, **_) -> SplitPlan:
