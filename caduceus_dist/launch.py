@@ -35,9 +35,6 @@ from pathlib import Path
 EXIT_PREEMPTED = 75  # the trainer's "checkpoint saved, requeue me" (caduceus_dist.checkpoint.preemption)
 PREEMPTION_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 ENTRY_POINT = Path(__file__).resolve().parents[1] / "recipes" / "pretrain.py"
-# A worker that exits 75 waits this long before its node reports it, so that `srun --kill-on-bad-exit`
-# does not kill other nodes still finishing the same (already agreed and saved) exit.
-PREEMPTED_EXIT_DELAY_S = 5.0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -94,7 +91,6 @@ def torchrun(argv: list[str]) -> int:
         codes = sorted({failure.exitcode for failure in err.failures.values()})
         print(err.format_msg(), file=sys.stderr, flush=True)
         if codes == [EXIT_PREEMPTED]:
-            time.sleep(PREEMPTED_EXIT_DELAY_S)
             return EXIT_PREEMPTED
         return codes[0] if len(codes) == 1 and 0 < codes[0] < 256 else 1
     return 0

@@ -35,6 +35,7 @@ HOSTS_LINE = "127.0.0.1 n1 n2"
 class SlurmCluster:
     root: Path
     conf: Path
+    started_munge: bool = False
     nodes: tuple[str, ...] = NODES
 
     def env(self) -> dict[str, str]:
@@ -147,9 +148,10 @@ def _ensure_hosts() -> None:
             hosts.write(f"\n{HOSTS_LINE}\n")
 
 
-def _ensure_munge() -> None:
+def _ensure_munge() -> bool:
+    """Start munged unless one runs already; True when we started it (and so must stop it)."""
     if _pid_alive(MUNGE_PID):
-        return
+        return False
     key = Path("/etc/munge/munge.key")
     if not key.exists() or key.stat().st_size == 0:
         subprocess.run(["mungekey", "--create", "--force", f"--keyfile={key}"], check=True)
@@ -158,6 +160,7 @@ def _ensure_munge() -> None:
     shutil.chown(key, "munge", "munge")
     key.chmod(0o400)
     subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True)
+    return True
 
 
 def start(root: Path = CLUSTER_DIR, timeout: float = 60.0) -> SlurmCluster:
@@ -168,9 +171,8 @@ def start(root: Path = CLUSTER_DIR, timeout: float = 60.0) -> SlurmCluster:
         (root / sub).mkdir(parents=True, exist_ok=True)
     conf = root / "slurm.conf"
     conf.write_text(_conf_text(root))
-    cluster = SlurmCluster(root, conf)
     _ensure_hosts()
-    _ensure_munge()
+    cluster = SlurmCluster(root, conf, started_munge=_ensure_munge())
     env = cluster.env()
     subprocess.run(["/usr/sbin/slurmctld", "-f", str(conf)], check=True, env=env)
     for node in NODES:
@@ -183,15 +185,17 @@ def start(root: Path = CLUSTER_DIR, timeout: float = 60.0) -> SlurmCluster:
         if done.returncode == 0 and sorted(states.splitlines()) == [f"{n} idle" for n in NODES]:
             return cluster
         time.sleep(0.5)
-    stop(root)
+    stop(root, munge=cluster.started_munge)
     raise RuntimeError(f"SLURM nodes did not become idle within {timeout:.0f} s (sinfo: {states!r}); "
                        f"see {root}/log/slurmctld.log and slurmd-n*.log")
 
 
-def stop(root: Path = CLUSTER_DIR) -> None:
-    """Stop our slurmd and slurmctld daemons by their pid files (munged is shared and left running)."""
+def stop(root: Path = CLUSTER_DIR, munge: bool = False) -> None:
+    """Stop our slurmd and slurmctld daemons by their pid files; munged too when `munge` (we started it)."""
     for pid_file in _daemon_pid_files(root):
         _stop(pid_file)
+    if munge:
+        _stop(MUNGE_PID)
 
 
 @pytest.fixture(scope="session")
@@ -210,7 +214,7 @@ def slurm_cluster() -> SlurmCluster:
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = previous
-        stop(cluster.root)
+        stop(cluster.root, munge=cluster.started_munge)
 
 
 if __name__ == "__main__":
@@ -222,6 +226,6 @@ if __name__ == "__main__":
         started = start()
         print(f"export SLURM_CONF={started.conf}")
     elif action == "down":
-        stop()
+        stop(munge=True)
     else:
         print({str(p): _pid_alive(p) for p in _daemon_pid_files(CLUSTER_DIR)})

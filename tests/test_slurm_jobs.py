@@ -222,7 +222,8 @@ def test_sbatch_bad_config_fails_once_without_requeue(jobs, shards, tmp_path):
     info = jobs.wait_done(job_id, log)
     text = read(log)
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", (info, text)
-    assert "train.max_stepz" in text and "config error" in text
+    assert info["ExitCode"] == "2:0", info  # the trainer's config-error code, through torchrun and srun
+    assert "unknown key 'train.max_stepz'" in text and "config error" in text
     assert "not a preemption, so the job is not requeued" in text
     assert text.count("SLURM_RESTART_COUNT=") == 1
     assert not (run_dir / "checkpoints").exists()
