@@ -26,7 +26,8 @@ from caduceus_dist.data import fasta as fasta_mod
 from caduceus_dist.data import sharding
 from caduceus_dist.data.fasta import FastaError
 from caduceus_dist.data.shard_cli import main as cli_main
-from caduceus_dist.data.shard_format import ShardReader, load_manifest
+from caduceus_dist.data.shard_format import ShardReader, load_manifest, sha256_file
+from caduceus_dist.data.shard_output import STATE_DIR
 from caduceus_dist.data.sharding import ShardConfig, ShardingError, sample_config, shard_genome
 from caduceus_dist.data.verify import verify_dataset
 
@@ -312,7 +313,7 @@ def test_resume_after_sigkill_is_byte_identical(tmp_path):
     killed = tmp_path / "killed"
     child = ctx.Process(target=_run_in_child, args=(ShardConfig(out=str(killed), **cfg), ctx.Pipe()[1]))
     child.start()
-    journal = killed / sharding.STATE_DIR / "journal.jsonl"
+    journal = killed / STATE_DIR / "journal.jsonl"
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -332,7 +333,7 @@ def test_resume_after_sigkill_is_byte_identical(tmp_path):
     assert shard_genome(ShardConfig(out=str(clean), **cfg)) == resumed
     assert tree(killed) == tree(clean)
     assert (first.stat().st_ino, first.stat().st_mtime_ns) == stamp  # finished shards were kept, not redone
-    assert not (killed / sharding.STATE_DIR).exists()
+    assert not (killed / STATE_DIR).exists()
 
 
 def test_full_disk_error_is_clear_and_keeps_finished_shards(tmp_path):
@@ -354,9 +355,9 @@ def test_full_disk_error_is_clear_and_keeps_finished_shards(tmp_path):
     assert message.startswith("ShardingError: cannot write shards under") and "File too large" in message
     assert "Shards finished so far are kept; rerun with the same arguments to resume" in message
     assert not (out / "manifest.json").exists() and not list(out.rglob("*.partial"))
-    journal = [json.loads(line) for line in (out / sharding.STATE_DIR / "journal.jsonl").read_text().splitlines()]
+    journal = [json.loads(line) for line in (out / STATE_DIR / "journal.jsonl").read_text().splitlines()]
     assert [e["tar"] for e in journal] == ["train/shard-000000.tar", "train/shard-000001.tar"]
-    assert all(sharding.sha256_file(out / e["tar"]) == e["sha256"] for e in journal)
+    assert all(sha256_file(out / e["tar"]) == e["sha256"] for e in journal)
     shard_genome(ShardConfig(out=str(out), **cfg))  # space is back: the rerun completes
     clean = tmp_path / "clean"
     shard_genome(ShardConfig(out=str(clean), **cfg))
@@ -375,10 +376,10 @@ def test_truncated_gzip_keeps_finished_shards_and_names_the_file(tmp_path, monke
         shard_genome(ShardConfig(out=str(out), **cfg))
     failed_record = int(str(err.value).split("while reading record 'ctg")[1].split("'")[0])
     assert failed_record >= 1
-    journal = [json.loads(line) for line in (out / sharding.STATE_DIR / "journal.jsonl").read_text().splitlines()]
+    journal = [json.loads(line) for line in (out / STATE_DIR / "journal.jsonl").read_text().splitlines()]
     # Every shard of the records read before the damage is finished and intact (24 windows, 6 shards each).
     assert [e["tar"] for e in journal] == [f"train/shard-{i:06d}.tar" for i in range(6 * failed_record)]
-    assert all(sharding.sha256_file(out / e["tar"]) == e["sha256"] for e in journal)
+    assert all(sha256_file(out / e["tar"]) == e["sha256"] for e in journal)
     assert not (out / "manifest.json").exists() and not list(out.rglob("*.partial"))
 
 
