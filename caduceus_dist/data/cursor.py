@@ -22,6 +22,7 @@ uint64 arrays; the permutations are 4-round Feistel networks with cycle walking.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,14 +37,16 @@ TAG_WINDOWS, TAG_SLABS, TAG_MASK, TAG_STRAND = 0x57494E44, 0x534C4142, 0x4D41534
 
 
 def mix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finaliser (a bijection of uint64 with full avalanche); returns a new array."""
+    """SplitMix64 finaliser (a bijection of uint64 with full avalanche); returns a new array.
+
+    Array arithmetic wraps silently; callers passing 0-d values wrap the call in np.errstate.
+    """
     z = np.array(x, dtype=np.uint64, copy=True)
-    with np.errstate(over="ignore"):
-        z ^= z >> np.uint64(30)
-        z *= _MIX1
-        z ^= z >> np.uint64(27)
-        z *= _MIX2
-        z ^= z >> np.uint64(31)
+    z ^= z >> np.uint64(30)
+    z *= _MIX1
+    z ^= z >> np.uint64(27)
+    z *= _MIX2
+    z ^= z >> np.uint64(31)
     return z
 
 
@@ -85,13 +88,20 @@ def token_blocks(rows: int, length: int):
                 yield slice(row, row + 1), col, min(BLOCK_TOKENS, length - col)
 
 
+@functools.lru_cache(maxsize=8)
+def _weyl_counters(pairs: int) -> np.ndarray:
+    """SplitMix64's state increments 1..pairs times the golden gamma (read-only, shared)."""
+    counters = np.arange(1, pairs + 1, dtype=np.uint64) * GOLDEN
+    counters.flags.writeable = False
+    return counters
+
+
 class UniformStream:
     """uint32 values of the per-row SplitMix64 streams (row i seeded with keys[i]), block by block."""
 
     def __init__(self, keys: np.ndarray, length: int):
         self.keys = np.asarray(keys, dtype=np.uint64).reshape(-1)
-        with np.errstate(over="ignore"):
-            self.counters = np.arange(1, (length + 1) // 2 + 1, dtype=np.uint64) * GOLDEN
+        self.counters = _weyl_counters((length + 1) // 2)
         self._z = np.empty(BLOCK_TOKENS // 2 + 1, dtype=np.uint64)
         self._tmp = np.empty_like(self._z)
 
@@ -100,9 +110,8 @@ class UniformStream:
         keys = self.keys[rows]
         pairs = (cols + 1) // 2
         z = self._z[:len(keys) * pairs].reshape(len(keys), pairs)
-        with np.errstate(over="ignore"):
-            np.add(self.counters[first_col // 2:first_col // 2 + pairs], keys[:, None], out=z)
-            _mix_inplace(z, self._tmp[:z.size].reshape(z.shape))
+        np.add(self.counters[first_col // 2:first_col // 2 + pairs], keys[:, None], out=z)
+        _mix_inplace(z, self._tmp[:z.size].reshape(z.shape))
         return z.view(np.uint32)[:, :cols]
 
 
@@ -120,26 +129,33 @@ def uniform_float(keys: np.ndarray) -> np.ndarray:
     return (mix64(keys) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
-def feistel_permute(x: np.ndarray, n: np.ndarray, key: np.ndarray) -> np.ndarray:
-    """Keyed bijection of [0, n) applied elementwise (x, n, key broadcast; x < n)."""
-    x, n, key = np.broadcast_arrays(np.asarray(x, np.uint64), np.asarray(n, np.uint64), np.asarray(key, np.uint64))
-    bits = np.ceil(np.log2(np.maximum(n, 2).astype(np.float64))).astype(np.uint64)
-    half = (bits + np.uint64(1)) >> np.uint64(1)
+def feistel_permute(x: np.ndarray, n: int, key: int) -> np.ndarray:
+    """Keyed bijection of [0, n) applied to every element of x (all < n)."""
+    half = np.uint64((max(1, int(n - 1).bit_length()) + 1) // 2)  # 4^half >= n: cycle walking takes < 4 tries
     mask = (np.uint64(1) << half) - np.uint64(1)
     round_keys = [derive_key(key, r) for r in range(_FEISTEL_ROUNDS)]
 
-    def once(v, idx):
-        left, right = v >> half[idx], v & mask[idx]
+    def once(v):
+        left, right = v >> half, v & mask
         for rk in round_keys:
-            left, right = right, left ^ (mix64(right ^ rk[idx]) & mask[idx])
-        return (left << half[idx]) | right
+            left, right = right, left ^ (mix64(right ^ rk) & mask)
+        return (left << half) | right
 
-    y = once(x.copy(), slice(None))
-    pending = np.flatnonzero(y >= n)
-    while pending.size:  # cycle walking: at most a few rounds since the domain is < 4n
-        y[pending] = once(y[pending], pending)
-        pending = pending[y[pending] >= n[pending]]
+    y = once(np.asarray(x, dtype=np.uint64).reshape(-1))
+    pending = np.flatnonzero(y >= np.uint64(n))
+    while pending.size:  # cycle walking: re-encrypt the values that fell outside [0, n)
+        y[pending] = once(y[pending])
+        pending = pending[y[pending] >= np.uint64(n)]
     return y.astype(np.int64)
+
+
+def _by_key(keys: np.ndarray, values: np.ndarray, permute) -> np.ndarray:
+    """Apply permute(values_subset, key) per distinct key (a batch spans one or two epochs / groups)."""
+    out = np.empty(len(values), dtype=np.int64)
+    for key in np.unique(keys).tolist():
+        rows = np.flatnonzero(keys == key)
+        out[rows] = permute(values[rows], key)
+    return out
 
 
 @dataclass(frozen=True)
@@ -165,6 +181,16 @@ class EpochOrder:
         self.slabs_per_window = window // slab
         self.units_per_slab = slab // unit
         self.units_per_epoch = self.windows * self.slabs_per_window * self.units_per_slab
+        self._groups = -(-self.windows // group)
+
+    def _permute_windows(self, window_index: np.ndarray, epoch: int) -> np.ndarray:
+        return feistel_permute(window_index, self.windows, derive_key(self.seed, TAG_WINDOWS, epoch))
+
+    def _permute_slabs(self, slab_index: np.ndarray, epoch_group: int) -> np.ndarray:
+        epoch, group = divmod(epoch_group, self._groups)
+        group_windows = min(self.group, self.windows - group * self.group)
+        return feistel_permute(slab_index, group_windows * self.slabs_per_window,
+                               derive_key(self.seed, TAG_SLABS, epoch, group))
 
     def locate(self, positions: np.ndarray) -> Located:
         positions = np.asarray(positions, dtype=np.int64)
@@ -172,11 +198,8 @@ class EpochOrder:
         slab_number, within = np.divmod(in_epoch, self.units_per_slab)
         slabs_per_group = self.group * self.slabs_per_window
         group, slab_in_group = np.divmod(slab_number, slabs_per_group)
-        group_windows = np.minimum(self.group, self.windows - group * self.group)
-        shuffled = feistel_permute(slab_in_group, group_windows * self.slabs_per_window,
-                                   derive_key(self.seed, TAG_SLABS, epoch, group))
+        shuffled = _by_key(epoch * self._groups + group, slab_in_group, self._permute_slabs)
         window_in_group, slab_in_window = np.divmod(shuffled, self.slabs_per_window)
-        window_rank = feistel_permute(group * self.group + window_in_group, self.windows,
-                                      derive_key(self.seed, TAG_WINDOWS, epoch))
+        window_rank = _by_key(epoch, group * self.group + window_in_group, self._permute_windows)
         offset = slab_in_window * self.slab + within * self.unit
         return Located(epoch, self.sample_ids[window_rank], offset)

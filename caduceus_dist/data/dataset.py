@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +63,7 @@ class ShardSplit:
     """The surviving shards of one split and O(1) access to any window by its sample id."""
 
     def __init__(self, root: str | Path, split: str, verify: str = "sha256", on_corrupt: str = "error",
-                 cache_windows: int = 64):
+                 cache_windows: int = 64, prepare: Callable[[np.ndarray], object] | None = None):
         self.root = Path(root)
         self.manifest = load_manifest(self.root)
         splits = self.manifest["splits"]
@@ -96,6 +97,7 @@ class ShardSplit:
         self._readers: dict[int, ShardReader] = {}
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._cache_windows = cache_windows
+        self._prepare = prepare  # applied once per window read, before caching (e.g. both strands)
 
     def _reader(self, shard: int) -> ShardReader:
         if shard not in self._readers:
@@ -103,8 +105,8 @@ class ShardSplit:
             self._readers[shard] = ShardReader(entry.tar, entry.index)
         return self._readers[shard]
 
-    def window_tokens(self, sample_id: int) -> np.ndarray:
-        """The stored window (uint8 token ids) of a sample id, from a small per-process LRU cache."""
+    def window_tokens(self, sample_id: int):
+        """The stored window (uint8 token ids, or `prepare` of them) of a sample id, from a per-process LRU cache."""
         tokens = self._cache.get(sample_id)
         if tokens is not None:
             self._cache.move_to_end(sample_id)
@@ -115,6 +117,8 @@ class ShardSplit:
         if len(tokens) != self.window:
             raise ShardFormatError(f"shard {entry.tar}: sample {sample_id} has {len(tokens)} tokens, the manifest "
                                    f"window is {self.window}")
+        if self._prepare is not None:
+            tokens = self._prepare(tokens)
         self._cache[sample_id] = tokens
         if len(self._cache) > self._cache_windows:
             self._cache.popitem(last=False)

@@ -25,22 +25,20 @@ import numpy as np
 
 from caduceus_dist.data.cursor import BLOCK_TOKENS, UniformStream, token_blocks
 from caduceus_dist.model.tokenizer import (
-    A_ID,
-    C_ID,
     COMPLEMENT_IDS,
-    G_ID,
     MASK_ID,
     N_ID,
     PAD_ID,
-    T_ID,
     VOCAB_SIZE,
 )
 
 _SCALE = 1 << 32
-_PAIR_SUM = A_ID + T_ID  # complement(x) = _PAIR_SUM - x for the four bases
-if C_ID + G_ID != _PAIR_SUM or A_ID + 3 != T_ID or any(
-        int(COMPLEMENT_IDS[x]) != _PAIR_SUM - x for x in (A_ID, C_ID, G_ID, T_ID)):
-    raise ImportError("masking.py assumes A, C, G, T are consecutive ids with complement(x) = A + T - x")
+
+# Token LUTs (uint8 -> uint8): N -> [PAD] for the forward strand; complement, then N -> [PAD], for RC.
+_FORWARD_LUT = np.arange(256, dtype=np.uint8)
+_FORWARD_LUT[N_ID] = PAD_ID
+_REVERSE_LUT = _FORWARD_LUT.copy()
+_REVERSE_LUT[:VOCAB_SIZE] = _FORWARD_LUT[COMPLEMENT_IDS]
 
 
 @dataclass(frozen=True)
@@ -57,16 +55,15 @@ class MaskingPolicy:
 
 
 class _Scratch:
-    """Block-sized temporaries, allocated once per call."""
+    """Block-sized temporaries, allocated once per batch."""
 
     def __init__(self):
         self.u8 = np.empty(BLOCK_TOKENS, dtype=np.uint8)
-        self.flag = np.empty(BLOCK_TOKENS, dtype=bool)
-        self.u32 = np.empty(BLOCK_TOKENS, dtype=np.uint32)
+        self.flags = np.empty((2, BLOCK_TOKENS), dtype=bool)
 
     def like(self, shape):
         size = shape[0] * shape[1]
-        return (self.u8[:size].reshape(shape), self.flag[:size].reshape(shape), self.u32[:size].reshape(shape))
+        return (self.u8[:size].reshape(shape), self.flags[0, :size].reshape(shape), self.flags[1, :size].reshape(shape))
 
 
 def _below(u: np.ndarray, threshold: int, out: np.ndarray) -> np.ndarray:
@@ -77,10 +74,26 @@ def _below(u: np.ndarray, threshold: int, out: np.ndarray) -> np.ndarray:
     return np.less_equal(u, np.uint32(threshold - 1), out=out)
 
 
+@dataclass(frozen=True)
+class PreparedWindow:
+    """A stored window in both orientations, N -> [PAD]: made once per window, then crops are row copies."""
+
+    forward: np.ndarray
+    reverse: np.ndarray  # the reverse complement of the whole window
+
+
+def prepare_window(tokens: np.ndarray) -> PreparedWindow:
+    return PreparedWindow(np.take(_FORWARD_LUT, tokens), np.take(_REVERSE_LUT, tokens[::-1]))
+
+
 def gather_crops(window_of, sample_ids: np.ndarray, offsets: np.ndarray, strands: np.ndarray,
                  length: int) -> np.ndarray:
-    """(B, length) uint8: crop i of window_of(sample_ids[i]) at offsets[i] (a multiple of length),
-    reverse-complemented where strands[i], N -> [PAD]. One gather per distinct window, not per row."""
+    """(B, length) uint8: crop i of window_of(sample_ids[i]) (a PreparedWindow) at offsets[i] (a multiple
+    of length), reverse-complemented where strands[i]. One gather per distinct window, not per row.
+
+    The reverse complement of the crop at offset o is the slice [W - o - length, W - o) of the
+    window's reverse complement, so both strands are plain row gathers.
+    """
     if np.any(offsets % length):
         raise ValueError(f"crop offsets must be multiples of the crop length {length}")
     out = np.empty((len(offsets), length), dtype=np.uint8)
@@ -89,27 +102,15 @@ def gather_crops(window_of, sample_ids: np.ndarray, offsets: np.ndarray, strands
     windows, inverse = np.unique(sample_ids, return_inverse=True)
     order = np.argsort(inverse, kind="stable")
     bounds = np.cumsum(np.bincount(inverse, minlength=len(windows)))
+    reverse = np.asarray(strands, dtype=bool)
     for sample, rows in zip(windows.tolist(), np.split(order, bounds[:-1]), strict=True):
         window = window_of(sample)
-        out[rows] = window[:len(window) // length * length].reshape(-1, length)[offsets[rows] // length]
-    reversed_rows = np.flatnonzero(strands)
-    out[reversed_rows] = out[reversed_rows, ::-1]
-    reverse = np.asarray(strands, dtype=bool).reshape(-1, 1)
-    scratch = _Scratch()
-    for rows, col, cols in token_blocks(*out.shape):
-        tok = out[rows, col:col + cols]
-        tmp, flag, _ = scratch.like(tok.shape)
-        np.equal(tok, np.uint8(N_ID), out=flag)  # N -> [PAD]
-        np.multiply(flag.view(np.uint8), np.uint8(N_ID - PAD_ID), out=tmp)
-        tok -= tmp
-        if reverse[rows].any():  # complement the bases of reversed rows: x -> A + T - x
-            np.subtract(tok, np.uint8(A_ID), out=tmp)
-            np.less(tmp, np.uint8(4), out=flag)
-            flag &= reverse[rows]
-            np.multiply(tok, np.uint8(2), out=tmp)
-            np.subtract(np.uint8(_PAIR_SUM), tmp, out=tmp)
-            tmp *= flag.view(np.uint8)
-            tok += tmp
+        crops = len(window.forward) // length
+        index = offsets[rows] // length
+        forward_rows, reverse_rows = rows[~reverse[rows]], rows[reverse[rows]]
+        out[forward_rows] = window.forward[:crops * length].reshape(crops, length)[index[~reverse[rows]]]
+        tail = window.reverse[len(window.reverse) - crops * length:].reshape(crops, length)
+        out[reverse_rows] = tail[crops - 1 - index[reverse[rows]]]
     return out
 
 
@@ -122,21 +123,22 @@ def mask_batch(tokens: np.ndarray, keys: np.ndarray, policy: MaskingPolicy) -> t
     for rows, col, cols in token_blocks(*tokens.shape):
         u = stream.block(rows, col, cols)
         tok, inp, tgt = (a[rows, col:col + cols] for a in (tokens, inputs, targets))
-        tmp, flag, tmp32 = scratch.like(tok.shape)
+        tmp, flag, bool_b = scratch.like(tok.shape)
         # targets = tok where selected, else [PAD]:  PAD + (tok - PAD) * selected  (uint8 wrap-around)
-        _below(u, t_sel, flag)
+        selected = _below(u, t_sel, flag)
         np.subtract(tok, np.uint8(PAD_ID), out=tgt)
-        tgt *= flag.view(np.uint8)
+        tgt *= selected.view(np.uint8)
         tgt += np.uint8(PAD_ID)
         # inputs = [MASK] where u < t_mask, else tok:  tok - (tok - MASK) * masked
-        _below(u, t_mask, flag)
+        masked = _below(u, t_mask, bool_b)
         np.subtract(tok, np.uint8(MASK_ID), out=tmp)
-        tmp *= flag.view(np.uint8)
+        tmp *= masked.view(np.uint8)
         np.subtract(tok, tmp, out=inp)
         if t_rand > t_mask:  # t_mask <= u < t_rand: a uniform id from the position of u inside that band
-            np.subtract(u, np.uint32(t_mask), out=tmp32)
-            np.less(tmp32, np.uint32(t_rand - t_mask), out=flag)
-            hits = np.flatnonzero(flag)  # a block is a run of whole rows or part of one row: contiguous
-            drawn = tmp32.reshape(-1)[hits].astype(np.uint64)
-            inp.reshape(-1)[hits] = (drawn * np.uint64(VOCAB_SIZE) // np.uint64(t_rand - t_mask)).astype(np.uint8)
+            selected ^= masked  # selected, not [MASK]: ~3% of positions; the band test is done on those only
+            kept = np.flatnonzero(selected)  # a block is whole rows or part of one row: contiguous
+            drawn = u.reshape(-1)[kept].astype(np.uint64) - np.uint64(t_mask)
+            band = drawn < np.uint64(t_rand - t_mask)
+            ids = (drawn[band] * np.uint64(VOCAB_SIZE) // np.uint64(t_rand - t_mask)).astype(np.uint8)
+            inp.reshape(-1)[kept[band]] = ids
     return inputs, targets
