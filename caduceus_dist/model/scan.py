@@ -68,13 +68,12 @@ def _scan_inplace(a: Tensor, x: Tensor, h0: Tensor | None, reverse: bool) -> Non
         state = x[:, :, last]
 
 
-def _contract_n(states: Tensor, vec: Tensor) -> Tensor:
-    """sum_n states[..., e, n] * vec[..., n] -> (..., E)."""
-    return torch.matmul(states, vec.unsqueeze(-1)).squeeze(-1)
-
-
 class SelectiveScan(torch.autograd.Function):
-    """The selective scan with delta_softplus=True, D skip and z gating, in fp32."""
+    """The selective scan with delta_softplus=True, D skip and z gating, in fp32.
+
+    Inside a chunk the state tensors are laid out (G, B, T, N, E): E innermost keeps every
+    elementwise op and every reduction over N vectorised along contiguous channels.
+    """
 
     @staticmethod
     def forward(ctx, u, delta, A, Bm, Cm, D, z, delta_bias, chunk_size):
@@ -83,21 +82,23 @@ class SelectiveScan(torch.autograd.Function):
         A, D, delta_bias = A.float(), D.float(), delta_bias.float()
         G, Bt, L, E = u.shape
         N = A.shape[-1]
+        A_t = A.transpose(1, 2).contiguous()[:, None, None]  # (G, 1, 1, N, E)
         dt = F.softplus(delta + delta_bias[:, None, None, :])
         dtu = dt * u
         y = torch.empty_like(u)
-        starts = list(range(0, L, chunk_size))
-        chunk_h0 = u.new_zeros(len(starts), G, Bt, E, N)
-        h = None
+        starts = range(0, L, chunk_size)
+        chunk_h0 = u.new_zeros(len(starts), G, Bt, N, E)
+        decay = u.new_empty(G, Bt, min(chunk_size, L), N, E)
+        states = torch.empty_like(decay)
         for i, s in enumerate(starts):
             e = min(s + chunk_size, L)
-            if h is not None:
-                chunk_h0[i] = h
-            a = torch.mul(dt[:, :, s:e, :, None], A[:, None, None]).exp_()
-            states = dtu[:, :, s:e, :, None] * Bm[:, :, s:e, None, :]
-            _scan_inplace(a, states, h, reverse=False)
-            y[:, :, s:e] = _contract_n(states, Cm[:, :, s:e])
-            h = states[:, :, -1].clone()
+            a, h = decay[:, :, : e - s], states[:, :, : e - s]
+            torch.mul(dt[:, :, s:e, None, :], A_t, out=a).exp_()
+            torch.mul(dtu[:, :, s:e, None, :], Bm[:, :, s:e, :, None], out=h)
+            _scan_inplace(a, h, chunk_h0[i] if i > 0 else None, reverse=False)
+            y[:, :, s:e] = torch.matmul(Cm[:, :, s:e, None, :], h).squeeze(-2)
+            if i + 1 < len(starts):
+                chunk_h0[i + 1].copy_(h[:, :, -1])
         y_skip = torch.addcmul(y, u, D[:, None, None, :])
         out = y_skip * F.silu(z)
         ctx.save_for_backward(u, delta, A, Bm, Cm, D, z, delta_bias, y_skip, chunk_h0)
@@ -108,54 +109,54 @@ class SelectiveScan(torch.autograd.Function):
     def backward(ctx, dout):
         u, delta, A, Bm, Cm, D, z, delta_bias, y_skip, chunk_h0 = ctx.saved_tensors
         chunk_size = ctx.chunk_size
-        L = u.shape[2]
+        G, Bt, L, E = u.shape
+        N = A.shape[-1]
+        A_t = A.transpose(1, 2).contiguous()[:, None, None]
         dout = dout.float()
         pre = delta + delta_bias[:, None, None, :]
         dt = F.softplus(pre)
         dtu = dt * u
         sig_z = torch.sigmoid(z)
-        silu_z = z * sig_z
         dz = dout * y_skip * sig_z * (1 + z * (1 - sig_z))
-        dy = dout * silu_z
+        dy = dout * z * sig_z
         dD = (dy * u).sum(dim=(1, 2))
         du = dy * D[:, None, None, :]
-        d_dtu = torch.empty_like(u)
-        d_dt = torch.empty_like(u)
-        dB = torch.empty_like(Bm)
-        dC = torch.empty_like(Cm)
-        dA = torch.zeros_like(A)
-        carry = None  # a_{s+T} * g_{s+T} from the chunk after this one
-        starts = list(range(0, L, chunk_size))
+        d_dtu, d_dt = torch.empty_like(u), torch.empty_like(u)
+        dB, dC = torch.empty_like(Bm), torch.empty_like(Cm)
+        dA_t = A.new_zeros(G, N, E)
+        T = min(chunk_size, L)
+        decay, scratch, states, grads = (u.new_empty(G, Bt, T, N, E) for _ in range(4))
+        carry = None  # a_{s+T} * g_{s+T}, handed from the chunk after this one
+        starts = range(0, L, chunk_size)
         for i in reversed(range(len(starts))):
             s = starts[i]
             e = min(s + chunk_size, L)
-            h0 = chunk_h0[i] if i > 0 else None
-            dt_c, dtu_c, B_c, C_c, dy_c = dt[:, :, s:e], dtu[:, :, s:e], Bm[:, :, s:e], Cm[:, :, s:e], dy[:, :, s:e]
-            a = torch.mul(dt_c.unsqueeze(-1), A[:, None, None]).exp_()
-            running = a.clone()
-            states = dtu_c.unsqueeze(-1) * B_c.unsqueeze(-2)
-            _scan_inplace(running, states, h0, reverse=False)
-            del running
-            dC[:, :, s:e] = _contract_n(states.transpose(-1, -2), dy_c)
-            # a_t * h_{t-1} = h_t - b_t, needed for the gradient through a = exp(dt*A).
-            prev_decay = states.addcmul_(dtu_c.unsqueeze(-1), B_c.unsqueeze(-2), value=-1)
-            g = dy_c.unsqueeze(-1) * C_c.unsqueeze(-2)
+            a, tmp, h, g = (buf[:, :, : e - s] for buf in (decay, scratch, states, grads))
+            dt_c, dtu_c, dy_c = dt[:, :, s:e, None, :], dtu[:, :, s:e, None, :], dy[:, :, s:e, None, :]
+            B_c, C_c = Bm[:, :, s:e, :, None], Cm[:, :, s:e, :, None]
+            # Recompute this chunk's states from its saved start state.
+            torch.mul(dt_c, A_t, out=a).exp_()
+            tmp.copy_(a)
+            torch.mul(dtu_c, B_c, out=h)
+            _scan_inplace(tmp, h, chunk_h0[i] if i > 0 else None, reverse=False)
+            dC[:, :, s:e] = torch.mul(h, dy_c, out=tmp).sum(-1)
+            h.addcmul_(dtu_c, B_c, value=-1)  # a_t * h_{t-1} = h_t - b_t
+            # Adjoint states g_t = C_t*dy_t + a_{t+1}*g_{t+1}: position t's coefficient is a[t+1].
+            torch.mul(dy_c, C_c, out=g)
             if carry is not None:
                 g[:, :, -1] += carry
-            a_first = a[:, :, 0].clone()
-            # g_t = d_t + a_{t+1} g_{t+1}: the coefficient of position t is a[t+1], i.e. the view a[1:].
             _scan_inplace(a[:, :, 1:], g[:, :, :-1], g[:, :, -1], reverse=True)
-            carry = a_first * g[:, :, 0]
-            dB[:, :, s:e] = _contract_n(g.transpose(-1, -2), dtu_c)
-            d_dtu[:, :, s:e] = _contract_n(g, B_c)
-            q = prev_decay.mul_(g)
-            dA += torch.einsum("gbten,gbte->gen", q, dt_c)
-            d_dt[:, :, s:e] = (q * A[:, None, None]).sum(-1)
+            carry = a[:, :, 0] * g[:, :, 0]
+            dB[:, :, s:e] = torch.mul(g, dtu_c, out=tmp).sum(-1)
+            d_dtu[:, :, s:e] = torch.matmul(Bm[:, :, s:e, None, :], g).squeeze(-2)
+            q = h.mul_(g)  # dL/da_t * a_t
+            dA_t += torch.mul(q, dt_c, out=tmp).sum(dim=(1, 2))
+            d_dt[:, :, s:e] = torch.mul(q, A_t, out=tmp).sum(-2)
         du += d_dtu * dt
         d_dt += d_dtu * u
         d_pre = d_dt * torch.sigmoid(pre)
         d_bias = d_pre.sum(dim=(1, 2))
-        return du, d_pre, dA, dB, dC, dD, dz, d_bias, None
+        return du, d_pre, dA_t.transpose(1, 2), dB, dC, dD, dz, d_bias, None
 
 
 def selective_scan(u, delta, A, Bm, Cm, D, z, delta_bias, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
