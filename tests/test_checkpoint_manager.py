@@ -234,19 +234,21 @@ def test_interrupted_save_is_ignored_and_cleaned(tmp_path, caplog):
     assert "step_000008.tmp, left by a save or deletion that was interrupted" in caplog.text
 
 
-def test_preemption_signal_saves_and_requests_exit(tmp_path):
-    previous = signal.getsignal(signal.SIGUSR2), signal.getsignal(signal.SIGTERM)
-    run = Run(tmp_path, make_cfg(every=100, preemption_signals=["SIGUSR2"]))
-    assert signal.getsignal(signal.SIGTERM) is previous[1]  # only the configured signals are taken
+@pytest.mark.parametrize(("name", "other"), [("SIGTERM", "SIGUSR2"), ("SIGUSR2", "SIGTERM")])
+def test_preemption_signal_saves_and_requests_exit(tmp_path, name, other):
+    sig, untouched = signal.Signals[name], signal.Signals[other]
+    previous = signal.getsignal(sig), signal.getsignal(untouched)
+    run = Run(tmp_path, make_cfg(every=100, preemption_signals=[name]))
+    assert signal.getsignal(untouched) is previous[1]  # only the configured signals are taken
     run.train(2)
     assert ckpts(tmp_path) == []
-    os.kill(os.getpid(), signal.SIGUSR2)  # the handler only sets a flag ...
+    os.kill(os.getpid(), sig)  # the handler only sets a flag ...
     assert ckpts(tmp_path) == []
     losses = run.train(6)  # ... acted upon at the next step boundary
     assert list(losses) == [3]
     assert ckpts(tmp_path) == ["step_000003"] and read_latest(tmp_path / "checkpoints") == "step_000003"
     run.close()
-    assert (signal.getsignal(signal.SIGUSR2), signal.getsignal(signal.SIGTERM)) == previous
+    assert (signal.getsignal(sig), signal.getsignal(untouched)) == previous
 
 
 def test_async_save_gives_the_same_checkpoints_and_resume(tmp_path):

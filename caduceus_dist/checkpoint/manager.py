@@ -470,6 +470,8 @@ class CheckpointManager:
             for leftover in list_leftovers(self.root):
                 log.warning("removing %s, left by a save or deletion that was interrupted", leftover)
                 shutil.rmtree(leftover, ignore_errors=True)
+        if self._copies_for_node:  # staged copies of a crashed asynchronous save hold node memory
+            shutil.rmtree(self._staging_dir(0).parent, ignore_errors=True)
         self._barrier()
         if mode == "never":
             found = list_checkpoints(self.root)

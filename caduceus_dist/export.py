@@ -1,0 +1,143 @@
+"""Export a training checkpoint as consolidated fp32 weights in the Hugging Face layout.
+
+    python -m caduceus_dist.export RUN [--step N] --out DIR
+
+RUN is a run directory (its `latest` checkpoint, or `--step N`) or one checkpoint directory. The
+checkpoint is verified against its manifest, loaded by the engine that wrote it at world size 1 (the
+engines reshard: DeepSpeed through a universal checkpoint, FSDP2 through DCP), consolidated to fp32
+and written with `CaduceusForMaskedLM.save_pretrained`; the result is read back with
+`from_pretrained` and compared tensor by tensor before the command reports success.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from caduceus_dist.checkpoint.manifest import (
+    MANIFEST,
+    check_files,
+    list_checkpoints,
+    read_latest,
+    read_manifest,
+    step_dir_name,
+)
+
+
+class ExportError(RuntimeError):
+    """The run or checkpoint cannot be exported (the message names the path and what to do)."""
+
+
+def find_checkpoint(run: Path, step: int | None) -> Path:
+    """The checkpoint directory that `RUN [--step N]` names."""
+    if (run / MANIFEST).exists():
+        if step is not None:
+            raise ExportError(f"{run} is a single checkpoint directory; --step only applies to a run directory")
+        return run
+    root = run / "checkpoints"
+    available = [path.name for _, path in list_checkpoints(root)]
+    if not available:
+        raise ExportError(f"no checkpoints under {root} (is {run} a run directory of caduceus-dist?)")
+    if step is not None:
+        name = step_dir_name(step)
+        if name not in available:
+            raise ExportError(f"{root} has no checkpoint for step {step}; available: {', '.join(available)}")
+        return root / name
+    latest = read_latest(root)
+    if latest is None:
+        raise ExportError(f"{root} has no `latest` pointer (no save finished); pass --step N, one of: "
+                          f"{', '.join(available)}")
+    return root / latest
+
+
+def verified_manifest(path: Path) -> dict:
+    try:
+        manifest = read_manifest(path)
+    except ValueError as exc:
+        raise ExportError(f"cannot export {path}: {exc}") from None
+    problems = check_files(path, manifest["files"], sorted(manifest["files"]), "sha256")
+    if problems:
+        raise ExportError(f"cannot export {path}: it does not match its manifest: {'; '.join(problems)}; "
+                          "export an earlier step with --step N")
+    return manifest
+
+
+def load_job_config(path: Path):
+    """The job config the checkpoint was written with (schema-checked, not re-validated against the
+    data on this machine: exporting must work where the training shards are absent)."""
+    from omegaconf import OmegaConf
+
+    from caduceus_dist.config import JobConfig
+
+    merged = OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.load(path / "config.yaml"))
+    cfg = OmegaConf.to_object(merged)
+    cfg.engine.device = "cpu"
+    cfg.model.backend = "auto"
+    cfg.model.gradient_checkpointing = False
+    return cfg
+
+
+def consolidate(path: Path, manifest: dict) -> tuple[object, dict[str, torch.Tensor]]:
+    """(CaduceusConfig, fp32 state dict) via the engine that wrote the checkpoint, at world size 1."""
+    from caduceus_dist.engine import build_engine, init_distributed
+    from caduceus_dist.model import CaduceusForMaskedLM
+
+    cfg = load_job_config(path)
+    ctx = init_distributed(cfg.engine)
+    if ctx.world_size != 1:
+        raise ExportError("run the export as a single process (python -m caduceus_dist.export ...), not under a launcher")
+    engine = build_engine(cfg, CaduceusForMaskedLM(cfg.model), ctx)
+    engine.load_checkpoint(path, int(manifest["world_size"]))
+    return cfg.model, engine.full_state_dict()
+
+
+def export(run: Path, out: Path, step: int | None = None) -> Path:
+    from caduceus_dist.model import CaduceusForMaskedLM
+    from caduceus_dist.model.hf_io import load_hf_state_dict
+
+    path = find_checkpoint(run, step)
+    manifest = verified_manifest(path)
+    model_config, state = consolidate(path, manifest)
+    model = CaduceusForMaskedLM(model_config)
+    load_hf_state_dict(model, state, source=str(path))
+    model.save_pretrained(out)
+    reloaded = CaduceusForMaskedLM.from_pretrained(out).state_dict()
+    for name, tensor in model.state_dict().items():
+        wrong_dtype = tensor.is_floating_point() and reloaded[name].dtype != torch.float32
+        if wrong_dtype or not torch.equal(reloaded[name], tensor):
+            raise ExportError(f"{out}: tensor {name} does not read back identically; the export is not usable")
+    n_params = sum(t.numel() for t in model.parameters())
+    print(f"exported {path} (step {manifest['step']}, engine {manifest['engine']}, saved by "
+          f"{manifest['world_size']} rank(s)) -> {out}: {n_params:,} fp32 parameters; load with "
+          f"CaduceusForMaskedLM.from_pretrained({str(out)!r})", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path, help="run directory (or one checkpoint directory)")
+    parser.add_argument("--step", type=int, default=None, help="export this step instead of `latest`")
+    parser.add_argument("--out", type=Path, required=True, help="output directory (config.json + model.safetensors)")
+    args = parser.parse_args(argv)
+    try:
+        export(args.run, args.out, args.step)
+    except ExportError as exc:
+        print(f"export error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    import os
+
+    import torch.distributed as dist
+
+    code = main()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # a gloo thread can abort interpreter shutdown (environment notes, section 3)
