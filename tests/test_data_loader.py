@@ -335,3 +335,19 @@ def test_streams_leave_the_global_torch_rng_alone(shards):
     list(TrainStream(cfg, 0, 1, 1).iterate(0, 2))
     list(build_eval_loader(cfg, "valid", 0, 1, max_batches=1))
     assert torch.equal(before, torch.random.get_rng_state())
+
+
+def test_stage_durations_in_tokens(shards):
+    stages = [StageConfig(seq_len=256, tokens=3 * 4096), StageConfig(seq_len=1024)]
+    stream = TrainStream(config(shards, seq_len=1024, curriculum=CurriculumConfig(stages=stages)), 0, 1, 1)
+    assert [stream.plan(s).seq_len for s in range(5)] == [256, 256, 256, 1024, 1024]
+    bad = [StageConfig(seq_len=256, tokens=4096 + 256), StageConfig(seq_len=1024)]
+    with pytest.raises(DataPlanError, match="tokens 4352 is not a whole number of steps of 4096 tokens"):
+        TrainStream(config(shards, seq_len=1024, curriculum=CurriculumConfig(stages=bad)), 0, 1, 1)
+
+
+@pytest.mark.gpu
+def test_batches_are_pinned_where_cuda_is_available(shards):
+    sb = next(iter(TrainStream(config(shards), 0, 1, 1).iterate(0, 1)))
+    assert all(sb.micro_batches[0][k].is_pinned() for k in ("input_ids", "targets", "sample_id"))
+    assert all(b["input_ids"].is_pinned() for b in build_eval_loader(config(shards), "valid", 0, 1, max_batches=1))
