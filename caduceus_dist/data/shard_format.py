@@ -65,7 +65,7 @@ class ShardWriter:
 
     def __init__(self, tar_path: str | os.PathLike, zstd_level: int = 3):
         self.tar_path = Path(tar_path)
-        self._tar = tarfile.open(self.tar_path, "w", format=tarfile.USTAR_FORMAT)
+        self._tar = tarfile.open(self.tar_path, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (open across add())
         self._compressor = zstandard.ZstdCompressor(level=zstd_level)
         self._rows: list[tuple[int, int, int, int]] = []
 
