@@ -493,3 +493,28 @@ def test_empty_split_is_listed_and_no_windows_at_all_is_an_error(tmp_path):
     assert verify_dataset(tmp_path / "one").ok
     with pytest.raises(ShardingError, match=r"no windows were produced .*shorter than --window 300000"):
         shard_genome(sample_config(out=str(tmp_path / "none"), window=300_000, quiet=True))
+
+
+def _cli_in_child(argv: list[str]) -> None:
+    os._exit(cli_main(argv))
+
+
+def test_ctrl_c_exits_130_removes_partial_files_and_resumes(tmp_path):
+    fasta = _many_contigs_fasta(tmp_path, 3)
+    argv = ["--fasta", str(fasta), "--window", "1024", "--samples-per-shard", "3", "--contigs", "all", "--quiet"]
+    out = tmp_path / "interrupted"
+    child = multiprocessing.get_context("fork").Process(target=_cli_in_child, args=([*argv, "--out", str(out)],))
+    child.start()
+    journal = out / STATE_DIR / "journal.jsonl"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (journal.exists() and journal.read_text().count("\n") >= 10):
+            time.sleep(0.005)
+        os.kill(child.pid, signal.SIGINT)
+    finally:
+        child.join(30)
+    assert child.exitcode == 130 and not (out / "manifest.json").exists()
+    assert not list(out.rglob("*.partial"))
+    assert cli_main([*argv, "--out", str(out)]) == 0
+    assert cli_main([*argv, "--out", str(tmp_path / "clean")]) == 0
+    assert tree(out) == tree(tmp_path / "clean")

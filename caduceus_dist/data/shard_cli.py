@@ -21,6 +21,7 @@ from caduceus_dist.data.verify import format_report, verify_dataset
 
 USER_ERRORS = (FastaError, SplitError, TilingError, ShardingError, ShardFormatError, DownloadError)
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
 
 
 def _chrom_list(text: str) -> list[str]:
@@ -151,3 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"shard_genome.py: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("shard_genome.py: interrupted; finished shards are kept, rerun the same command to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED

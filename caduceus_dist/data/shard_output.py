@@ -79,7 +79,7 @@ class ShardSink:
             self.finish(split)
 
     def finish(self, split: str) -> None:
-        number, writer = self.open.pop(split)
+        number, writer = self.open[split]  # stays "open" until renamed, so `abandon` can clean up after a crash
         tar, idx = self._paths(split, number)
         rows = writer.close()
         write_index(_partial(idx), rows)
@@ -93,6 +93,7 @@ class ShardSink:
         }
         os.replace(_partial(idx), idx)
         os.replace(_partial(tar), tar)
+        del self.open[split]
         # No directory/journal fsync here: a rerun trusts a journaled shard only if its sha256 matches,
         # so a journal line that outlives its file after a power cut just means the shard is redone.
         with open(self.journal, "a") as fh:
