@@ -65,11 +65,14 @@ def save_pretrained(model: nn.Module, config: CaduceusConfig, directory: str | P
     return directory
 
 
+def weights_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path / WEIGHTS_NAME if path.is_dir() else path
+
+
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Tensors of a checkpoint directory, a .safetensors file or a Lightning .ckpt / torch .bin file."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / WEIGHTS_NAME
+    path = weights_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no weights file; expected {WEIGHTS_NAME} written by save_pretrained")
     if path.suffix == ".safetensors":
@@ -114,4 +117,4 @@ def load_hf_state_dict(model: nn.Module, state_dict: dict[str, Tensor], source: 
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
-    load_hf_state_dict(model, read_state_dict(path), source=str(path))
+    load_hf_state_dict(model, read_state_dict(path), source=str(weights_path(path)))
