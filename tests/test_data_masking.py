@@ -11,7 +11,7 @@ from test_data_fixtures import genome_tokens, write_dataset
 
 from caduceus_dist.data import DataConfig, TrainStream
 from caduceus_dist.data.cursor import derive_key, uniform_u32
-from caduceus_dist.data.masking import MaskingPolicy, gather_crops, mask_batch, prepare_window
+from caduceus_dist.data.masking import MaskingPolicy, PreparedWindow, gather_crops, mask_batch
 from caduceus_dist.model.tokenizer import MASK_ID, N_ID, PAD_ID, VOCAB_SIZE, CaduceusTokenizer
 
 SIGMAS = 5.0  # tolerance for every frequency check; a false failure has probability < 1e-6 per check
@@ -22,7 +22,7 @@ def real_batch(rows: int, length: int, n_run: tuple[int, int] | None = None) -> 
     batch = tokens[:rows * length].reshape(rows, length).copy()
     if n_run is not None:  # an assembly gap: a run of N as in real chromosomes
         batch[:, n_run[0]:n_run[1]] = N_ID
-    return gather_crops(lambda i: prepare_window(batch[i]), np.arange(rows), np.zeros(rows, dtype=np.int64),
+    return gather_crops(lambda i: PreparedWindow(batch[i]), np.arange(rows), np.zeros(rows, dtype=np.int64),
                         np.zeros(rows, dtype=np.int64), length)
 
 
@@ -92,7 +92,7 @@ def test_n_becomes_pad_and_is_never_a_loss_target():
 
 def test_reverse_complement_then_n_to_pad():
     window = CaduceusTokenizer().encode("ACGTNNacgtAAC")
-    out = gather_crops(lambda _: prepare_window(window), np.array([0]), np.array([0]), np.array([1]), 13)[0]
+    out = gather_crops(lambda _: PreparedWindow(window), np.array([0]), np.array([0]), np.array([1]), 13)[0]
     assert CaduceusTokenizer.decode(out[out != PAD_ID]) == "GTTACGTACGT"
     assert np.flatnonzero(out == PAD_ID).tolist() == [7, 8]
 

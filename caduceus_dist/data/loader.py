@@ -32,7 +32,7 @@ from caduceus_dist.data.config import DataConfig
 from caduceus_dist.data.curriculum import DataPlanError, Schedule, StepPlan
 from caduceus_dist.data.cursor import TAG_MASK, TAG_STRAND, EpochOrder, derive_key, uniform_float
 from caduceus_dist.data.dataset import ShardSplit
-from caduceus_dist.data.masking import MaskingPolicy, gather_crops, mask_batch, prepare_window
+from caduceus_dist.data.masking import MaskingPolicy, PreparedWindow, gather_crops, mask_batch
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def masking_policy(cfg: DataConfig) -> MaskingPolicy:
 
 def open_split(cfg: DataConfig, split: str, cache_windows: int) -> ShardSplit:
     return ShardSplit(cfg.shards, split, verify=cfg.verify, on_corrupt=cfg.on_corrupt, cache_windows=cache_windows,
-                      prepare=prepare_window)
+                      prepare=PreparedWindow)
 
 
 def _pin(cfg: DataConfig) -> bool:

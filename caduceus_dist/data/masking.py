@@ -19,6 +19,7 @@ Speed: every per-token step is branch-free uint8/uint32 arithmetic over cache-si
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,16 +75,20 @@ def _below(u: np.ndarray, threshold: int, out: np.ndarray) -> np.ndarray:
     return np.less_equal(u, np.uint32(threshold - 1), out=out)
 
 
-@dataclass(frozen=True)
 class PreparedWindow:
-    """A stored window in both orientations, N -> [PAD]: made once per window, then crops are row copies."""
+    """A stored window with N -> [PAD], in each orientation on first use (then crops are row copies)."""
 
-    forward: np.ndarray
-    reverse: np.ndarray  # the reverse complement of the whole window
+    def __init__(self, tokens: np.ndarray):
+        self.tokens = tokens
 
+    @functools.cached_property
+    def forward(self) -> np.ndarray:
+        return np.take(_FORWARD_LUT, self.tokens)
 
-def prepare_window(tokens: np.ndarray) -> PreparedWindow:
-    return PreparedWindow(np.take(_FORWARD_LUT, tokens), np.take(_REVERSE_LUT, tokens[::-1]))
+    @functools.cached_property
+    def reverse(self) -> np.ndarray:
+        """The reverse complement of the whole window."""
+        return np.take(_REVERSE_LUT, self.tokens[::-1])
 
 
 def gather_crops(window_of, sample_ids: np.ndarray, offsets: np.ndarray, strands: np.ndarray,
@@ -105,12 +110,13 @@ def gather_crops(window_of, sample_ids: np.ndarray, offsets: np.ndarray, strands
     reverse = np.asarray(strands, dtype=bool)
     for sample, rows in zip(windows.tolist(), np.split(order, bounds[:-1]), strict=True):
         window = window_of(sample)
-        crops = len(window.forward) // length
-        index = offsets[rows] // length
-        forward_rows, reverse_rows = rows[~reverse[rows]], rows[reverse[rows]]
-        out[forward_rows] = window.forward[:crops * length].reshape(crops, length)[index[~reverse[rows]]]
-        tail = window.reverse[len(window.reverse) - crops * length:].reshape(crops, length)
-        out[reverse_rows] = tail[crops - 1 - index[reverse[rows]]]
+        crops = len(window.tokens) // length
+        index, flip = offsets[rows] // length, reverse[rows]
+        if not flip.all():
+            out[rows[~flip]] = window.forward[:crops * length].reshape(crops, length)[index[~flip]]
+        if flip.any():
+            tail = window.reverse[len(window.reverse) - crops * length:].reshape(crops, length)
+            out[rows[flip]] = tail[crops - 1 - index[flip]]
     return out
 
 
