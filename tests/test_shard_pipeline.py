@@ -20,7 +20,7 @@ import numpy as np
 import pyfaidx
 import pytest
 import zstandard
-from test_shard_inputs import EXPECTED_ID, reference_spec_windows
+from test_shard_inputs import EXPECTED_ID, reference_spec_windows, write_bgzf
 
 from caduceus_dist.data import fasta as fasta_mod
 from caduceus_dist.data import sharding
@@ -204,14 +204,36 @@ def test_whole_contig_and_fold_modes(tmp_path):
     assert verify_dataset(tmp_path / "folds").ok
 
 
-def test_worker_count_does_not_change_a_single_byte(tmp_path, monkeypatch):
+@pytest.mark.parametrize("codec", ["gzip", "bgzf"])
+def test_worker_count_does_not_change_a_single_byte(tmp_path, monkeypatch, codec):
+    """gzip: windows compressed in parallel; BGZF: blocks decompressed in parallel too (small groups)."""
     monkeypatch.setattr(sharding, "BATCH_BASES", 3 * 4096)  # many small batches in flight at once
+    fasta = SAMPLE / "hg38_sample.fa.gz"
+    if codec == "bgzf":
+        fasta = tmp_path / "sample.fa.bgz"
+        write_bgzf(fasta, gzip.decompress((SAMPLE / "hg38_sample.fa.gz").read_bytes()), block=5000)
+        monkeypatch.setattr(fasta_mod, "BGZF_GROUP_BYTES", 20_000)
     trees = []
     for workers in (1, 2, 3):
         out = tmp_path / f"w{workers}"
-        shard_genome(sample_config(out=str(out), window=4096, samples_per_shard=5, workers=workers, quiet=True))
+        shard_genome(sample_config(fasta=str(fasta), out=str(out), window=4096, samples_per_shard=5,
+                                   workers=workers, quiet=True))
         trees.append(tree(out))
     assert trees[0] == trees[1] == trees[2] and len(trees[0]) > 10
+    assert_round_trip(tmp_path / "w2", plain_fasta(fasta, tmp_path / "plain.fa"))
+
+
+def test_truncated_bgzf_with_parallel_decompression_keeps_finished_shards(tmp_path):
+    fasta = tmp_path / "cut.fa.bgz"
+    write_bgzf(fasta, _many_contigs_fasta(tmp_path, 4).read_bytes(), block=8000)
+    data = fasta.read_bytes()
+    fasta.write_bytes(data[: int(len(data) * 0.6)])
+    out = tmp_path / "cut"
+    with pytest.raises(FastaError, match=r"truncated or corrupt \(compressed file ended inside a BGZF block\)"):
+        shard_genome(ShardConfig(fasta=str(fasta), out=str(out), window=8192, samples_per_shard=4, contigs="all",
+                                 workers=2, quiet=True))
+    journal = [json.loads(line) for line in (out / STATE_DIR / "journal.jsonl").read_text().splitlines()]
+    assert len(journal) >= 12 and all(sha256_file(out / e["tar"]) == e["sha256"] for e in journal)
 
 
 def test_webdataset_and_tar_read_the_shards(sample_shards):

@@ -47,10 +47,10 @@ def test_borzoi_fold_bed_reference_tiling_on_hg38_coordinates(shared_data, tmp_p
         rows = [line.split("\t")[:4] for line in fh]
     for chrom, start, _, fold in rows:
         split = mapping.get(fold.strip(), "train")
+        c = want.setdefault(split, {"windows": 0, "bases": 0, "n_bases": 0, "dropped_windows": 0})
         if chrom != "chr22":
             rows_elsewhere[chrom] = rows_elsewhere.get(chrom, 0) + 1
             continue
-        c = want.setdefault(split, {"windows": 0, "bases": 0, "n_bases": 0, "dropped_windows": 0})
         for shift in range(REFERENCE_SPAN // window):
             s = int(start) + shift * window
             s = min(s, length - window)

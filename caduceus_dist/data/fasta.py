@@ -11,14 +11,19 @@ import hashlib
 import os
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from caduceus_dist.data.workers import ordered_map
 from caduceus_dist.model.tokenizer import BYTE_TO_ID, IUPAC_AMBIGUOUS, N_ID, UNK_ID
 
 CHUNK_BYTES = 1 << 22
 GZIP_MAGIC = b"\x1f\x8b"
+BGZF_MAGIC = b"\x1f\x8b\x08\x04"  # gzip, deflate, FEXTRA set
+BGZF_GROUP_BYTES = 1 << 20  # compressed bytes per decompression task (~4 MB of sequence)
 LINE_BREAKS = b"\r\n \t"  # deleted from sequence lines; anything else must be a base letter
 INVALID_CODE = 0xFF
 OTHER_COMPRESSIONS = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
@@ -97,6 +102,67 @@ class _CountingReader:
         self._fh.close()
 
 
+def _bgzf_block_size(buf: bytes, pos: int) -> int:
+    """Total size of the BGZF block starting at `pos` (from its 'BC' extra subfield; SAM spec 4.1)."""
+    if buf[pos:pos + 4] != BGZF_MAGIC:
+        raise zlib.error(f"not a BGZF block at compressed byte offset {pos}")
+    xlen = int.from_bytes(buf[pos + 10:pos + 12], "little")
+    field, end = pos + 12, pos + 12 + xlen
+    while field + 4 <= end:
+        length = int.from_bytes(buf[field + 2:field + 4], "little")
+        if buf[field:field + 2] == b"BC" and length == 2:
+            return int.from_bytes(buf[field + 4:field + 6], "little") + 1
+        field += 4 + length
+    raise zlib.error(f"gzip member at compressed byte offset {pos} has no BGZF block size")
+
+
+@dataclass
+class BgzfBlocks:
+    """Whole BGZF blocks (ending at `ends` within `payload`) for one decompression task."""
+
+    payload: bytes
+    ends: list[int]
+
+    @property
+    def args(self) -> tuple:
+        return self.payload, self.ends
+
+
+def bgzf_groups(raw) -> Iterator[BgzfBlocks]:
+    """Split a BGZF file into groups of whole blocks of ~BGZF_GROUP_BYTES; blocks are independent deflate
+    streams, so the groups can be decompressed in parallel."""
+    buf, offset = b"", 0
+    while True:
+        data = raw.read(BGZF_GROUP_BYTES)
+        buf += data
+        pos, ends = 0, []
+        while len(buf) - pos >= 18:
+            try:
+                size = _bgzf_block_size(buf, pos)
+            except zlib.error as exc:
+                raise zlib.error(str(exc).replace(f"offset {pos}", f"offset {offset + pos}")) from None
+            if pos + size > len(buf):
+                break
+            pos += size
+            ends.append(pos)
+        if ends:
+            yield BgzfBlocks(buf[:pos], ends)
+            buf, offset = buf[pos:], offset + pos
+        if not data:
+            if buf:
+                raise EOFError("compressed file ended inside a BGZF block")
+            return
+
+
+def inflate_bgzf(payload: bytes, ends: list[int]) -> bytes:
+    """Worker task: decompress whole BGZF blocks (each a gzip member: zlib checks header, CRC, size)."""
+    view, start, out = memoryview(payload), 0, []
+    for end in ends:
+        out.append(zlib.decompress(view[start:end], wbits=31))
+        start = end
+    return b"".join(out)
+
+
 def gunzip_chunks(raw, out_size: int, read_size: int = 1 << 20) -> Iterator[bytes]:
     """Decompress concatenated gzip members (gzip, BGZF) in chunks of at most `out_size` bytes.
 
@@ -128,6 +194,13 @@ def gunzip_chunks(raw, out_size: int, read_size: int = 1 << 20) -> Iterator[byte
             yield out
 
 
+def _is_bgzf(head: bytes) -> bool:
+    try:
+        return head.startswith(BGZF_MAGIC) and _bgzf_block_size(head, 0) > 0
+    except zlib.error:
+        return False
+
+
 class FastaReader:
     """Iterate `FastaRecord`s of one FASTA file. `consumed_bytes` tracks progress through the file.
 
@@ -149,6 +222,14 @@ class FastaReader:
                 )
         self._raw = _CountingReader(open(self.path, "rb"))  # noqa: SIM115 (closed by close())
         self._gzipped = magic.startswith(GZIP_MAGIC)
+        with open(self.path, "rb") as fh:
+            self._bgzf = self._gzipped and _is_bgzf(fh.read(18))
+        self._pool: Executor | None = None
+        self._depth = 1
+
+    def use_pool(self, pool: Executor | None, depth: int) -> None:
+        """Decompress BGZF input in `pool` (blocks are independent), `depth` groups in flight."""
+        self._pool, self._depth = pool, depth
 
     @property
     def consumed_bytes(self) -> int:
@@ -159,8 +240,13 @@ class FastaReader:
 
     def _chunks(self, where: Callable[[], str]) -> Iterator[bytes]:
         decompressed = 0
-        chunks = gunzip_chunks(self._raw, CHUNK_BYTES) if self._gzipped else iter(
-            lambda: self._raw.read(CHUNK_BYTES), b"")
+        if self._bgzf:
+            groups = ordered_map(inflate_bgzf, bgzf_groups(self._raw), self._pool, self._depth)
+            chunks = (text for _, text in groups)
+        elif self._gzipped:
+            chunks = gunzip_chunks(self._raw, CHUNK_BYTES)
+        else:
+            chunks = iter(lambda: self._raw.read(CHUNK_BYTES), b"")
         while True:
             try:
                 chunk = next(chunks, b"")

@@ -13,12 +13,9 @@ Why it is shaped this way:
 from __future__ import annotations
 
 import dataclasses
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
-from multiprocessing import get_context
 from pathlib import Path
 
 import zstandard
@@ -29,6 +26,7 @@ from caduceus_dist.data.shard_format import FORMAT_NAME, FORMAT_VERSION, MANIFES
 from caduceus_dist.data.shard_output import OutputDir, ShardingError, ShardSink
 from caduceus_dist.data.splits import make_split_plan
 from caduceus_dist.data.tiling import resolve_tiling
+from caduceus_dist.data.workers import ordered_map, worker_pool
 from caduceus_dist.model.tokenizer import N_ID
 
 BATCH_BASES = 1 << 22  # bases per compression task: small enough to spread one chromosome over workers
@@ -91,39 +89,6 @@ def compress_windows(payload: bytes, window: int, level: int) -> list[bytes]:
     compressor = _COMPRESSORS.setdefault(level, zstandard.ZstdCompressor(level=level))
     view = memoryview(payload)
     return [compressor.compress(view[i:i + window]) for i in range(0, len(view), window)]
-
-
-def ordered_map(fn: Callable, tasks: Iterable, workers: int) -> Iterator[tuple[object, object]]:
-    """Yield (task, fn(*task.args)) in task order, with at most 2 * workers tasks in flight (bounded memory)."""
-    if workers == 1:
-        for task in tasks:
-            yield task, fn(*task.args)
-        return
-    # fork: workers inherit the imported modules; the pool starts before any progress-bar thread.
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("fork"))
-    pending: deque = deque()
-    failure: Exception | None = None
-    task_iter = iter(tasks)
-    try:
-        while True:
-            try:
-                task = next(task_iter)
-            except StopIteration:
-                break
-            except Exception as exc:  # the input failed (e.g. truncated gzip): first hand over what is
-                failure = exc  # already compressed, so every shard that can be completed is kept
-                break
-            pending.append((task, pool.submit(fn, *task.args)))
-            if len(pending) >= 2 * workers:
-                done, future = pending.popleft()
-                yield done, future.result()
-        while pending:
-            done, future = pending.popleft()
-            yield done, future.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    if failure is not None:
-        raise failure
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -269,12 +234,14 @@ def shard_genome(cfg: ShardConfig, progress: Callable[[int, int, int], None] | N
     bases_done = 0
     batches = plan_batches(cfg, reader, plan, tile, fasta_sha, set(kept), stats)
     try:
-        for batch, compressed in ordered_map(compress_windows, batches, cfg.workers):
-            for meta, payload in zip(batch.metas, compressed, strict=True):
-                sink.add(meta, payload)
-            bases_done += len(batch.metas) * cfg.window
-            if progress:
-                progress(bases_done, reader.consumed_bytes, fasta_size)
+        with worker_pool(cfg.workers) as pool:
+            reader.use_pool(pool, 2 * cfg.workers)
+            for batch, compressed in ordered_map(compress_windows, batches, pool, 2 * cfg.workers):
+                for meta, payload in zip(batch.metas, compressed, strict=True):
+                    sink.add(meta, payload)
+                bases_done += len(batch.metas) * cfg.window
+                if progress:
+                    progress(bases_done, reader.consumed_bytes, fasta_size)
         sink.finish_all()
     except OSError as exc:
         sink.abandon()
