@@ -109,21 +109,22 @@ def test_reference_schedule_values():
 def test_deepspeed_json_generated_from_config(tmp_path):
     cfg = load_job_config(REPO / "recipes" / "cpu_demo.yaml",
                           ["engine.name=deepspeed", "engine.zero_stage=3", "engine.precision=bf16", "train.grad_accum=2"])
-    ds = deepspeed_json(cfg, world_size=4, micro_batch=3)
+    ds = deepspeed_json(cfg, world_size=4, micro_batch=3, n_params=10)
     assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (3, 2, 24)
     assert ds["gradient_clipping"] == cfg.optim.grad_clip
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"overlap_comm": True}, "train_batch_size": 24}))
     cfg.engine.deepspeed_config = str(user)
-    merged = deepspeed_json(cfg, world_size=4, micro_batch=3)
-    assert merged["zero_optimization"] == {"stage": 3, "overlap_comm": True}
+    merged = deepspeed_json(cfg, world_size=4, micro_batch=3, n_params=10)
+    assert merged["zero_optimization"]["overlap_comm"] is True and merged["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 1e6  # sized to the model, not DeepSpeed's 5e8
     user.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
     with pytest.raises(DeepSpeedConfigError, match="'optimizer' is not allowed"):
-        deepspeed_json(cfg, world_size=4, micro_batch=3)
+        deepspeed_json(cfg, world_size=4, micro_batch=3, n_params=10)
     user.write_text(json.dumps({"gradient_accumulation_steps": 8}))
     with pytest.raises(DeepSpeedConfigError, match="'gradient_accumulation_steps' = 8 contradicts"):
-        deepspeed_json(cfg, world_size=4, micro_batch=3)
+        deepspeed_json(cfg, world_size=4, micro_batch=3, n_params=10)
 
 
 def _pretrain(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -147,3 +147,29 @@ def test_deepspeed_bf16_export_is_fp32_master_weights(process_group):
     key = next(k for k in exported if k.endswith("embedding.weight"))
     torch.testing.assert_close(exported[key].to(torch.bfloat16), module_state[key])
     assert not torch.equal(exported[key], module_state[key].float())
+
+
+@pytest.mark.parametrize("engine_name", ["ddp", "fsdp2"])
+def test_activation_checkpointing_changes_memory_not_math(process_group, engine_name):
+    batches = [_batch(5, 2, 64, 0.15), _batch(6, 2, 64, 0.15)]
+    results = []
+    for checkpointing in ("false", "true"):
+        cfg = _job(f"engine.name={engine_name}", "train.grad_accum=2", f"model.gradient_checkpointing={checkpointing}")
+        engine = _engine(cfg)
+        out = engine.train_step(batches, 2e-3)
+        results.append((out["loss"], out["grad_norm"], _params(engine)))
+    (loss_a, norm_a, params_a), (loss_b, norm_b, params_b) = results
+    assert loss_a == loss_b and norm_a == pytest.approx(norm_b, rel=1e-6)
+    for key in params_a:
+        torch.testing.assert_close(params_a[key], params_b[key], rtol=1e-6, atol=1e-7)
+
+
+def test_fp16_on_a_cpu_without_fp16_support_is_a_config_error(process_group):
+    from deepspeed.accelerator import get_accelerator
+
+    from caduceus_dist.config import ConfigError
+
+    if get_accelerator().is_fp16_supported():
+        pytest.skip("this accelerator supports fp16")
+    with pytest.raises(ConfigError, match="engine.precision=fp16"):
+        _engine(_job("engine.name=deepspeed", "engine.precision=fp16"))

@@ -32,16 +32,22 @@ class DeepSpeedConfigError(ValueError):
     """The user DeepSpeed JSON conflicts with the job config; the message names the key."""
 
 
-def deepspeed_json(job_cfg, world_size: int, micro_batch: int) -> dict:
-    """The DeepSpeed config for this job: generated, then the user JSON (if any) merged on top."""
+def deepspeed_json(job_cfg, world_size: int, micro_batch: int, n_params: int) -> dict:
+    """The DeepSpeed config for this job: generated, then the user JSON (if any) merged on top.
+
+    ZeRO communication buckets are sized to the model (DeepSpeed's default is 5e8 elements, 2 GB of
+    fp32 buffers even for a tiny model, and NaN-filled on every allocation in deterministic mode).
+    """
     grad_accum = job_cfg.train.grad_accum
     precision = job_cfg.engine.precision
+    bucket = int(min(5e8, max(1e6, n_params)))
     generated = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "train_batch_size": micro_batch * grad_accum * world_size,
         "gradient_clipping": job_cfg.optim.grad_clip,
-        "zero_optimization": {"stage": job_cfg.engine.zero_stage},
+        "zero_optimization": {"stage": job_cfg.engine.zero_stage, "reduce_bucket_size": bucket,
+                              "allgather_bucket_size": bucket, "stage3_prefetch_bucket_size": bucket},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
@@ -86,7 +92,14 @@ class DeepSpeedEngine(TrainStepMixin):
         if ctx.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skip DeepSpeed's accelerator probing
         import deepspeed
+        from deepspeed.accelerator import get_accelerator
         from deepspeed.utils import logger as ds_logger
+
+        from caduceus_dist.config import ConfigError
+
+        if job_cfg.engine.precision == "fp16" and not get_accelerator().is_fp16_supported():
+            raise ConfigError(f"engine.precision=fp16: DeepSpeed's '{get_accelerator()._name}' accelerator has no "
+                              "fp16 support on this machine; use engine.precision=bf16 or fp32")
 
         ds_logger.setLevel(logging.WARNING)
         self.cfg = job_cfg.engine
@@ -95,7 +108,8 @@ class DeepSpeedEngine(TrainStepMixin):
         deepspeed.init_distributed(dist_backend=dist.get_backend())
         if self.cfg.compile:
             compile_layers(model)
-        self.config = deepspeed_json(job_cfg, self.world_size, micro_batch)
+        n_params = sum(p.numel() for p in model.parameters())
+        self.config = deepspeed_json(job_cfg, self.world_size, micro_batch, n_params)
         optimizer = build_optimizer(model, job_cfg.optim)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
         self.module = self.ds.module
