@@ -50,11 +50,31 @@ def mix64(x: np.ndarray) -> np.ndarray:
     return z
 
 
+_U64 = (1 << 64) - 1
+
+
+def _mix64_int(z: int) -> int:
+    """mix64 for one Python int (scalar keys: ~50x cheaper than a 0-d numpy array)."""
+    z ^= z >> 30
+    z = (z * int(_MIX1)) & _U64
+    z ^= z >> 27
+    z = (z * int(_MIX2)) & _U64
+    return z ^ (z >> 31)
+
+
 def derive_key(*parts) -> np.ndarray:
-    """Hash a tuple of integers / integer arrays (broadcast together) into uint64 keys."""
-    key = np.zeros((), dtype=np.uint64)
+    """Hash a tuple of integers / integer arrays (broadcast together) into uint64 keys.
+
+    Leading scalar parts are folded with Python ints; numpy work starts at the first array part.
+    """
+    key, rest = 0, list(parts)
+    while rest and np.ndim(rest[0]) == 0:
+        key = _mix64_int((key + int(GOLDEN) + (int(rest.pop(0)) & _U64)) & _U64)
+    if not rest:
+        return np.uint64(key)
+    key = np.uint64(key)
     with np.errstate(over="ignore"):
-        for part in parts:
+        for part in rest:
             key = mix64(key + GOLDEN + np.asarray(part).astype(np.uint64))
     return key
 
@@ -129,11 +149,16 @@ def uniform_float(keys: np.ndarray) -> np.ndarray:
     return (mix64(keys) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
+@functools.lru_cache(maxsize=256)
+def _round_keys(key: int) -> tuple[np.uint64, ...]:
+    return tuple(derive_key(key, r) for r in range(_FEISTEL_ROUNDS))
+
+
 def feistel_permute(x: np.ndarray, n: int, key: int) -> np.ndarray:
     """Keyed bijection of [0, n) applied to every element of x (all < n)."""
     half = np.uint64((max(1, int(n - 1).bit_length()) + 1) // 2)  # 4^half >= n: cycle walking takes < 4 tries
     mask = (np.uint64(1) << half) - np.uint64(1)
-    round_keys = [derive_key(key, r) for r in range(_FEISTEL_ROUNDS)]
+    round_keys = _round_keys(int(key))
 
     def once(v):
         left, right = v >> half, v & mask
