@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -55,15 +56,25 @@ def zstd_seconds(payload: bytes, window: int, level: int) -> float:
     return time.perf_counter() - start
 
 
-def shard_seconds(fasta: Path, workers: int, window: int, level: int, scratch: Path) -> tuple[float, int]:
+def cpu_seconds() -> tuple[float, float]:
+    """CPU time (user + system) of this process and of its finished child processes."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+
+def shard_seconds(fasta: Path, workers: int, kind: str, window: int, level: int,
+                  scratch: Path) -> tuple[float, float, float, int]:
+    """Wall seconds, main-process CPU seconds, worker CPU seconds, bases."""
     out = scratch / f"w{workers}"
     shutil.rmtree(out, ignore_errors=True)
+    cpu_before = cpu_seconds()
     start = time.perf_counter()
     manifest = shard_genome(ShardConfig(fasta=str(fasta), out=str(out), window=window, zstd_level=level,
-                                        workers=workers, quiet=True))
+                                        workers=workers, worker_kind=kind, quiet=True))
     seconds = time.perf_counter() - start
+    cpu_after = cpu_seconds()
     shutil.rmtree(out)
-    return seconds, manifest["fasta"]["bases"]
+    return seconds, cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1], manifest["fasta"]["bases"]
 
 
 def main() -> None:
@@ -73,12 +84,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--window", type=int, default=131072)
     parser.add_argument("--zstd-level", type=int, default=3)
+    parser.add_argument("--worker-kind", choices=["threads", "processes"], default="threads")
     args = parser.parse_args()
     if not args.fasta.exists():
         sys.exit(f"{args.fasta} not found: pass --fasta or set CADUCEUS_SHARED_DATA")
 
     load_before = os.getloadavg()
     decompress, zstd, ours = [], [], {w: [] for w in args.workers}
+    cpu = {w: [] for w in args.workers}
     bases = 0
     with tempfile.TemporaryDirectory(prefix="bench-shard-") as scratch:
         for _ in range(args.repeats):
@@ -89,14 +102,16 @@ def main() -> None:
             zstd.append(zstd_seconds(sequence, args.window, args.zstd_level))
             del sequence
             for workers in args.workers:
-                seconds, bases = shard_seconds(args.fasta, workers, args.window, args.zstd_level, Path(scratch))
+                seconds, main_cpu, worker_cpu, bases = shard_seconds(
+                    args.fasta, workers, args.worker_kind, args.window, args.zstd_level, Path(scratch))
                 ours[workers].append(seconds)
+                cpu[workers].append((main_cpu, worker_cpu))
     load_after = os.getloadavg()
 
     limit_s = min(decompress) + min(zstd)
     limit_rate = bases / limit_s
     print(f"input: {args.fasta} ({bases / 1e6:.1f} Mbp), window {args.window}, zstd level {args.zstd_level}, "
-          f"best of {args.repeats}")
+          f"{args.worker_kind}, best of {args.repeats}")
     print(f"machine: {os.cpu_count()} CPUs, load average {load_before[0]:.1f} before / {load_after[0]:.1f} after "
           f"(other jobs share this machine: figures are lower bounds)")
     print(f"limit  decompress {min(decompress):.2f} s + zstd {min(zstd):.2f} s = {limit_s:.2f} s "
@@ -105,9 +120,11 @@ def main() -> None:
     for workers, times in ours.items():
         rate = bases / min(times)
         base_rate = base_rate or rate
+        main_cpu, worker_cpu = min(cpu[workers])
         print(f"ours   workers={workers}: {min(times):.2f} s (median {sorted(times)[len(times) // 2]:.2f}) "
               f"-> {rate / 1e6:.1f} Mbp/s = {rate / limit_rate:.2f} x limit, {rate / base_rate:.2f} x workers=1; "
               f"hg38 (3.1 Gbp) in {HG38_BASES / rate / 60:.1f} min")
+        print(f"       CPU: {main_cpu:.2f} s in this process (threads included) + {worker_cpu:.2f} s in worker processes")
     print(f"RATIO ours(workers={args.workers[0]}) / limit = {bases / min(ours[args.workers[0]]) / limit_rate:.2f}")
 
 

@@ -204,8 +204,8 @@ def test_whole_contig_and_fold_modes(tmp_path):
     assert verify_dataset(tmp_path / "folds").ok
 
 
-@pytest.mark.parametrize("codec", ["gzip", "bgzf"])
-def test_worker_count_does_not_change_a_single_byte(tmp_path, monkeypatch, codec):
+@pytest.mark.parametrize(("codec", "kind"), [("gzip", "threads"), ("bgzf", "threads"), ("bgzf", "processes")])
+def test_worker_count_does_not_change_a_single_byte(tmp_path, monkeypatch, codec, kind):
     """gzip: windows compressed in parallel; BGZF: blocks decompressed in parallel too (small groups)."""
     monkeypatch.setattr(sharding, "BATCH_BASES", 3 * 4096)  # many small batches in flight at once
     fasta = SAMPLE / "hg38_sample.fa.gz"
@@ -217,7 +217,7 @@ def test_worker_count_does_not_change_a_single_byte(tmp_path, monkeypatch, codec
     for workers in (1, 2, 3):
         out = tmp_path / f"w{workers}"
         shard_genome(sample_config(fasta=str(fasta), out=str(out), window=4096, samples_per_shard=5,
-                                   workers=workers, quiet=True))
+                                   workers=workers, worker_kind=kind, quiet=True))
         trees.append(tree(out))
     assert trees[0] == trees[1] == trees[2] and len(trees[0]) > 10
     assert_round_trip(tmp_path / "w2", plain_fasta(fasta, tmp_path / "plain.fa"))

@@ -18,6 +18,7 @@ from caduceus_dist.data.sharding import ShardConfig, ShardingError, sample_confi
 from caduceus_dist.data.splits import CONTIG_FILTERS, SplitError
 from caduceus_dist.data.tiling import TilingError
 from caduceus_dist.data.verify import format_report, verify_dataset
+from caduceus_dist.data.workers import WORKER_KINDS
 
 USER_ERRORS = (FastaError, SplitError, TilingError, ShardingError, ShardFormatError, DownloadError)
 EXIT_USER_ERROR = 2
@@ -53,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     win.add_argument("--samples-per-shard", type=int, help="windows per shard (default: 2^27 bases / window)")
     win.add_argument("--zstd-level", type=int, default=3)
     run = parser.add_argument_group("behaviour")
-    run.add_argument("--workers", type=int, default=1, help="compression processes (output is identical for any)")
+    run.add_argument("--workers", type=int, default=1,
+                     help="parallel decompression (BGZF) and compression workers; the output is identical for any")
+    run.add_argument("--worker-kind", choices=sorted(WORKER_KINDS), default="threads",
+                     help="threads (zlib/zstd release the GIL; no copying) or processes")
     run.add_argument("--strict", action="store_true", help="IUPAC codes and contigs missing from the FASTA are errors")
     run.add_argument("--overwrite", action="store_true", help="replace shards made with different arguments")
     run.add_argument("--quiet", action="store_true", help="no progress bar or summary")
@@ -70,7 +74,8 @@ def config_from_args(args: argparse.Namespace) -> ShardConfig:
         out=args.out, bed=args.bed, split_map=args.split_map, valid_chroms=args.valid_chroms,
         test_chroms=args.test_chroms, contigs=args.contigs, window=args.window, tiling=args.tiling,
         samples_per_shard=args.samples_per_shard, zstd_level=args.zstd_level, assembly=args.assembly,
-        strict=args.strict, workers=args.workers, overwrite=args.overwrite, quiet=args.quiet,
+        strict=args.strict, workers=args.workers, worker_kind=args.worker_kind, overwrite=args.overwrite,
+        quiet=args.quiet,
     )
     if args.fasta is None:
         if args.bed or args.split_map or args.valid_chroms or args.test_chroms:

@@ -13,6 +13,7 @@ Why it is shaped this way:
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -52,10 +53,11 @@ class ShardConfig:
     assembly: str | None = None  # default: the FASTA file name without .fa/.fasta/.gz
     strict: bool = False
     workers: int = 1
+    worker_kind: str = "threads"  # see workers.WORKER_KINDS
     overwrite: bool = False
     quiet: bool = False
 
-    RUN_ONLY = ("workers", "overwrite", "quiet")  # do not change the bytes written
+    RUN_ONLY = ("workers", "worker_kind", "overwrite", "quiet")  # do not change the bytes written
 
     def resolved_samples_per_shard(self) -> int:
         return self.samples_per_shard or max(1, TARGET_SHARD_BASES // self.window)
@@ -81,12 +83,13 @@ def sample_config(**overrides) -> ShardConfig:
 
 # ---------------------------------------------------------------------------------------------- workers
 
-_COMPRESSORS: dict[int, zstandard.ZstdCompressor] = {}
+_LOCAL = threading.local()  # zstd compressors must not be shared between threads
 
 
 def compress_windows(payload: bytes, window: int, level: int) -> list[bytes]:
     """Worker task: one zstd frame per `window`-byte slice of `payload`."""
-    compressor = _COMPRESSORS.setdefault(level, zstandard.ZstdCompressor(level=level))
+    compressors = _LOCAL.__dict__.setdefault("compressors", {})
+    compressor = compressors.get(level) or compressors.setdefault(level, zstandard.ZstdCompressor(level=level))
     view = memoryview(payload)
     return [compressor.compress(view[i:i + window]) for i in range(0, len(view), window)]
 
@@ -234,7 +237,7 @@ def shard_genome(cfg: ShardConfig, progress: Callable[[int, int, int], None] | N
     bases_done = 0
     batches = plan_batches(cfg, reader, plan, tile, fasta_sha, set(kept), stats)
     try:
-        with worker_pool(cfg.workers) as pool:
+        with worker_pool(cfg.workers, cfg.worker_kind) as pool:
             reader.use_pool(pool, 2 * cfg.workers)
             for batch, compressed in ordered_map(compress_windows, batches, pool, 2 * cfg.workers):
                 for meta, payload in zip(batch.metas, compressed, strict=True):

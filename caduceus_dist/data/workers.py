@@ -1,4 +1,4 @@
-"""Worker processes of the sharder: one pool shared by BGZF decompression and zstd compression.
+"""Workers of the sharder: one pool (threads or processes) shared by BGZF decompression and zstd compression.
 
 `ordered_map` keeps results in submission order with a bounded number of tasks in flight, so memory
 stays bounded and the output cannot depend on how many workers there are or which finishes first.
@@ -10,18 +10,30 @@ from __future__ import annotations
 import contextlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from multiprocessing import get_context
 
 
+def _process_pool(workers: int) -> Executor:
+    # fork: workers inherit the imported modules; they start at the first submit, before any
+    # progress-bar thread exists. Each task's payload is pickled through a pipe both ways.
+    return ProcessPoolExecutor(workers, mp_context=get_context("fork"))
+
+
+# threads: zlib and zstd release the GIL while they work, so threads use every core for the heavy parts
+# with no copying between processes (measured: less total CPU than processes for the same output).
+WORKER_KINDS: dict[str, Callable[[int], Executor]] = {"threads": ThreadPoolExecutor, "processes": _process_pool}
+
+
 @contextlib.contextmanager
-def worker_pool(workers: int) -> Iterator[Executor | None]:
-    """A process pool of `workers` (None for 1: run inline). fork: workers inherit the imported modules;
-    they start at the first submit, before any progress-bar thread exists."""
+def worker_pool(workers: int, kind: str = "threads") -> Iterator[Executor | None]:
+    """A pool of `workers` threads or processes (None for 1: everything runs inline)."""
+    if kind not in WORKER_KINDS:
+        raise ValueError(f"--worker-kind {kind!r} is unknown; choose one of {', '.join(WORKER_KINDS)}")
     if workers == 1:
         yield None
         return
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("fork"))
+    pool = WORKER_KINDS[kind](workers)
     try:
         yield pool
     finally:
