@@ -27,10 +27,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Per size: the recipe, and a global batch small enough for a CPU step of a few seconds at most.
+# Per size: the recipe, and a global batch small enough for a CPU step of seconds (fixed length, fp32).
 SIZES = {
-    "cpu_demo": ("recipes/cpu_demo.yaml", []),
-    "ps_1k": ("recipes/ps_1k.yaml", []),
+    "cpu_demo": ("recipes/cpu_demo.yaml", ["data.curriculum.start_seq_len=null", "data.tokens_per_step=2048"]),
+    "ps_1k": ("recipes/ps_1k.yaml", ["data.tokens_per_step=4096", "engine.precision=fp32"]),
 }
 
 
@@ -54,7 +54,7 @@ def run(size: str, ranks: int, args, shards: str, workdir: Path) -> dict[str, fl
     overrides = [f"run_dir={run_dir}", f"train.max_steps={args.steps}", f"engine.name={args.engine}",
                  f"engine.device={args.device}", "train.eval_batches=0", "checkpoint.every=0",
                  "checkpoint.resume=never", "logging.log_every=1000000", f"data.shards={shards}",
-                 "data.curriculum.stages=[]", *extra, *args.override]
+                 *extra, *args.override]
     if args.tokens_per_step:
         overrides.append(f"data.tokens_per_step={args.tokens_per_step}")
     script = [str(REPO / "recipes" / "pretrain.py"), "--config", str(REPO / recipe), *overrides]

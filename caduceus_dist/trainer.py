@@ -89,7 +89,7 @@ class Trainer:
             self.stream = TrainStream(cfg.data, self.ctx.rank, self.ctx.world_size, cfg.train.grad_accum,
                                       train_seed=cfg.train.seed)
         except DataPlanError as err:
-            raise ConfigError(f"data: {err}") from None
+            raise ConfigError(str(err) if str(err).startswith("data") else f"data: {err}") from None
         self.run_dir = Path(cfg.run_dir)  # written only once the data plan is known to be valid
         if self.ctx.rank == 0:
             save_resolved(cfg, self.run_dir)
