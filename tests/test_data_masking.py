@@ -10,8 +10,9 @@ import torch
 from test_data_fixtures import genome_tokens, write_dataset
 
 from caduceus_dist.data import DataConfig, TrainStream
+from caduceus_dist.data.crops import CropSource
 from caduceus_dist.data.cursor import derive_key, uniform_u32
-from caduceus_dist.data.masking import MaskingPolicy, PreparedWindow, gather_crops, mask_batch
+from caduceus_dist.data.masking import MaskingPolicy, mask_batch
 from caduceus_dist.model.tokenizer import MASK_ID, N_ID, PAD_ID, VOCAB_SIZE, CaduceusTokenizer
 
 SIGMAS = 5.0  # tolerance for every frequency check; a false failure has probability < 1e-6 per check
@@ -22,8 +23,8 @@ def real_batch(rows: int, length: int, n_run: tuple[int, int] | None = None) -> 
     batch = tokens[:rows * length].reshape(rows, length).copy()
     if n_run is not None:  # an assembly gap: a run of N as in real chromosomes
         batch[:, n_run[0]:n_run[1]] = N_ID
-    return gather_crops(lambda i: PreparedWindow(batch[i]), np.arange(rows), np.zeros(rows, dtype=np.int64),
-                        np.zeros(rows, dtype=np.int64), length)
+    return CropSource(lambda i: batch[i], length, rows).gather(np.arange(rows), np.zeros(rows, dtype=np.int64),
+                                                               np.zeros(rows, dtype=np.int64), length)
 
 
 def within(observed: int, trials: int, p: float) -> bool:
@@ -92,7 +93,7 @@ def test_n_becomes_pad_and_is_never_a_loss_target():
 
 def test_reverse_complement_then_n_to_pad():
     window = CaduceusTokenizer().encode("ACGTNNacgtAAC")
-    out = gather_crops(lambda _: PreparedWindow(window), np.array([0]), np.array([0]), np.array([1]), 13)[0]
+    out = CropSource(lambda _: window, 13, 1).gather(np.array([0]), np.array([0]), np.array([1]), 13)[0]
     assert CaduceusTokenizer.decode(out[out != PAD_ID]) == "GTTACGTACGT"
     assert np.flatnonzero(out == PAD_ID).tolist() == [7, 8]
 
@@ -142,3 +143,24 @@ def test_masks_change_between_epochs_but_not_between_runs(shards):
     again = next(iter(TrainStream(cfg, 0, 1, 1).iterate(0, 1))).micro_batches[0]
     for i in range(16):
         assert torch.equal(again["input_ids"][i], first[int(again["sample_id"][i])])
+
+
+def test_crop_source_matches_a_per_row_reference_through_evictions():
+    """Batches spanning more windows than the arena holds, evictions, both strands, N runs."""
+    tokens, _, _ = genome_tokens()
+    windows = tokens[:40 * 1024].reshape(40, 1024).copy()
+    windows[3, 100:300] = N_ID
+    reads = []
+    source = CropSource(lambda i: reads.append(i) or windows[i], 1024, capacity=3)
+    rng = np.random.default_rng(0)
+    for length in (256, 1024, 128):
+        for _ in range(6):
+            ids = rng.integers(0, 40, 20)
+            offsets = rng.integers(0, 1024 // length, 20) * length
+            strands = rng.integers(0, 2, 20)
+            got = source.gather(ids, offsets, strands, length)
+            for row, (i, o, s) in enumerate(zip(ids, offsets, strands, strict=True)):
+                crop = windows[i, o:o + length]
+                want = CaduceusTokenizer.reverse_complement(crop) if s else crop
+                assert np.array_equal(got[row], np.where(want == N_ID, PAD_ID, want))
+    assert len(reads) > 40  # windows were evicted and read again, and the results stayed right

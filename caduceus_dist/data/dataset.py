@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,8 +60,7 @@ def _check_shard(root: Path, entry: dict, verify: str) -> None:
 class ShardSplit:
     """The surviving shards of one split and O(1) access to any window by its sample id."""
 
-    def __init__(self, root: str | Path, split: str, verify: str = "sha256", on_corrupt: str = "error",
-                 cache_windows: int = 64, prepare: Callable[[np.ndarray], object] | None = None):
+    def __init__(self, root: str | Path, split: str, verify: str = "sha256", on_corrupt: str = "error"):
         self.root = Path(root)
         self.manifest = load_manifest(self.root)
         splits = self.manifest["splits"]
@@ -95,9 +92,6 @@ class ShardSplit:
                            if self.shards else np.zeros(0, dtype=np.int64))
         self._first_ids = np.array([s.first_id for s in self.shards], dtype=np.int64)
         self._readers: dict[int, ShardReader] = {}
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._cache_windows = cache_windows
-        self._prepare = prepare  # applied once per window read, before caching (e.g. both strands)
 
     def _reader(self, shard: int) -> ShardReader:
         if shard not in self._readers:
@@ -105,26 +99,17 @@ class ShardSplit:
             self._readers[shard] = ShardReader(entry.tar, entry.index)
         return self._readers[shard]
 
-    def window_tokens(self, sample_id: int):
-        """The stored window (uint8 token ids, or `prepare` of them) of a sample id, from a per-process LRU cache."""
-        tokens = self._cache.get(sample_id)
-        if tokens is not None:
-            self._cache.move_to_end(sample_id)
-            return tokens
+    def read_window(self, sample_id: int) -> np.ndarray:
+        """The stored window (uint8 token ids) of a sample id; O(1) through the shard's member index."""
         shard = int(np.searchsorted(self._first_ids, sample_id, side="right")) - 1
         entry = self.shards[shard]
         tokens = self._reader(shard).read_tokens(sample_id - entry.first_id)
         if len(tokens) != self.window:
             raise ShardFormatError(f"shard {entry.tar}: sample {sample_id} has {len(tokens)} tokens, the manifest "
                                    f"window is {self.window}")
-        if self._prepare is not None:
-            tokens = self._prepare(tokens)
-        self._cache[sample_id] = tokens
-        if len(self._cache) > self._cache_windows:
-            self._cache.popitem(last=False)
         return tokens
 
-    def __getstate__(self):  # file descriptors and caches are per process (DataLoader workers)
+    def __getstate__(self):  # file descriptors are per process (DataLoader workers)
         state = self.__dict__.copy()
-        state["_readers"], state["_cache"] = {}, OrderedDict()
+        state["_readers"] = {}
         return state

@@ -29,10 +29,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from caduceus_dist.data.config import DataConfig
+from caduceus_dist.data.crops import CropSource
 from caduceus_dist.data.curriculum import DataPlanError, Schedule, StepPlan
 from caduceus_dist.data.cursor import TAG_MASK, TAG_STRAND, EpochOrder, derive_key, uniform_float
 from caduceus_dist.data.dataset import ShardSplit
-from caduceus_dist.data.masking import MaskingPolicy, PreparedWindow, gather_crops, mask_batch
+from caduceus_dist.data.masking import MaskingPolicy, mask_batch
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,12 @@ class _BatchBuilder:
     consuming process) widens to int64 and pins.
     """
 
-    def __init__(self, split: ShardSplit, seed: int, policy: MaskingPolicy):
-        self.split, self.seed, self.policy = split, seed, policy
+    def __init__(self, split: ShardSplit, seed: int, policy: MaskingPolicy, cache_windows: int):
+        self.crops = CropSource(split.read_window, split.window, cache_windows)
+        self.seed, self.policy = seed, policy
 
     def build(self, rows: Rows) -> dict:
-        tokens = gather_crops(self.split.window_tokens, rows.sample_id, rows.offset, rows.strand, rows.seq_len)
+        tokens = self.crops.gather(rows.sample_id, rows.offset, rows.strand, rows.seq_len)
         inputs, targets = mask_batch(tokens, crop_keys(self.seed, TAG_MASK, rows), self.policy)
         return {"input_ids": inputs, "targets": targets, "sample_id": rows.sample_id, "crop_offset": rows.offset,
                 "strand": rows.strand, "epoch": rows.epoch}
@@ -100,9 +102,8 @@ def masking_policy(cfg: DataConfig) -> MaskingPolicy:
     return MaskingPolicy(cfg.mlm_probability, cfg.mask_fraction, cfg.random_fraction)
 
 
-def open_split(cfg: DataConfig, split: str, cache_windows: int) -> ShardSplit:
-    return ShardSplit(cfg.shards, split, verify=cfg.verify, on_corrupt=cfg.on_corrupt, cache_windows=cache_windows,
-                      prepare=PreparedWindow)
+def open_split(cfg: DataConfig, split: str) -> ShardSplit:
+    return ShardSplit(cfg.shards, split, verify=cfg.verify, on_corrupt=cfg.on_corrupt)
 
 
 def _pin(cfg: DataConfig) -> bool:
@@ -154,12 +155,12 @@ class TrainStream:
             raise DataPlanError(f"rank {rank} is not in [0, world_size {world_size})")
         self.cfg, self.rank, self.world_size, self.grad_accum = cfg, rank, world_size, grad_accum
         self.seed = resolve_seed(cfg, train_seed)
-        self.split = open_split(cfg, cfg.split, cache_windows=cfg.shuffle_windows + 1)
+        self.split = open_split(cfg, cfg.split)
         self.skipped_shards = list(self.split.skipped)
         self.schedule = Schedule(cfg, world_size, grad_accum, self.split.window)
         self.order = EpochOrder(self.split.sample_ids, self.split.window, self.schedule.slab, self.schedule.unit,
                                 cfg.shuffle_windows, self.seed)
-        self._builder = _BatchBuilder(self.split, self.seed, masking_policy(cfg))
+        self._builder = _BatchBuilder(self.split, self.seed, masking_policy(cfg), cfg.shuffle_windows)
         self._next_step = 0
         self._anchor = (0, 0)  # (step, unit position): positions are natural ones shifted to pass through it
 
@@ -273,7 +274,7 @@ class EvalStream:
                  train_seed: int | None = None):
         cfg.validate()
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.split = open_split(cfg, split, cache_windows=4)
+        self.split = open_split(cfg, split)
         self.seq_len = cfg.eval_seq_len or cfg.seq_len
         if self.split.window % self.seq_len:
             raise DataPlanError(f"eval seq_len {self.seq_len} does not divide the stored window length "
@@ -284,7 +285,7 @@ class EvalStream:
         batches = -(-self.crops // self.batch_size)
         self.batches = batches if max_batches is None else min(batches, max_batches)
         self._epoch = _split_epoch(split)
-        self._builder = _BatchBuilder(self.split, resolve_seed(cfg, train_seed), masking_policy(cfg))
+        self._builder = _BatchBuilder(self.split, resolve_seed(cfg, train_seed), masking_policy(cfg), cache_windows=4)
 
     def rows(self, index: int, rank: int | None = None) -> Rows:
         rank = self.rank if rank is None else rank

@@ -4,8 +4,8 @@ Per position, independently: N becomes [PAD] first; then with probability `mlm_p
 position is selected (no token type is excluded, so [PAD] positions can be selected, and keep
 target [PAD]); selected positions become [MASK] with probability `mask_fraction`, a uniform id in
 [0, 12) with probability `random_fraction`, and stay otherwise; targets are the original id at
-selected positions and [PAD] (4, ignored by the loss) elsewhere. Reverse-complement augmentation
-is applied to the crop before all of this, as the reference does before tokenising.
+selected positions and [PAD] (4, ignored by the loss) elsewhere. N -> [PAD] and the
+reverse-complement augmentation are applied to the crop before (`crops.py`), as the reference does.
 
 One uint32 u per position decides everything (thresholds on u): selected iff u < t_sel, [MASK]
 iff u < t_mask, random iff t_mask <= u < t_rand, and the random id is (u - t_mask) * 12 //
@@ -19,27 +19,14 @@ Speed: every per-token step is branch-free uint8/uint32 arithmetic over cache-si
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
 
 from caduceus_dist.data.cursor import BLOCK_TOKENS, UniformStream, token_blocks
-from caduceus_dist.model.tokenizer import (
-    COMPLEMENT_IDS,
-    MASK_ID,
-    N_ID,
-    PAD_ID,
-    VOCAB_SIZE,
-)
+from caduceus_dist.model.tokenizer import MASK_ID, PAD_ID, VOCAB_SIZE
 
 _SCALE = 1 << 32
-
-# Token LUTs (uint8 -> uint8): N -> [PAD] for the forward strand; complement, then N -> [PAD], for RC.
-_FORWARD_LUT = np.arange(256, dtype=np.uint8)
-_FORWARD_LUT[N_ID] = PAD_ID
-_REVERSE_LUT = _FORWARD_LUT.copy()
-_REVERSE_LUT[:VOCAB_SIZE] = _FORWARD_LUT[COMPLEMENT_IDS]
 
 
 @dataclass(frozen=True)
@@ -73,51 +60,6 @@ def _below(u: np.ndarray, threshold: int, out: np.ndarray) -> np.ndarray:
         out[...] = False
         return out
     return np.less_equal(u, np.uint32(threshold - 1), out=out)
-
-
-class PreparedWindow:
-    """A stored window with N -> [PAD], in each orientation on first use (then crops are row copies)."""
-
-    def __init__(self, tokens: np.ndarray):
-        self.tokens = tokens
-
-    @functools.cached_property
-    def forward(self) -> np.ndarray:
-        return np.take(_FORWARD_LUT, self.tokens)
-
-    @functools.cached_property
-    def reverse(self) -> np.ndarray:
-        """The reverse complement of the whole window."""
-        return np.take(_REVERSE_LUT, self.tokens[::-1])
-
-
-def gather_crops(window_of, sample_ids: np.ndarray, offsets: np.ndarray, strands: np.ndarray,
-                 length: int) -> np.ndarray:
-    """(B, length) uint8: crop i of window_of(sample_ids[i]) (a PreparedWindow) at offsets[i] (a multiple
-    of length), reverse-complemented where strands[i]. One gather per distinct window, not per row.
-
-    The reverse complement of the crop at offset o is the slice [W - o - length, W - o) of the
-    window's reverse complement, so both strands are plain row gathers.
-    """
-    if np.any(offsets % length):
-        raise ValueError(f"crop offsets must be multiples of the crop length {length}")
-    out = np.empty((len(offsets), length), dtype=np.uint8)
-    if not len(out):  # an evaluation rank may get an empty slice of the last batch
-        return out
-    windows, inverse = np.unique(sample_ids, return_inverse=True)
-    order = np.argsort(inverse, kind="stable")
-    bounds = np.cumsum(np.bincount(inverse, minlength=len(windows)))
-    reverse = np.asarray(strands, dtype=bool)
-    for sample, rows in zip(windows.tolist(), np.split(order, bounds[:-1]), strict=True):
-        window = window_of(sample)
-        crops = len(window.tokens) // length
-        index, flip = offsets[rows] // length, reverse[rows]
-        if not flip.all():
-            out[rows[~flip]] = window.forward[:crops * length].reshape(crops, length)[index[~flip]]
-        if flip.any():
-            tail = window.reverse[len(window.reverse) - crops * length:].reshape(crops, length)
-            out[rows[flip]] = tail[crops - 1 - index[flip]]
-    return out
 
 
 def mask_batch(tokens: np.ndarray, keys: np.ndarray, policy: MaskingPolicy) -> tuple[np.ndarray, np.ndarray]:
