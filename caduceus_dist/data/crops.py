@@ -78,7 +78,6 @@ class CropSource:
             arena_rows = self._arena.reshape(-1, length)  # row (slot * 2 + strand) * crops + crop index
             picked = (row_slots * 2 + strands[rows]) * crops + index[rows]
             if len(rows) == len(out):
-                np.take(arena_rows, picked, axis=0, out=out)
-            else:
-                out[rows] = arena_rows[picked]
+                return arena_rows[picked]  # the common case: one gather, no copy into `out`
+            out[rows] = arena_rows[picked]
         return out
