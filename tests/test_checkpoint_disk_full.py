@@ -82,17 +82,18 @@ def test_full_disk_retry_keeps_previous_and_training_goes_on(tmp_path, caplog, k
         run.train(2)
         run.manager.wait()  # the first checkpoint is sealed before the disk fills up
         fill()
-        losses = run.train(6)
+        with pytest.raises(CheckpointWriteError) as err:  # the final save has no later retry: an error
+            run.train(6)
         run.close()
-        assert sorted(losses) == [3, 4, 5, 6]  # training went on past both failed saves
+        assert run.step == 6  # training went on past the failed save of step 4, up to the end
         assert_previous_intact(run_dir)
-    failures = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(failures) == 2  # step 4 and the final step 6 were both tried
-    for step, text in zip((4, 6), failures, strict=True):
+    (retried,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    for step, text in ((4, retried), (6, str(err.value))):
         assert f"checkpoint step_{step:06d} could not be written" in text
         assert "rank 0" in text and " MB free on the filesystem of " in text  # who failed, how much room
         assert "The previous checkpoint (step_000002) and `latest` are unchanged" in text
-        assert "retries at the next interval" in text
+    assert "Training continues and retries at the next interval" in retried
+    assert "This was the final save" in str(err.value) and "redo the steps since step_000002" in str(err.value)
 
 
 @pytest.mark.parametrize("kind", ["tmpfs", "rlimit"])
@@ -112,3 +113,30 @@ def test_full_disk_stop_fails_cleanly_with_the_reason(tmp_path, kind):
     assert "checkpoint step_000004 could not be written" in message
     assert "Stopping (checkpoint.on_write_error=stop)" in message
     assert "rerun the same command to resume" in message
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_full_disk_during_a_two_rank_deepspeed_save_neither_hangs_nor_loses_the_previous(tmp_path, tmp_path_factory):
+    """Both ranks write their ZeRO files into a filesystem that fills up midway; whichever rank fails,
+    they agree, drop the partial save, train on to the end (where the final save fails too, so the run
+    exits 1); `latest` still names the previous checkpoint, which still verifies."""
+    from test_resume_exact import Job, overrides, port, sample_shards, straight_run
+
+    probe = straight_run("zero2", tmp_path_factory) / "checkpoints" / "step_000003"
+    manifest = read_manifest(probe)
+    footprint = sum(-(-entry["bytes"] // PAGE) * PAGE for entry in manifest["files"].values())
+    run_dir = tmp_path / "run"
+    with full_disk("tmpfs", run_dir, footprint):
+        job = Job(2, overrides(run_dir, sample_shards(tmp_path_factory), "zero2", "checkpoint.keep=1"),
+                  tmp_path / "logs", port())
+        output = job.check(timeout=300, expect=1)  # the final save failed too: a real failure, not 75
+        root = run_dir / "checkpoints"
+        assert read_latest(root) == "step_000003"
+        assert ckpts(run_dir) == ["step_000003"]
+        saved = read_manifest(root / "step_000003")
+        assert check_files(root / "step_000003", saved["files"], sorted(saved["files"]), "sha256") == []
+    assert "checkpoint step_000006 could not be written" in output
+    assert "checkpoint step_000008 could not be written" in output and "This was the final save" in output
+    assert "The previous checkpoint (step_000003) and `latest` are unchanged" in output
+    assert "step      8/8" in output  # training went on to the end

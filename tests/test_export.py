@@ -25,7 +25,7 @@ def trained_weights(checkpoint, engine: str) -> dict[str, torch.Tensor]:
 
         dcp_to_torch_save(checkpoint / "dcp", checkpoint.parent / "full.pt")
         return torch.load(checkpoint.parent / "full.pt", weights_only=False)["model"]
-    (states,) = checkpoint.rglob("mp_rank_00_model_states.pt")  # ZeRO-2 keeps whole fp32 module weights there
+    states = checkpoint / "deepspeed" / "mp_rank_00_model_states.pt"  # ZeRO-2: whole fp32 module weights
     return torch.load(states, weights_only=False, map_location="cpu")["module"]
 
 

@@ -213,10 +213,13 @@ def test_sigkill_at_random_step_then_resume_is_bitwise_exact(engine, tmp_path, t
     victim.kill(signal.SIGKILL)
     reached = max(printed_losses(victim.output()))
     assert reached < MAX_STEPS
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    # the kill may land inside the save of a due step: then that step was never committed
+    assert latest in {f"step_{EVERY * (reached // EVERY - k):06d}" for k in (0, 1)}, (reached, latest)
 
     output = jobs(2, args, run_dir / "logs_2", port()).check()
     resumed_at = int(re.search(r"resumed at step (\d+)", output).group(1))
-    assert resumed_at == EVERY * (reached // EVERY) and resumed_at > 0
+    assert f"step_{resumed_at:06d}" == latest
 
     # identical losses after the resume: console (rounded) and TensorBoard (float32, every step)
     expected = printed_losses(straight_output := (straight / "logs" / "rank0.log").read_text())

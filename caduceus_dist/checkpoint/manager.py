@@ -56,7 +56,7 @@ from caduceus_dist.checkpoint.manifest import (
     step_dir_name,
     step_of,
 )
-from caduceus_dist.checkpoint.preemption import PreemptionFlag
+from caduceus_dist.checkpoint.preemption import EXIT_PREEMPTED, PreemptionFlag
 
 log = logging.getLogger("caduceus_dist.checkpoint")
 
@@ -159,6 +159,7 @@ class CheckpointManager:
         self._last_step: int | None = None  # step of the newest checkpoint on disk (written or resumed)
         self._pending: _PendingSave | None = None
         self._stats: dict[str, float] = {}
+        self._preempting = False
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
         self._copies_for_node = self._is_first_rank_of_node() if self.cfg.async_save else False
@@ -216,6 +217,7 @@ class CheckpointManager:
                 self.rank, signal.Signals(self.preemption.received).name, step,
             )
         due = preempted or step >= self.max_steps or (self.cfg.every > 0 and step % self.cfg.every == 0)
+        self._preempting = preempted
         if due and step != self._last_step:
             self.save(step, client_state_fn(), blocking=preempted or step >= self.max_steps)
         return preempted
@@ -351,9 +353,18 @@ class CheckpointManager:
         if self.cfg.on_write_error == "stop":
             raise CheckpointWriteError(message + " Stopping (checkpoint.on_write_error=stop); rerun the same "
                                        "command to resume from the previous checkpoint.")
-        if self.rank == 0:
-            nxt = "the next interval" if self.cfg.every else "the end of the run"
-            log.error("%s Training continues and retries at %s (checkpoint.on_write_error=retry).", message, nxt)
+        if step >= self.max_steps:  # nothing later to retry with: succeeding now would lose the run's end
+            raise CheckpointWriteError(message + " This was the final save, so there is no later one to retry: "
+                                       "stopping with an error; rerun the same command to redo the steps since "
+                                       f"{latest or 'the start'}.")
+        if self.rank != 0:
+            return
+        if self._preempting:
+            log.error("%s Exiting %d anyway: the requeued job resumes from %s.", message, EXIT_PREEMPTED,
+                      latest or "the start")
+        else:
+            log.error("%s Training continues and retries at the next interval (checkpoint.on_write_error=retry).",
+                      message)
 
     def _record(self, step: int, files: dict[str, dict], blocking_s: float, total_s: float) -> None:
         total = sum(entry["bytes"] for entry in files.values())
