@@ -68,6 +68,13 @@ def job_port(job_id: str) -> int:
 # torchrun for batch scripts
 
 
+def _ignore_preemption_signals() -> None:
+    """Ignore the preemption signals here and, through exec, in the trainer until it installs its own
+    handlers: a signal that lands during start-up must not kill a rank (the launchers repeat it)."""
+    for signum in PREEMPTION_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def torchrun(argv: list[str]) -> int:
     """Run torchrun; return 75 when every failed worker exited 75, else its usual outcome."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -78,13 +85,11 @@ def torchrun(argv: list[str]) -> int:
 
     if "SLURM_NODEID" in os.environ and not given("--node-rank", "--node_rank"):
         argv = [f"--node-rank={os.environ['SLURM_NODEID']}", *argv]
-    # SLURM signals every process of the step, workers included. The agent must survive preemption
-    # signals (torchrun would kill its workers mid-save) and its workers start with them ignored until
-    # the trainer installs its handlers, so an early signal is never fatal (the batch script repeats it).
+    # SLURM signals every process of the step, workers included, so the agent itself ignores the
+    # preemption signals: torchrun's own handling would kill the workers in the middle of their save.
     if not given("--signals-to-handle", "--signals_to_handle"):
         argv = ["--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", *argv]
-    for signum in PREEMPTION_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+    _ignore_preemption_signals()
     try:
         run(parse_args(argv))
     except ChildFailedError as err:
@@ -98,13 +103,6 @@ def torchrun(argv: list[str]) -> int:
 
 # ----------------------------------------------------------------------------------------------------
 # The Submitit job
-
-
-def _ignore_preemption_signals() -> None:
-    """In the trainer child before exec: a preemption signal that lands before the trainer installs
-    its handlers must not kill it (rank 0's checkpoint() repeats it until the child exits)."""
-    for signum in PREEMPTION_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
 
 
 @dataclass
@@ -131,6 +129,11 @@ class PretrainJob:
             MASTER_ADDR=node_address(job.hostnames[0]), MASTER_PORT=str(job_port(str(job.job_id))),
         )
         return env
+
+    def _resubmission(self):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(PretrainJob(self.command, self.cwd, self.forward_every_s))
 
     def _wait(self, forward: int | None = None) -> int:
         """Poll (never block in Popen.wait: Submitit's handler runs on this thread and waits too)."""
@@ -169,14 +172,14 @@ class PretrainJob:
         import submitit
 
         if self._child is None:  # signalled before the trainer started: just run again
-            return submitit.helpers.DelayedSubmission(PretrainJob(self.command, self.cwd, self.forward_every_s))
+            return self._resubmission()
         print("[launch] preemption/timeout signal: waiting for the trainer's collective checkpoint", flush=True)
         code = self._wait(forward=submitit.JobEnvironment._usr_sig())
         if code not in (EXIT_PREEMPTED, 0):
             print(f"[launch] the trainer exited with code {code} while saving: not requeueing", flush=True)
             return None
         print(f"[launch] trainer exited with {code}: requeueing; the next run resumes from latest", flush=True)
-        return submitit.helpers.DelayedSubmission(PretrainJob(self.command, self.cwd, self.forward_every_s))
+        return self._resubmission()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -80,31 +80,33 @@ log "job $SLURM_JOB_ID SLURM_RESTART_COUNT=$RESTARTS nodes=$SLURM_JOB_NODELIST (
 log "recipe $CONFIG overrides: $*"
 [ "$RESTARTS" -gt 0 ] && log "requeued run: training resumes from the run's checkpoints/latest"
 
+# Forward through SLURM (every process of the job's steps, not this shell), rather than to srun, which
+# may not have its own signal handlers yet when the signal comes early.
 SIGNALLED=""
-STEP_PID=""
+signal_training() { scancel --signal="$1" "$SLURM_JOB_ID" 2>/dev/null; LAST_FORWARD=$SECONDS; }
 forward() {
   SIGNALLED=$1
-  LAST_FORWARD=$SECONDS
   log "received SIG$1: forwarding it to the training processes (they save a checkpoint together and exit 75)"
-  [ -n "$STEP_PID" ] && kill -s "$1" "$STEP_PID" 2>/dev/null
+  signal_training "$1"
 }
 trap 'forward USR2' USR2
 trap 'forward TERM' TERM
 
+# Each node's launcher starts with the preemption signals ignored (inherited through exec, until the
+# trainer installs its handlers), so a signal that lands while Python is still starting is not fatal.
 srun --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" --kill-on-bad-exit=1 \
+  bash -c 'trap "" USR2 TERM; exec "$@"' node-launcher \
   "$PYTHON" -m caduceus_dist.launch torchrun --nnodes="$SLURM_JOB_NUM_NODES" --nproc-per-node="$PROCS" \
   --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" "$ENTRY" --config "$CONFIG" "$@" &
 STEP_PID=$!
-[ -n "$SIGNALLED" ] && kill -s "$SIGNALLED" "$STEP_PID" 2>/dev/null
 
 # Wait in short sleeps so traps run promptly; repeat a forwarded signal in case it landed before the
-# training processes had installed their handlers (they ignore it until then).
+# step existed or before the training processes had installed their handlers (they ignore it until then).
 FORWARD_EVERY=${FORWARD_EVERY:-30}
 while kill -0 "$STEP_PID" 2>/dev/null; do
   sleep 1 & wait $! 2>/dev/null
   if [ -n "$SIGNALLED" ] && [ $(( SECONDS - LAST_FORWARD )) -ge "$FORWARD_EVERY" ]; then
-    LAST_FORWARD=$SECONDS
-    kill -s "$SIGNALLED" "$STEP_PID" 2>/dev/null
+    signal_training "$SIGNALLED"
   fi
 done
 wait "$STEP_PID"

@@ -68,7 +68,7 @@ def test_local_submitit_job_trains_with_two_tasks(tmp_path):
         [sys.executable, "-m", "caduceus_dist.launch", "--config", str(REPO / "recipes" / "cpu_demo.yaml"),
          "--local", "--gpus-per-node", "0", "--tasks-per-node", "2", "--time", "10", "--wait",
          f"run_dir={run_dir}", f"data.shards={shards}", "model.d_model=32", "model.n_layer=1",
-         "data.tokens_per_step=512", "data.num_workers=0", "train.eval_batches=0", "train.max_steps=4"],
+         "data.seq_len=128", "data.curriculum.start_seq_len=null", "data.tokens_per_step=512", "data.num_workers=0", "train.eval_batches=0", "train.max_steps=4"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600, env=clean_env())
     assert done.returncode == 0, done.stdout + done.stderr
     assert ": finished" in done.stdout
