@@ -95,9 +95,6 @@ class _CountingReader:
         self.consumed += len(data)
         return data
 
-    def readable(self) -> bool:
-        return True
-
     def close(self) -> None:
         self._fh.close()
 
@@ -136,7 +133,7 @@ def bgzf_groups(raw) -> Iterator[BgzfBlocks]:
         data = raw.read(BGZF_GROUP_BYTES)
         buf += data
         pos, ends = 0, []
-        while len(buf) - pos >= 18:
+        while len(buf) - pos >= 12 and len(buf) - pos >= 12 + int.from_bytes(buf[pos + 10:pos + 12], "little"):
             try:
                 size = _bgzf_block_size(buf, pos)
             except zlib.error as exc:

@@ -126,7 +126,7 @@ class OutputDir:
         self.state = root / STATE_DIR
         self.journal = self.state / "journal.jsonl"
 
-    def _fail(self, action: str, exc: OSError) -> ShardingError:
+    def write_error(self, action: str, exc: OSError) -> ShardingError:
         return ShardingError(
             f"cannot {action} ({exc.strerror or exc}); choose a writable --out with free space. "
             "Shards finished so far are kept; rerun with the same arguments to resume"
@@ -158,7 +158,7 @@ class OutputDir:
             if not (self.state / "args.json").exists():
                 write_atomic(self.state / "args.json", json.dumps(self.identity, sort_keys=True, indent=1))
         except OSError as exc:
-            raise self._fail(f"create the output directory {self.root}", exc) from None
+            raise self.write_error(f"create the output directory {self.root}", exc) from None
         for partial in self.root.glob(f"*/.*{PARTIAL_SUFFIX}"):
             partial.unlink()
         return self._kept_shards()

@@ -248,7 +248,8 @@ def shard_genome(cfg: ShardConfig, progress: Callable[[int, int, int], None] | N
         sink.finish_all()
     except OSError as exc:
         sink.abandon()
-        raise out._fail(f"write shards under {out.root}: {exc.filename or ''}", exc) from None
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise out.write_error(f"write shards under {out.root}{where}", exc) from None
     except BaseException:
         sink.abandon()
         raise
@@ -269,7 +270,7 @@ def shard_genome(cfg: ShardConfig, progress: Callable[[int, int, int], None] | N
     try:
         out.write_manifest(manifest)
     except OSError as exc:
-        raise out._fail(f"write {out.root / MANIFEST_NAME}", exc) from None
+        raise out.write_error(f"write {out.root / MANIFEST_NAME}", exc) from None
     return manifest
 
 
