@@ -59,7 +59,7 @@ def check_parity(inputs, chunk_size):
 
 @pytest.mark.parametrize(
     ("length", "chunk_size"),
-    [(1, 16), (7, 16), (16, 16), (37, 16), (64, 16), (45, 1), (45, 5), (100, 64)],
+    [(1, 16), (7, 16), (16, 16), (37, 16), (64, 16), (45, 1), (45, 5), (100, 64), (150, 0)],
     ids=lambda v: str(v),
 )
 def test_scan_matches_sequential_forward_and_all_gradients(length, chunk_size):
@@ -114,6 +114,16 @@ def test_torch_causal_conv_matches_conv1d_reference():
     for g in range(G):
         ref = F.conv1d(x[g].transpose(1, 2), weight[g].unsqueeze(1), bias[g], padding=K - 1, groups=E)[..., :L]
         torch.testing.assert_close(ours[g], F.silu(ref).transpose(1, 2), rtol=1e-6, atol=1e-6)
+
+
+def test_auto_chunk_size_keeps_buffers_bounded_and_negative_sizes_fail():
+    from caduceus_dist.model.scan import auto_chunk_size
+
+    assert auto_chunk_size(rows=4, d_state=16, d_inner=256, length=8192) == 32
+    assert auto_chunk_size(rows=64, d_state=16, d_inner=512, length=8192) == 4  # floor for huge batches
+    assert auto_chunk_size(rows=1, d_state=16, d_inner=8, length=10) == 10  # never beyond L
+    with pytest.raises(ValueError, match=r"scan_chunk_size must be >= 0 \(0 = auto\), got -1"):
+        selective_scan(*random_inputs(1, 1, 4, 2, 2, seed=0), chunk_size=-1)
 
 
 def test_unknown_backend_name_fails_naming_the_choices():

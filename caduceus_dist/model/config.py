@@ -72,7 +72,7 @@ class CaduceusConfig:
     # Runtime switches (ours; not written to config.json).
     backend: str = "auto"  # auto | torch | cuda (kernels.KERNEL_BACKENDS)
     gradient_checkpointing: bool = False  # per-layer activation checkpointing
-    scan_chunk_size: int = 64  # positions per chunk of the pure-PyTorch scan (memory ~ B*E*N*chunk)
+    scan_chunk_size: int = 0  # positions per chunk of the pure-PyTorch scan (memory ~ B*E*N*chunk); 0 = auto
 
     def __post_init__(self) -> None:
         unknown = set(self.ssm_cfg) - set(SSM_DEFAULTS)

@@ -25,7 +25,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DEFAULT_CHUNK_SIZE = 64
+DEFAULT_CHUNK_SIZE = 0  # auto
+AUTO_CHUNK_ELEMENTS = 2**19  # ~2 MB per fp32 chunk buffer: the backward's four buffers stay cache-resident
+
+
+def auto_chunk_size(rows: int, d_state: int, d_inner: int, length: int) -> int:
+    """Largest power of two in [4, 64] whose (rows, chunk, N, E) buffer holds <= AUTO_CHUNK_ELEMENTS."""
+    per_position = max(1, rows * d_state * d_inner)
+    chunk = 4
+    while chunk < 64 and 2 * chunk * per_position <= AUTO_CHUNK_ELEMENTS:
+        chunk *= 2
+    return min(chunk, max(length, 1))
 
 
 def _sub_chunk_size(length: int) -> int:
@@ -167,7 +177,9 @@ class SelectiveScan(torch.autograd.Function):
 
 
 def selective_scan(u, delta, A, Bm, Cm, D, z, delta_bias, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
-    """Grouped, time-major selective scan; see the module docstring for shapes."""
-    if chunk_size < 1:
-        raise ValueError(f"scan_chunk_size must be >= 1, got {chunk_size}")
+    """Grouped, time-major selective scan; see the module docstring for shapes. chunk_size 0: auto."""
+    if chunk_size < 0:
+        raise ValueError(f"scan_chunk_size must be >= 0 (0 = auto), got {chunk_size}")
+    if chunk_size == 0:
+        chunk_size = auto_chunk_size(u.shape[0] * u.shape[1], A.shape[-1], u.shape[-1], u.shape[2])
     return SelectiveScan.apply(u, delta, A, Bm, Cm, D, z, delta_bias, chunk_size)

@@ -1,0 +1,203 @@
+"""Pure-PyTorch selective scan and whole Caduceus-PS model on CPU: ours vs a sequential scan.
+
+    .venv/bin/python benchmarks/bench_scan.py            # full run (~10-20 min on 2 shared cores)
+    .venv/bin/python benchmarks/bench_scan.py --quick    # L = 1k only
+
+Every case runs forward+backward in a fresh subprocess, so peak memory is that process's
+ru_maxrss minus its RSS just before the measured step (inputs and model already allocated).
+The baseline is a straightforward sequential scan: one position at a time under autograd, per-step
+tensors taken with unbind (linear in L; the reference's selective_scan_ref indexes precomputed
+(B, E, L, N) tensors instead, whose backward is quadratic in L, so this baseline is the faster of
+the two). The whole-model baseline is the same model with that scan plugged into the kernel
+registry. Throughput is tokens per second of wall time and of process CPU time (the second is
+robust to other jobs sharing the machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from caduceus_dist.model import CaduceusConfig, CaduceusForMaskedLM, mlm_loss
+from caduceus_dist.model.kernels import KERNEL_BACKENDS, TorchKernels
+from caduceus_dist.model.scan import selective_scan
+
+REFERENCE_TOKENS_PER_S = 29.0  # reference CPU path, PS d_model 128, 2 layers, L 512 (issue 2)
+SEQUENTIAL_SKIP_LENGTH = 32768  # the sequential baseline would take too long (and ~20 GB) here
+REFERENCE_STYLE_MAX_LENGTH = 1024  # quadratic backward: minutes at 1k, hours at 8k
+
+
+def sequential_scan(u, delta, A, Bm, Cm, D, z, delta_bias, chunk_size=0):
+    """spec 1.4 one position at a time (grouped time-major layout), autograd through every step."""
+    dt = F.softplus(delta.float() + delta_bias[:, None, None, :].float())
+    u, Bm, Cm = u.float(), Bm.float(), Cm.float()
+    state = u.new_zeros(*u.shape[:2], *A.shape[1:])
+    ys = []
+    for dt_t, u_t, b_t, c_t in zip(dt.unbind(2), u.unbind(2), Bm.unbind(2), Cm.unbind(2), strict=True):
+        state = torch.exp(dt_t.unsqueeze(-1) * A[:, None]) * state + (dt_t * u_t).unsqueeze(-1) * b_t.unsqueeze(-2)
+        ys.append((state * c_t.unsqueeze(-2)).sum(-1))
+    y = torch.stack(ys, dim=2) + D[:, None, None, :] * u
+    return (y * F.silu(z.float())).to(u.dtype)
+
+
+def reference_style_scan(u, delta, A, Bm, Cm, D, z, delta_bias, chunk_size=0):
+    """selective_scan_ref's structure: full (B, E, L, N) decay/input tensors, then index position i."""
+    dt = F.softplus(delta.float() + delta_bias[:, None, None, :].float())
+    decay = torch.exp(dt.unsqueeze(-1) * A[:, None, None])  # (G, B, L, E, N)
+    inputs = (dt * u).unsqueeze(-1) * Bm.unsqueeze(-2)
+    state = u.new_zeros(*u.shape[:2], *A.shape[1:])
+    ys = []
+    for i in range(u.shape[2]):
+        state = decay[:, :, i] * state + inputs[:, :, i]
+        ys.append((state * Cm[:, :, i].unsqueeze(-2)).sum(-1))
+    y = torch.stack(ys, dim=2) + D[:, None, None, :] * u
+    return (y * F.silu(z)).to(u.dtype)
+
+
+SCANS = {"ours": selective_scan, "sequential": sequential_scan, "reference_style": reference_style_scan}
+
+
+class SequentialKernels(TorchKernels):
+    name = "sequential"
+    selective_scan = staticmethod(sequential_scan)
+
+
+class ReferenceStyleKernels(TorchKernels):
+    name = "reference_style"
+    selective_scan = staticmethod(reference_style_scan)
+
+
+KERNEL_BACKENDS.update(sequential=SequentialKernels, reference_style=ReferenceStyleKernels)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_case(kind: str, impl: str, length: int, batch: int, d_model: int, n_layer: int, chunk: int) -> dict:
+    """One forward+backward (after a short warm-up at a small length) in this process."""
+    torch.manual_seed(0)
+    if kind == "scan":
+        G, E, N = 2, 2 * d_model, 16  # one BiMamba layer of a PS model: 2 directions, 2 RC halves
+        gen = torch.Generator().manual_seed(0)
+
+        def make(L):
+            shapes = [(G, 2 * batch, L, E)] * 2 + [(G, E, N)] + [(G, 2 * batch, L, N)] * 2 + [(G, E)] + \
+                     [(G, 2 * batch, L, E), (G, E)]
+            inputs = [torch.randn(*shape, generator=gen) for shape in shapes]
+            inputs[2] = -inputs[2].abs() * 4
+            inputs[7] = inputs[7] - 2
+            return [t.requires_grad_() for t in inputs]
+
+        scan = SCANS[impl]
+        warm, inputs = make(64), make(length)
+
+        def step(inputs=inputs):
+            scan(*inputs, chunk_size=chunk).sum().backward()
+
+        step(warm)  # warm-up at a short length: thread pool and allocator, without raising the peak
+    else:
+        config = CaduceusConfig(d_model=d_model, n_layer=n_layer, vocab_size=12, rcps=True, residual_in_fp32=False,
+                                backend="torch" if impl == "ours" else impl, scan_chunk_size=chunk)
+        model = CaduceusForMaskedLM(config)
+        ids = torch.randint(7, 11, (batch, length), generator=torch.Generator().manual_seed(0))
+
+        def step(ids=ids):
+            loss, _ = mlm_loss(model(ids), ids)
+            loss.backward()
+
+        step(ids[:, :64])
+    before = rss_mb()
+    wall, cpu = time.perf_counter(), time.process_time()
+    step()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    tokens = batch * length
+    return {"kind": kind, "impl": impl, "length": length, "batch": batch, "d_model": d_model, "n_layer": n_layer,
+            "wall_s": wall, "cpu_s": cpu, "tok_s_wall": tokens / wall, "tok_s_cpu": tokens / cpu,
+            "peak_mb": max(peak, 0.0), "threads": torch.get_num_threads()}
+
+
+def spawn(args: argparse.Namespace, **case) -> dict:
+    cmd = [sys.executable, __file__, "--_case", json.dumps(case), "--threads", str(args.threads)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def ratio(ours: dict, base: dict) -> str:
+    return (f"{ours['tok_s_cpu'] / base['tok_s_cpu']:.1f}x faster (cpu), {ours['tok_s_wall'] / base['tok_s_wall']:.1f}x "
+            f"(wall), {ours['peak_mb'] / max(base['peak_mb'], 1):.2f}x the memory")
+
+
+def fmt(r: dict) -> str:
+    return f"{r['tok_s_wall']:9.0f} tok/s wall {r['tok_s_cpu']:9.0f} tok/s cpu {r['peak_mb']:7.0f} MB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="L = 1k only")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per case (0: torch default)")
+    parser.add_argument("--chunk", type=int, default=CaduceusConfig.scan_chunk_size, help="scan_chunk_size")
+    parser.add_argument("--json", type=Path, help="also write all results here")
+    parser.add_argument("--_case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args._case:
+        print(json.dumps(run_case(**json.loads(args._case))))
+        return
+
+    lengths = [1024] if args.quick else [1024, 8192, 32768]
+    results = []
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, threads {args.threads or 'default'}, "
+          f"chunk {args.chunk}; shared with other jobs, so compare the cpu columns")
+    for kind, title in (("scan", "scan: one PS BiMamba layer, G=2 directions x 2 RC halves, E=256, N=16, batch 1"),
+                        ("model", "model: PS d_model 128, 2 layers, batch 1")):
+        print(f"\n{title} (forward+backward)")
+        for length in lengths:
+            case = dict(kind=kind, length=length, batch=1, d_model=128, n_layer=2, chunk=args.chunk)
+            ours = spawn(args, impl="ours", **case)
+            results.append(ours)
+            print(f"  L={length:6d} ours            {fmt(ours)}", flush=True)
+            baselines = ["sequential"] if length < SEQUENTIAL_SKIP_LENGTH else []
+            baselines += ["reference_style"] if length <= REFERENCE_STYLE_MAX_LENGTH else []
+            for impl in baselines:
+                base = spawn(args, impl=impl, **case)
+                results.append(base)
+                print(f"           {impl:15s} {fmt(base)}  -> ours is {ratio(ours, base)}", flush=True)
+        if not args.quick:
+            print(f"  (sequential skipped at L={SEQUENTIAL_SKIP_LENGTH}: it is linear in L, so expect 4x its 8k time "
+                  f"and memory; reference_style only up to L={REFERENCE_STYLE_MAX_LENGTH}: its backward is quadratic)")
+
+    print("\nreference comparison: PS d_model 128, 2 layers, L 512, batch 1 (issue 2 quotes ~29 tok/s for the reference)")
+    case = dict(kind="model", length=512, batch=1, d_model=128, n_layer=2, chunk=args.chunk)
+    ours = spawn(args, impl="ours", **case)
+    results.append(ours)
+    print(f"  ours            {fmt(ours)}  -> {ours['tok_s_wall'] / REFERENCE_TOKENS_PER_S:.0f}x the quoted 29 tok/s (wall)")
+    for impl in ("sequential", "reference_style"):
+        base = spawn(args, impl=impl, **case)
+        results.append(base)
+        print(f"  {impl:15s} {fmt(base)}  -> ours is {ratio(ours, base)}", flush=True)
+
+    print("\ncpu_demo size: PS d_model 128, 4 layers, L 1024, batch 8")
+    demo = spawn(args, impl="ours", kind="model", length=1024, batch=8, d_model=128, n_layer=4, chunk=args.chunk)
+    results.append(demo)
+    print(f"  ours            {fmt(demo)} ({demo['wall_s']:.1f} s/step wall, {demo['cpu_s']:.1f} s cpu)")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
