@@ -47,11 +47,12 @@ class Jobs:
                     "FORWARD_EVERY": "5"}
         self.ids: list[str] = []
 
-    def sbatch(self, workdir: Path, *args: str) -> tuple[str, Path]:
+    def sbatch(self, workdir: Path, *args: str, options: tuple[str, ...] = ("--time=10", "--signal=B:USR2@60"),
+               **env: str) -> tuple[str, Path]:
         done = subprocess.run(
-            ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--time=10",
-             "--signal=B:USR2@60", f"--output={workdir}/job-%j.out", str(SBATCH_SCRIPT), *args],
-            cwd=workdir, env=self.env, capture_output=True, text=True, check=True)
+            ["sbatch", "--parsable", "--gpus-per-node=0", *options, f"--output={workdir}/job-%j.out",
+             str(SBATCH_SCRIPT), *args],
+            cwd=workdir, env={**self.env, **env}, capture_output=True, text=True, check=True)
         job_id = done.stdout.strip().split(";")[0]
         self.ids.append(job_id)
         return job_id, workdir / f"job-{job_id}.out"
@@ -238,9 +239,12 @@ def test_sbatch_bad_config_fails_once_without_requeue(jobs, shards, tmp_path):
 
 
 def test_sbatch_unknown_recipe_fails_before_starting_anything(jobs, tmp_path):
-    job_id, log = jobs.sbatch(tmp_path, "no_such_recipe")
+    """Also: the script's #SBATCH defaults apply, and SLURM's SBATCH_* variables override them."""
+    job_id, log = jobs.sbatch(tmp_path, "no_such_recipe", options=(), SBATCH_TIMELIMIT="7",
+                              SBATCH_PARTITION="debug")
     info = jobs.wait_done(job_id, log)
     text = read(log)
+    assert (info["TimeLimit"], info["Partition"], info["NumNodes"], info["Requeue"]) == ("00:07:00", "debug", "2", "1")
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", (info, text)
     assert "recipes/no_such_recipe.yaml not found (recipes: " in text and "cpu_demo" in text
     assert "srun" not in text
