@@ -540,3 +540,13 @@ def test_ctrl_c_exits_130_removes_partial_files_and_resumes(tmp_path):
     assert cli_main([*argv, "--out", str(out)]) == 0
     assert cli_main([*argv, "--out", str(tmp_path / "clean")]) == 0
     assert tree(out) == tree(tmp_path / "clean")
+
+
+def test_a_run_that_wrote_no_shard_does_not_block_other_arguments(tmp_path):
+    chrm_only = tmp_path / "mt.fa"
+    chrm_only.write_text(">MT_human\n" + "ACGT" * 5000 + "\n")
+    out = tmp_path / "out"
+    with pytest.raises(ShardingError, match=r"1 contig\(s\) were left out by --contigs primary \(e.g. 'MT_human'"):
+        shard_genome(ShardConfig(fasta=str(chrm_only), out=str(out), window=4096, quiet=True))
+    manifest = shard_genome(ShardConfig(fasta=str(chrm_only), out=str(out), window=2048, contigs="all", quiet=True))
+    assert manifest["splits"]["train"]["windows"] == 20_000 // 2048

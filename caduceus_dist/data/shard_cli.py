@@ -34,7 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="shard_genome.py",
         description="Turn a genome FASTA (+ split BED) into WebDataset shards of token ids. "
         "Without arguments: shard the embedded hg38 sample into ./data/shards/sample.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     io = parser.add_argument_group("input and output")
     io.add_argument("--fasta", help="genome FASTA: plain, gzip or BGZF (default: the embedded sample)")
@@ -43,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--valid-chroms", type=_chrom_list, default=[], help="without --bed: comma-separated valid contigs")
     io.add_argument("--test-chroms", type=_chrom_list, default=[], help="without --bed: comma-separated test contigs")
     io.add_argument("--contigs", default="primary",
-                    help=f"without --bed: contigs to keep for train: {' | '.join(CONTIG_FILTERS)} | a regex")
+                    help=f"without --bed: contigs to keep for train: {' | '.join(CONTIG_FILTERS)} | a regex (default: primary)")
     io.add_argument("--out", help="output directory (default: ./data/shards/sample for the sample)")
     io.add_argument("--assembly", help="assembly name stored with every sample (default: FASTA file name)")
     win = parser.add_argument_group("windows and shards")
@@ -52,19 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="reference: spec 3.2 (rows extended to 2^20, clamped); tile: non-overlapping "
                      "(default: reference with --bed, tile without; tile for the sample)")
     win.add_argument("--samples-per-shard", type=int, help="windows per shard (default: 2^27 bases / window)")
-    win.add_argument("--zstd-level", type=int, default=3)
+    win.add_argument("--zstd-level", type=int, default=3, help="zstd level of the token frames (default: 3)")
     run = parser.add_argument_group("behaviour")
     run.add_argument("--workers", type=int, default=1,
-                     help="parallel decompression (BGZF) and compression workers; the output is identical for any")
+                     help="parallel decompression (BGZF) and compression workers (default: 1); the output is identical for any")
     run.add_argument("--worker-kind", choices=sorted(WORKER_KINDS), default="threads",
-                     help="threads (zlib/zstd release the GIL; no copying) or processes")
+                     help="threads (default; zlib/zstd release the GIL, no copying) or processes")
     run.add_argument("--strict", action="store_true", help="IUPAC codes and contigs missing from the FASTA are errors")
     run.add_argument("--overwrite", action="store_true", help="replace shards made with different arguments")
     run.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     other = parser.add_argument_group("other modes")
     other.add_argument("--verify", metavar="DIR", help="reread every shard of DIR and check it against its manifest")
     other.add_argument("--download", choices=sorted(DOWNLOADS), help="fetch the reference inputs (spec 3.1)")
-    other.add_argument("--data-dir", default="data", help="--download: where to put the files (under NAME/)")
+    other.add_argument("--data-dir", default="data", help="--download: where to put the files, under NAME/ (default: data)")
     other.add_argument("--mirror", help="--download: base URL holding the same file names")
     return parser
 

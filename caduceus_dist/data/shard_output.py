@@ -140,7 +140,7 @@ class OutputDir:
         changed = sorted(k for k in (previous or {}).keys() | self.identity.keys()
                          if k not in LOCATION_ARGS and (previous or {}).get(k) != self.identity.get(k))
         if previous is not None and changed:
-            if not overwrite:
+            if not overwrite and self._has_shards():  # a run that wrote no shard yet is simply replaced
                 raise ShardingError(
                     f"{self.root} holds shards made with different arguments ({', '.join(changed)} differ). "
                     "Pass --overwrite to replace them, or choose another --out"

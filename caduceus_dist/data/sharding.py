@@ -256,9 +256,11 @@ def shard_genome(cfg: ShardConfig, progress: Callable[[int, int, int], None] | N
     finally:
         reader.close()
     if not any(totals.windows for totals in stats.totals.values()):
+        filtered = (f"; {len(plan.skipped_contigs)} contig(s) were left out by --contigs {cfg.contigs} "
+                    f"(e.g. {plan.skipped_contigs[0]!r}; --contigs all keeps every contig)") if plan.skipped_contigs else ""
         raise ShardingError(
             f"no windows were produced from {cfg.fasta}: every interval is on a contig the FASTA lacks, "
-            f"shorter than --window {cfg.window}, or all N. Check the contig names and --window"
+            f"shorter than --window {cfg.window}, or all N{filtered}. Check the contig names and --window"
         )
     missing = plan.missing()
     if missing and cfg.strict:
