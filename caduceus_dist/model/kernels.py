@@ -40,16 +40,19 @@ class TorchKernels:
 
     @staticmethod
     def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        """out[t] = silu(bias + sum_k w[k] * x[t-K+1+k]) with zeros before t=0 (Conv1d padding K-1, first L)."""
+        """out[t] = silu(bias + sum_k w[k] * x[t-K+1+k]) with zeros before t=0 (Conv1d padding K-1, first L).
+
+        Computed in fp32 and cast back to x's dtype, as causal-conv1d does under autocast.
+        """
         K, L = weight.shape[-1], x.shape[2]
-        padded = F.pad(x, (0, 0, K - 1, 0))
-        weight = weight.to(x.dtype)
+        padded = F.pad(x.float(), (0, 0, K - 1, 0))
+        weight = weight.float()
         out = padded[:, :, :L] * weight[:, None, None, :, 0]
         for k in range(1, K):
             out = torch.addcmul(out, padded[:, :, k : k + L], weight[:, None, None, :, k])
         if bias is not None:
-            out = out + bias.to(x.dtype)[:, None, None, :]
-        return F.silu(out)
+            out = out + bias.float()[:, None, None, :]
+        return F.silu(out).to(x.dtype)
 
     @staticmethod
     def selective_scan(u, delta, A, Bm, Cm, D, z, delta_bias, chunk_size: int) -> Tensor:
