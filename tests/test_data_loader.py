@@ -98,6 +98,7 @@ def test_exact_resume_with_prefetched_batches(shards):
 
     resumed = TrainStream(cfg, 0, 2, 2)
     resumed.load_state_dict(state)
+    assert resumed.plan(1).position == 16  # earlier steps keep their plan after a same-plan resume
     replay = list(resumed.iterate(stop_step=8))
     assert [sb.step for sb in replay] == list(range(3, 8))
     for got, want in zip(replay, reference[3:], strict=True):
@@ -209,6 +210,8 @@ def test_tokens_per_step_change_rebases_the_cursor(shards):
     bigger = TrainStream(config(shards, tokens_per_step=256 * 32), 0, 2, 1)
     bigger.load_state_dict(state)
     assert bigger.plan(3).position * 256 == state["tokens"]
+    with pytest.raises(DataPlanError, match="step 2 precedes step 3, where this stream was resumed"):
+        bigger.plan(2)
     per_step, _ = global_crops(config(shards, tokens_per_step=256 * 32), 2, 1, 3, 4, state=state)
     before, _ = global_crops(cfg, 1, 1, 0, 3)
     epoch0 = [c for s in before + per_step for c in s]

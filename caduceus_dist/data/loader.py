@@ -166,7 +166,11 @@ class TrainStream:
 
     # ---- the plan: pure functions of the step ----
     def position(self, step: int) -> int:
+        """Global unit position at the start of `step` (units of `plan(step).unit` tokens, all epochs)."""
         anchor_step, anchor_pos = self._anchor
+        if step < anchor_step:
+            raise DataPlanError(f"step {step} precedes step {anchor_step}, where this stream was resumed with a "
+                                f"different tokens_per_step / curriculum; earlier steps followed the old plan")
         return anchor_pos + self.schedule.natural_position(step) - self.schedule.natural_position(anchor_step)
 
     def plan(self, step: int) -> StepPlan:
@@ -242,10 +246,11 @@ class TrainStream:
         if tokens % seq_len:
             raise DataPlanError(f"data state: position {tokens} tokens is not a multiple of seq_len {seq_len} "
                                 f"at step {step}; cannot continue without skipping data")
+        self._anchor = (0, 0)
         if tokens // unit != self.schedule.natural_position(step):
             log.warning("data: tokens per step or curriculum changed since the checkpoint; continuing the data "
                         "stream from token %d at step %d", tokens, step)
-        self._anchor = (step, tokens // unit)
+            self._anchor = (step, tokens // unit)
         self._next_step = step
 
 
