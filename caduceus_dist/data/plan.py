@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from omegaconf import OmegaConf
@@ -70,8 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, OmegaConfBaseException, ShardFormatError, DataPlanError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for line in plan_lines(stream, *args.steps):
-        print(json.dumps(line, separators=(",", ":")))
+    try:
+        for line in plan_lines(stream, *args.steps):
+            print(json.dumps(line, separators=(",", ":")))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
