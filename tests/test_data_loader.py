@@ -354,3 +354,13 @@ def test_batches_are_pinned_where_cuda_is_available(shards):
     sb = next(iter(TrainStream(config(shards), 0, 1, 1).iterate(0, 1)))
     assert all(sb.micro_batches[0][k].is_pinned() for k in ("input_ids", "targets", "sample_id"))
     assert all(b["input_ids"].is_pinned() for b in build_eval_loader(config(shards), "valid", 0, 1, max_batches=1))
+
+
+def test_feistel_permutation_is_a_keyed_bijection():
+    from caduceus_dist.data.cursor import derive_key, feistel_permute
+
+    for n in (1, 2, 3, 5, 64, 457, 1000, 4097):
+        perm = feistel_permute(np.arange(n), n, derive_key(1, n))
+        assert sorted(perm.tolist()) == list(range(n))
+    a, b = (feistel_permute(np.arange(1000), 1000, derive_key(1, epoch)) for epoch in (0, 1))
+    assert (a != b).mean() > 0.9 and abs(np.corrcoef(np.arange(1000), a)[0, 1]) < 0.1
