@@ -2,7 +2,7 @@
 
     python -m caduceus_dist.launch --config recipes/ps_131k.yaml --nodes 2 --gpus-per-node 8 \
         [--partition P --account A --time 24:00:00] [key=value ...]
-    python -m caduceus_dist.launch --config recipes/cpu_demo.yaml --local --tasks-per-node 2 train.max_steps=50
+    python -m caduceus_dist.launch --config recipes/cpu_demo.yaml --local --gpus-per-node 0 --tasks-per-node 2 --wait
     python -m caduceus_dist.launch torchrun [torchrun options] recipes/pretrain.py --config ...
 
 Submitit runs one task per rank (tasks = nodes x GPUs per node); each task starts `recipes/pretrain.py`
