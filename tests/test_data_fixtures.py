@@ -1,18 +1,18 @@
 """Builders of small, real shard directories for the loader tests (and checks of the builders).
 
-Shards are written with the project's own `ShardWriter` from real hg38 sequence (the chr22 piece
-in ../shared/data, else the embedded sample), so the loader reads exactly what
-`data_prep/shard_genome.py` writes: same tar layout, index and manifest keys.
+Shards are written with the project's own `ShardWriter` from real hg38 sequence (the embedded
+sample's chr22 piece), so the loader reads exactly what `data_prep/shard_genome.py` writes: same
+tar layout, index and manifest keys.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from caduceus_dist.data.shard_format import (
     FORMAT_NAME,
@@ -28,20 +28,15 @@ from caduceus_dist.data.shard_format import (
 from caduceus_dist.model.tokenizer import BYTE_TO_ID
 
 REPO = Path(__file__).resolve().parents[1]
-CHR22 = REPO.parent / "shared" / "data" / "hg38_chr22_16.6M-16.8M.fa"
+SAMPLE = REPO / "caduceus_dist" / "sample" / "hg38_sample.fa.gz"  # embedded: every clone has it
 
 
 def genome_tokens() -> tuple[np.ndarray, str, int]:
-    """Token ids of a real piece of hg38 (chr22:16.6-16.8 Mb), its contig name and 0-based start."""
-    path = CHR22
-    if not path.exists():
-        candidates = sorted((REPO / "caduceus_dist" / "sample").glob("*.fa"))
-        if not candidates:
-            pytest.skip(f"no real FASTA: {CHR22} and caduceus_dist/sample/*.fa are absent")
-        path = candidates[0]
-    lines = path.read_bytes().split(b"\n")
-    seq = b"".join(line.strip() for line in lines[1:] if line and not line.startswith(b">"))
-    return BYTE_TO_ID[np.frombuffer(seq, dtype=np.uint8)], lines[0][1:].split()[0].decode(), 16_599_999
+    """Token ids of real hg38 (the embedded sample's chr22:16.6-16.8 Mb record), its name and 0-based start."""
+    records = gzip.decompress(SAMPLE.read_bytes()).split(b">")[1:]
+    header, _, body = records[0].partition(b"\n")
+    seq = body.replace(b"\n", b"").replace(b"\r", b"")
+    return BYTE_TO_ID[np.frombuffer(seq, dtype=np.uint8)], header.split()[0].decode(), 16_599_999
 
 
 def write_dataset(root: Path, window: int, shard_sizes: dict[str, list[int]], start: int = 0,
@@ -54,7 +49,7 @@ def write_dataset(root: Path, window: int, shard_sizes: dict[str, list[int]], st
     root.mkdir(parents=True, exist_ok=True)
     cursor = start
     manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "created_by": "tests/test_data_fixtures.py",
-                "args": {"window": window}, "assembly": "hg38", "fasta": {"path": str(CHR22), "sha256": "n/a"},
+                "args": {"window": window}, "assembly": "hg38", "fasta": {"path": str(SAMPLE), "sha256": "n/a"},
                 "window": window, "splits": {}}
     for split, sizes in shard_sizes.items():
         (root / split).mkdir(exist_ok=True)
