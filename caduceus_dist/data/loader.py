@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import queue
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -85,6 +87,49 @@ def to_torch(batch: dict, pin: bool) -> dict:
                 value = value.pin_memory()
         out[key] = value
     return out
+
+
+_END = object()
+
+
+def converted(batches, pin: bool, depth: int) -> Iterator[dict]:
+    """to_torch(batch) for each batch, done `depth` batches ahead in a background thread.
+
+    Receiving from the workers, widening to int64 and pinning happen off the training thread (as
+    DataLoader's own pin-memory thread would); numpy and pinning release the GIL. Errors raised
+    while loading (e.g. a corrupt shard) are re-raised here, in order.
+    """
+    ready: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for batch in batches:
+                if not put(to_torch(batch, pin)):
+                    return
+        except BaseException as err:  # handed to the consumer, which re-raises it
+            put(err)
+        else:
+            put(_END)
+
+    thread = threading.Thread(target=produce, name="caduceus-data-convert", daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def _keep(item):
@@ -194,10 +239,9 @@ class TrainStream:
         loader = DataLoader(_TrainItems(self), batch_size=None, sampler=_StepSampler(start, stop_step, self.grad_accum),
                             num_workers=workers, collate_fn=_keep, generator=self._private_generator(),
                             prefetch_factor=self.cfg.prefetch_factor if workers else None)
-        pin = _pin(self.cfg)
         micro_batches: list[dict] = []
-        for batch in loader:
-            micro_batches.append(to_torch(batch, pin))
+        for batch in converted(loader, _pin(self.cfg), depth=2 * self.grad_accum):
+            micro_batches.append(batch)
             if len(micro_batches) == self.grad_accum:
                 step = batch["step"]
                 self._next_step = step + 1
@@ -310,8 +354,7 @@ class EvalStream:
         loader = DataLoader(_EvalItems(self._builder, self.rows), batch_size=None, sampler=range(self.batches),
                             num_workers=workers, collate_fn=_keep, generator=torch.Generator().manual_seed(0),
                             prefetch_factor=self.cfg.prefetch_factor if workers else None)
-        pin = _pin(self.cfg)
-        return (to_torch(batch, pin) for batch in loader)
+        return converted(loader, _pin(self.cfg), depth=2)
 
 
 def build_eval_loader(cfg: DataConfig, split: str = "valid", rank: int = 0, world_size: int = 1,
