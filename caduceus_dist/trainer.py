@@ -18,9 +18,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from caduceus_dist.data import DataPlanError, TrainStream, build_eval_loader
 from caduceus_dist.engine import build_engine, init_distributed
 from caduceus_dist.engine.base import all_reduce_sum
 from caduceus_dist.metrics import MetricsWriter, eval_line, peak_flops, peak_memory_gib, train_line
+from caduceus_dist.model import CaduceusForMaskedLM, flops_per_token
 from caduceus_dist.optim import lr_at
 
 EXIT_OK = 0
@@ -70,10 +72,8 @@ class Trainer:
     """Builds everything from a validated JobConfig; `run()` returns the process exit code."""
 
     def __init__(self, cfg):
-        from caduceus_dist.checkpoint import CheckpointManager
+        from caduceus_dist.checkpoint import CheckpointManager  # both import this module's config
         from caduceus_dist.config import ConfigError, save_resolved
-        from caduceus_dist.data import DataPlanError, TrainStream, build_eval_loader
-        from caduceus_dist.model import CaduceusForMaskedLM, flops_per_token
 
         self.cfg = cfg
         if cfg.train.deterministic:
@@ -97,7 +97,6 @@ class Trainer:
         seed_everything(cfg.train.seed)
         model = CaduceusForMaskedLM(cfg.model)
         self.engine = build_engine(cfg, model, self.ctx, self.stream.plan(0).micro_batch)
-        self.flops_per_token = flops_per_token
         self.eval_loader = (
             build_eval_loader(cfg.data, cfg.train.eval_split, self.ctx.rank, self.ctx.world_size,
                               cfg.train.eval_batches, train_seed=cfg.train.seed)
@@ -165,7 +164,7 @@ class Trainer:
     def _train_metrics(self, out, lr, plan, cursor, step_time, data_wait, memory, consumed) -> dict[str, float]:
         tokens_per_s = plan.tokens_per_step / step_time
         per_device = tokens_per_s / self.ctx.world_size
-        flops = self.flops_per_token(self.cfg.model, plan.seq_len)
+        flops = flops_per_token(self.cfg.model, plan.seq_len)
         metrics = {
             "train/loss": out["loss"],
             "train/accuracy": out["accuracy"],

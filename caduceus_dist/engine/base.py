@@ -21,8 +21,11 @@ import torch
 import torch.distributed as dist
 
 from caduceus_dist.engine.config import EngineConfig
+from caduceus_dist.model import mlm_loss
+from caduceus_dist.model.tokenizer import PAD_ID
 from caduceus_dist.optim import set_lr
 
+IGNORE_ID = PAD_ID  # targets equal to [PAD] are not scored (spec 1.9)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -89,16 +92,11 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 def masked_sums(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     """(sum of the MLM loss over targets, number of targets, number predicted right)."""
-    from caduceus_dist.model import mlm_loss
-
     loss_sum, n_targets = mlm_loss(logits, targets, reduction="sum")
     with torch.no_grad():
         mask = targets != IGNORE_ID
         n_correct = int(((logits.argmax(-1) == targets) & mask).sum())
     return loss_sum, int(n_targets), n_correct
-
-
-IGNORE_ID = 4  # [PAD]: targets equal to it are not scored (spec 1.9)
 
 
 class TrainStepMixin:
