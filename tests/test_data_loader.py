@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import gzip
 import json
+import multiprocessing
 import subprocess
 import sys
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -364,3 +367,17 @@ def test_feistel_permutation_is_a_keyed_bijection():
         assert sorted(perm.tolist()) == list(range(n))
     a, b = (feistel_permute(np.arange(1000), 1000, derive_key(1, epoch)) for epoch in (0, 1))
     assert (a != b).mean() > 0.9 and abs(np.corrcoef(np.arange(1000), a)[0, 1]) < 0.1
+
+
+def test_closing_the_stream_stops_its_thread_and_workers(shards):
+    def gone(alive) -> bool:
+        deadline = time.monotonic() + 10
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not alive()
+
+    it = TrainStream(config(shards), 0, 1, 1).iterate()  # unbounded
+    next(it)
+    it.close()
+    assert gone(lambda: any(t.name == "caduceus-data-convert" for t in threading.enumerate()))
+    assert gone(multiprocessing.active_children)
