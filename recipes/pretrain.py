@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     from caduceus_dist.checkpoint import CheckpointWriteError
     from caduceus_dist.config import ConfigError, load_job_config
+    from caduceus_dist.data import ShardFormatError
     from caduceus_dist.trainer import Trainer
 
     args = parse_args(argv)
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr, flush=True)
         return EXIT_CONFIG_ERROR
+    except ShardFormatError as err:  # missing / corrupt shards: the message names the file
+        print(f"data error: {err}", file=sys.stderr, flush=True)
+        return EXIT_FAILURE
     try:
         return trainer.run()
     except CheckpointWriteError as err:

@@ -149,3 +149,11 @@ def test_entry_point_rejects_indivisible_tokens_per_step(tmp_path):
                        "data.tokens_per_step=1000", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert "config error" in result.stderr and "tokens_per_step" in result.stderr
+
+
+def test_entry_point_names_missing_shards_without_a_traceback(tmp_path):
+    result = _pretrain("--config", str(REPO / "recipes" / "cpu_demo.yaml"), f"run_dir={tmp_path / 'run'}",
+                       f"data.shards={tmp_path / 'nowhere'}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "data error:" in result.stderr and str(tmp_path / "nowhere") in result.stderr
+    assert "Traceback" not in result.stderr
