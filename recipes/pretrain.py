@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return trainer.run()
     except CheckpointWriteError as err:
-        print(f"checkpoint write failed, stopping (checkpoint.on_write_error=stop): {err}", file=sys.stderr, flush=True)
+        print(f"checkpoint write failed: {err}", file=sys.stderr, flush=True)
         return EXIT_FAILURE
 
 
