@@ -224,7 +224,7 @@ class CheckpointManager:
 
     def save(self, step: int, client_state: dict, blocking: bool | None = None) -> bool:
         """Collective save of `step`; False when the write failed (and `on_write_error=retry`)."""
-        self._wait_pending()
+        self.wait()
         state = {**client_state, "step": step}
         if blocking is None:
             blocking = not self.cfg.async_save
@@ -238,12 +238,17 @@ class CheckpointManager:
         return stats
 
     def wait(self) -> None:
-        """Collective: block until an asynchronous save in flight is sealed (or has failed)."""
-        self._wait_pending()
+        """Collective: block until an asynchronous save in flight (if any) is sealed or has failed."""
+        if self._pending is None:
+            return
+        if self._pending.thread is not None:
+            self._pending.thread.join()
+        (copy_state,) = self._all_reduce_max([_FAILED if self._pending.error else _DONE])
+        self._finalize_pending(failed=copy_state == _FAILED)
 
     def close(self) -> None:
         """Collective: finish an asynchronous save and give the preemption signals back."""
-        self._wait_pending()
+        self.wait()
         self.preemption.close()
 
     # ------------------------------------------------------------------ saving
@@ -448,15 +453,6 @@ class CheckpointManager:
             )
         finally:
             shutil.rmtree(pending.staging, ignore_errors=True)
-
-    def _wait_pending(self) -> None:
-        """Collective: block until the asynchronous save in flight (if any) is sealed or given up."""
-        if self._pending is None:
-            return
-        if self._pending.thread is not None:
-            self._pending.thread.join()
-        (copy_state,) = self._all_reduce_max([_FAILED if self._pending.error else _DONE])
-        self._finalize_pending(failed=copy_state == _FAILED)
 
     def _finalize_pending(self, failed: bool) -> None:
         pending, self._pending = self._pending, None
