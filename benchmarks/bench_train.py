@@ -6,6 +6,9 @@ For each model size it runs the real entry point (recipes/pretrain.py) on the em
 shards, once as one process and once as 2 ranks under torchrun (gloo), with the same global batch,
 then reads the per-step metrics back from TensorBoard and prints tokens/s (global and per rank),
 the fraction of step time spent waiting on data, and scaling efficiency = tok/s(2) / (2 * tok/s(1)).
+Each rank gets `--threads-per-rank` threads (default 1), so the 2-rank run uses twice the cores of
+the 1-rank baseline and the efficiency measures what data parallelism loses (gradient all-reduce,
+synchronisation, stragglers).
 The first steps (start-up, allocator warm-up) are excluded from the averages.
 
 GPU (run when a GPU exists; none on the CI machine): the same command with `--device cuda
@@ -63,7 +66,7 @@ def run(size: str, ranks: int, args, shards: str, workdir: Path) -> dict[str, fl
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(ranks),
                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", *script]
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, args.threads // ranks)), DS_ACCELERATOR="cpu")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads_per_rank), DS_ACCELERATOR="cpu")
     start = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if result.returncode != 0:
@@ -89,7 +92,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="initial steps left out of the averages")
     parser.add_argument("--engine", default="ddp", choices=["ddp", "fsdp2", "deepspeed"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads shared by the ranks")
+    parser.add_argument("--threads-per-rank", type=int, default=1,
+                        help="CPU threads per rank (1: each rank owns one core, so 2 ranks use 2 cores)")
     parser.add_argument("--tokens-per-step", type=int, default=0, help="0: the recipe's value")
     parser.add_argument("--override", nargs="*", default=[], help="extra key=value overrides for every run")
     parser.add_argument("--shards", default=str(REPO / "data" / "shards" / "sample"))
@@ -100,7 +104,7 @@ def main() -> None:
             one = run(size, 1, args, args.shards, Path(tmp))
             two = run(size, 2, args, args.shards, Path(tmp))
             rows.append((size, one, two))
-    print(f"engine {args.engine}, device {args.device}, {args.threads} CPU threads shared by the ranks, "
+    print(f"engine {args.engine}, device {args.device}, {args.threads_per_rank} CPU thread(s) per rank, "
           f"{args.steps} steps ({args.warmup} warm-up steps excluded)")
     print(f"{'size':<10}{'L':>7}{'tokens/step':>13}{'ranks':>6}{'tok/s':>11}{'tok/s/rank':>12}"
           f"{'s/step':>9}{'data wait':>11}{'peak GiB':>10}")
