@@ -174,15 +174,6 @@ def feistel_permute(x: np.ndarray, n: int, key: int) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def _by_key(keys: np.ndarray, values: np.ndarray, permute) -> np.ndarray:
-    """Apply permute(values_subset, key) per distinct key (a batch spans one or two epochs / groups)."""
-    out = np.empty(len(values), dtype=np.int64)
-    for key in np.unique(keys).tolist():
-        rows = np.flatnonzero(keys == key)
-        out[rows] = permute(values[rows], key)
-    return out
-
-
 @dataclass(frozen=True)
 class Located:
     """Where global unit positions land: epoch, stored window (sample id) and token offset in it."""
@@ -207,24 +198,37 @@ class EpochOrder:
         self.units_per_slab = slab // unit
         self.units_per_epoch = self.windows * self.slabs_per_window * self.units_per_slab
         self._groups = -(-self.windows // group)
+        self._tables: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
-    def _permute_windows(self, window_index: np.ndarray, epoch: int) -> np.ndarray:
-        return feistel_permute(window_index, self.windows, derive_key(self.seed, TAG_WINDOWS, epoch))
+    def _group_table(self, epoch: int, group: int) -> tuple[np.ndarray, np.ndarray]:
+        """(slab permutation, sample ids of its windows) of one shuffle group, computed once per group.
 
-    def _permute_slabs(self, slab_index: np.ndarray, epoch_group: int) -> np.ndarray:
-        epoch, group = divmod(epoch_group, self._groups)
-        group_windows = min(self.group, self.windows - group * self.group)
-        return feistel_permute(slab_index, group_windows * self.slabs_per_window,
-                               derive_key(self.seed, TAG_SLABS, epoch, group))
+        O(group size) memory; a process keeps the last few groups (a batch spans one or two).
+        """
+        key = (epoch, group)
+        table = self._tables.get(key)
+        if table is None:
+            group_windows = min(self.group, self.windows - group * self.group)
+            slabs = feistel_permute(np.arange(group_windows * self.slabs_per_window),
+                                    group_windows * self.slabs_per_window, derive_key(self.seed, TAG_SLABS, epoch, group))
+            ranks = feistel_permute(group * self.group + np.arange(group_windows), self.windows,
+                                    derive_key(self.seed, TAG_WINDOWS, epoch))
+            table = self._tables[key] = (slabs, self.sample_ids[ranks])
+            while len(self._tables) > 4:
+                self._tables.pop(next(iter(self._tables)))
+        return table
 
     def locate(self, positions: np.ndarray) -> Located:
         positions = np.asarray(positions, dtype=np.int64)
         epoch, in_epoch = np.divmod(positions, self.units_per_epoch)
         slab_number, within = np.divmod(in_epoch, self.units_per_slab)
-        slabs_per_group = self.group * self.slabs_per_window
-        group, slab_in_group = np.divmod(slab_number, slabs_per_group)
-        shuffled = _by_key(epoch * self._groups + group, slab_in_group, self._permute_slabs)
-        window_in_group, slab_in_window = np.divmod(shuffled, self.slabs_per_window)
-        window_rank = _by_key(epoch, group * self.group + window_in_group, self._permute_windows)
-        offset = slab_in_window * self.slab + within * self.unit
-        return Located(epoch, self.sample_ids[window_rank], offset)
+        group, slab_in_group = np.divmod(slab_number, self.group * self.slabs_per_window)
+        sample_id, offset = np.empty_like(positions), np.empty_like(positions)
+        epoch_group = epoch * self._groups + group
+        for key in np.unique(epoch_group).tolist():
+            rows = np.flatnonzero(epoch_group == key)
+            slabs, samples = self._group_table(*divmod(key, self._groups))
+            window_in_group, slab_in_window = np.divmod(slabs[slab_in_group[rows]], self.slabs_per_window)
+            sample_id[rows] = samples[window_in_group]
+            offset[rows] = slab_in_window * self.slab + within[rows] * self.unit
+        return Located(epoch, sample_id, offset)
