@@ -8,13 +8,14 @@ and one scan instead of two of each.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from caduceus_dist.model.kernels import check_backend_name, resolve_backend
+from caduceus_dist.model.kernels import KernelBackend, check_backend_name, resolve_backend
 from caduceus_dist.model.scan import DEFAULT_CHUNK_SIZE
 
 
@@ -42,6 +43,11 @@ class Mamba(nn.Module):
         super().__init__()
         check_backend_name(backend)
         self.backend = backend
+        # Resolved once per device type here, so forward makes no registry call (one graph under torch.compile).
+        self._kernels: dict[str, KernelBackend] = {}
+        for device_type in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+            with contextlib.suppress(RuntimeError):  # backend "cuda" has no CPU kernels; forward reports it
+                self._kernels[device_type] = resolve_backend(backend, torch.device(device_type))
         self.scan_chunk_size = scan_chunk_size
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
         self.d_inner = int(expand * d_model)
@@ -72,6 +78,10 @@ class Mamba(nn.Module):
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         self.dt_proj.bias._no_reinit = True
 
+    def kernels(self, device: torch.device) -> KernelBackend:
+        backend = self._kernels.get(device.type)
+        return backend if backend is not None else resolve_backend(self.backend, device)
+
     def forward(self, hidden: Tensor) -> Tensor:
         """(B, L, D) -> (B, L, D), causal left to right."""
         y = mamba_core([self], self.in_proj(hidden).unsqueeze(0))
@@ -85,7 +95,7 @@ def _stack(mambas: Sequence[Mamba], get) -> Tensor:
 def mamba_core(mambas: Sequence[Mamba], xz: Tensor) -> Tensor:
     """Conv, projections and scan of G Mamba mixers at once: xz (G, B, L, 2E) -> gated y (G, B, L, E)."""
     first = mambas[0]
-    backend = resolve_backend(first.backend, xz.device)
+    backend = first.kernels(xz.device)
     x, z = xz.chunk(2, dim=-1)
     conv_bias = None if first.conv1d.bias is None else _stack(mambas, lambda m: m.conv1d.bias)
     x = backend.causal_conv1d_silu(x, _stack(mambas, lambda m: m.conv1d.weight[:, 0, :]), conv_bias)
