@@ -142,4 +142,4 @@ class CaduceusConfig:
             kwargs[key] = dict(kwargs.get(key) or {})
         if kwargs.get("complement_map") is not None:
             kwargs["complement_map"] = {int(k): int(v) for k, v in kwargs["complement_map"].items()}
-        return cls(**kwargs, **overrides)
+        return cls(**(kwargs | overrides))
