@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="sequences in the timed step")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     cfg = load_job_config(RECIPE, ["engine.name=ddp", "engine.precision=fp32", "engine.device=cpu",
                                    "model.gradient_checkpointing=false", "checkpoint.every=1"])
