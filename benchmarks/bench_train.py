@@ -51,9 +51,13 @@ def _read_scalars(run_dir: Path) -> dict[str, list[float]]:
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def run(size: str, ranks: int, args, shards: str, workdir: Path) -> dict[str, float]:
+def _average(results: list[dict[str, float]]) -> dict[str, float]:
+    return {key: sum(r[key] for r in results) / len(results) for key in results[0]}
+
+
+def run(size: str, ranks: int, args, shards: str, workdir: Path, tag: str = "a") -> dict[str, float]:
     recipe, extra = SIZES[size]
-    run_dir = workdir / f"{size}_{ranks}r"
+    run_dir = workdir / f"{size}_{ranks}r_{tag}"
     overrides = [f"run_dir={run_dir}", f"train.max_steps={args.steps}", f"engine.name={args.engine}",
                  f"engine.device={args.device}", "train.eval_batches=0", "checkpoint.every=0",
                  "checkpoint.resume=never", "logging.log_every=1000000", f"data.shards={shards}",
@@ -94,6 +98,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads-per-rank", type=int, default=1,
                         help="CPU threads per rank (1: each rank owns one core, so 2 ranks use 2 cores)")
+    parser.add_argument("--abba", action="store_true",
+                        help="run 1 rank, 2 ranks, 2 ranks, 1 rank and average (for machines shared with other jobs)")
     parser.add_argument("--tokens-per-step", type=int, default=0, help="0: the recipe's value")
     parser.add_argument("--override", nargs="*", default=[], help="extra key=value overrides for every run")
     parser.add_argument("--shards", default=str(REPO / "data" / "shards" / "sample"))
@@ -101,9 +107,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         rows = []
         for size in args.sizes:
-            one = run(size, 1, args, args.shards, Path(tmp))
-            two = run(size, 2, args, args.shards, Path(tmp))
-            rows.append((size, one, two))
+            # ABBA order: load from other jobs that drifts during the benchmark biases neither side
+            first_one, first_two = run(size, 1, args, args.shards, Path(tmp)), run(size, 2, args, args.shards, Path(tmp))
+            runs = [(first_one, first_two)]
+            if args.abba:
+                second_two = run(size, 2, args, args.shards, Path(tmp), "b")
+                runs.append((run(size, 1, args, args.shards, Path(tmp), "b"), second_two))
+            rows.append((size, _average([r[0] for r in runs]), _average([r[1] for r in runs])))
     print(f"engine {args.engine}, device {args.device}, {args.threads_per_rank} CPU thread(s) per rank, "
           f"{args.steps} steps ({args.warmup} warm-up steps excluded)")
     print(f"{'size':<10}{'L':>7}{'tokens/step':>13}{'ranks':>6}{'tok/s':>11}{'tok/s/rank':>12}"
