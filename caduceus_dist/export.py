@@ -65,7 +65,7 @@ def verified_manifest(path: Path) -> dict:
     return manifest
 
 
-def load_job_config(path: Path):
+def checkpoint_job_config(path: Path):
     """The job config the checkpoint was written with (schema-checked, not re-validated against the
     data on this machine: exporting must work where the training shards are absent)."""
     from omegaconf import OmegaConf
@@ -85,7 +85,7 @@ def consolidate(path: Path, manifest: dict) -> tuple[object, dict[str, torch.Ten
     from caduceus_dist.engine import build_engine, init_distributed
     from caduceus_dist.model import CaduceusForMaskedLM
 
-    cfg = load_job_config(path)
+    cfg = checkpoint_job_config(path)
     ctx = init_distributed(cfg.engine)
     if ctx.world_size != 1:
         raise ExportError("run the export as a single process (python -m caduceus_dist.export ...), not under a launcher")
