@@ -12,9 +12,10 @@ synchronisation, stragglers).
 The first steps (start-up, allocator warm-up) are excluded from the averages.
 
 GPU (run when a GPU exists; none on the CI machine): the same command with `--device cuda
---sizes ps_131k --tokens-per-step 131072 --steps 20` reports tokens/s and peak memory for
-ps_131k at 131,072 tokens; add `--override model.backend=torch` for the pure-PyTorch scan
-instead of the mamba-ssm kernels, and compare the two lines.
+--engine deepspeed --sizes ps_131k --tokens-per-step 131072 --steps 20 --shards data/shards/hg38`
+reports tokens/s and peak memory for ps_131k at 131,072 tokens (1 and 2 GPUs); run it again with
+`--override model.backend=torch` for the pure-PyTorch scan instead of the mamba-ssm kernels and
+compare the two tables.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 SIZES = {
     "cpu_demo": ("recipes/cpu_demo.yaml", ["data.curriculum.start_seq_len=null", "data.tokens_per_step=2048"]),
     "ps_1k": ("recipes/ps_1k.yaml", ["data.tokens_per_step=4096", "engine.precision=fp32"]),
+    "ps_131k": ("recipes/ps_131k.yaml", []),  # GPU only: pass --tokens-per-step 131072 and a shards root
 }
+CPU_SIZES = ["cpu_demo", "ps_1k"]
 
 
 def _free_port() -> int:
@@ -91,7 +94,7 @@ def run(size: str, ranks: int, args, shards: str, workdir: Path, tag: str = "a")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=CPU_SIZES, choices=list(SIZES))
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2, help="initial steps left out of the averages")
     parser.add_argument("--engine", default="ddp", choices=["ddp", "fsdp2", "deepspeed"])
