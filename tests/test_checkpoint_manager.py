@@ -169,7 +169,7 @@ def test_no_valid_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     assert (root / "step_000006").is_dir()  # nothing was deleted
 
 
-def test_different_model_config_lists_mismatched_keys(tmp_path):
+def test_different_model_config_lists_mismatched_keys(tmp_path, caplog):
     _save_six(tmp_path)
     cfg = make_cfg()
     cfg.model = CaduceusConfig(d_model=32, n_layer=2, vocab_size=12)
@@ -180,12 +180,16 @@ def test_different_model_config_lists_mismatched_keys(tmp_path):
     assert "model.d_model (checkpoint 16, this run 32)" in message
     assert "model.n_layer (checkpoint 1, this run 2)" in message
     assert "vocab_size" not in message
-    # runtime switches are not part of the architecture: they may change on resume
+    # runtime switches are not part of the architecture: they may change on resume; other changed
+    # settings are only reported (and a tuple read back from YAML as a list is no change)
     cfg = make_cfg(max_steps=8)
     cfg.model.scan_chunk_size = 16
-    run = Run(tmp_path, cfg)
+    with caplog.at_level(logging.INFO, logger=CKPT_LOG):
+        run = Run(tmp_path, cfg)
     run.close()
     assert run.step == 6
+    assert "resuming with changed settings: train.max_steps (checkpoint 6, this run 8)" in caplog.text
+    assert "betas" not in caplog.text
 
 
 def test_retention_keeps_last_k_plus_every_mth(tmp_path):

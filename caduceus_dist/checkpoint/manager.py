@@ -89,6 +89,8 @@ def _plain(cfg: Any) -> Any:
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, tuple):  # a live config keeps tuples; the same value read back from YAML is a list
+        return {prefix: list(tree)}
     if not isinstance(tree, dict):
         return {prefix: tree}
     flat = {}
