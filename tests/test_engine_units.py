@@ -58,7 +58,7 @@ def _params(engine) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in engine.full_state_dict().items()}
 
 
-def _reference_step(cfg, model: torch.nn.Module, batches: list[dict], lr: float) -> float:
+def _reference_step(cfg, model: torch.nn.Module, batches: list[dict], lr: float) -> tuple[float, float]:
     """Plain PyTorch, computed differently: one cross-entropy mean over all targets, clip, AdamW."""
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=lr, betas=tuple(cfg.optim.betas),
                             eps=cfg.optim.eps)
@@ -66,23 +66,25 @@ def _reference_step(cfg, model: torch.nn.Module, batches: list[dict], lr: float)
     targets = torch.cat([b["targets"] for b in batches])
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 16), targets.reshape(-1), ignore_index=4)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
     opt.step()
-    return float(loss.detach())
+    return float(loss.detach()), float(norm)
 
 
-@pytest.mark.parametrize("engine_name", ["ddp", "fsdp2"])
-def test_micro_batches_with_unequal_target_counts_equal_one_global_mean(process_group, engine_name):
-    """Loss = mean over the global batch's targets, not a mean of micro-batch means."""
-    cfg = _job(f"engine.name={engine_name}", "train.grad_accum=2")
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "deepspeed-0", "deepspeed-2"])
+def test_micro_batches_with_unequal_target_counts_equal_one_global_mean(process_group, engine):
+    """Loss = mean over the global batch's targets, not a mean of micro-batch means; same clipping norm."""
+    engine_name, _, stage = engine.partition("-")
+    cfg = _job(f"engine.name={engine_name}", f"engine.zero_stage={stage or 2}", "train.grad_accum=2")
     first, second = _batch(1, 2, 64, 0.05), _batch(2, 2, 64, 0.4)  # ~6 vs ~50 targets
     torch.manual_seed(0)
     reference = CaduceusForMaskedLM(cfg.model)
     engine = _engine(cfg)
     lr = 3e-3
     out = engine.train_step([first, second], lr)
-    ref_loss = _reference_step(cfg, reference, [first, second], lr)
+    ref_loss, ref_norm = _reference_step(cfg, reference, [first, second], lr)
     assert out["loss"] == pytest.approx(ref_loss, rel=1e-6)
+    assert out["grad_norm"] == pytest.approx(ref_norm, rel=1e-5)
     assert out["n_targets"] == int((first["targets"] != 4).sum() + (second["targets"] != 4).sum())
     got, want = engine.full_state_dict(), reference.state_dict()
     assert got.keys() == want.keys()
@@ -171,5 +173,5 @@ def test_fp16_on_a_cpu_without_fp16_support_is_a_config_error(process_group):
 
     if get_accelerator().is_fp16_supported():
         pytest.skip("this accelerator supports fp16")
-    with pytest.raises(ConfigError, match="engine.precision=fp16"):
+    with pytest.raises(ConfigError, match=r"engine\.precision=fp16"):
         _engine(_job("engine.name=deepspeed", "engine.precision=fp16"))
