@@ -4,6 +4,7 @@ setup(
     name="caduceus-dist",
     version="0.1.0",
     description="Distributed, fault-tolerant pretraining of Caduceus DNA language models",
+    license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["caduceus_dist", "caduceus_dist.*"]),
     package_data={"caduceus_dist": ["sample/*"]},
