@@ -45,7 +45,6 @@ from caduceus_dist.checkpoint.manifest import (
     atomic_write_text,
     build_manifest,
     check_files,
-    fsync_dir,
     fsync_dirs,
     hash_file,
     list_checkpoints,
@@ -57,6 +56,7 @@ from caduceus_dist.checkpoint.manifest import (
     step_of,
 )
 from caduceus_dist.checkpoint.preemption import EXIT_PREEMPTED, PreemptionFlag
+from caduceus_dist.fsio import fsync_path
 
 log = logging.getLogger("caduceus_dist.checkpoint")
 
@@ -328,7 +328,7 @@ class CheckpointManager:
                     log.warning("replacing %s (left by an earlier run that did not get past it)", final)
                     _remove_tree(final)
                 os.rename(tmp, final)
-                fsync_dir(self.root)
+                fsync_path(self.root)
                 try:
                     atomic_write_text(self.root / LATEST, final.name + "\n")
                 except OSError:

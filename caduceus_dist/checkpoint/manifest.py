@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import caduceus_dist
+from caduceus_dist.fsio import fsync_path
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -89,18 +90,9 @@ def hash_file(path: Path, fsync: bool = False) -> dict:
     return {"bytes": size, "sha256": digest.hexdigest()}
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in `path` durable (POSIX needs the directory itself synced)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_dirs(root: Path) -> None:
     for dirpath, _, _ in os.walk(root):
-        fsync_dir(Path(dirpath))
+        fsync_path(Path(dirpath))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -115,7 +107,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def build_manifest(

@@ -22,6 +22,7 @@ from caduceus_dist.data.shard_format import (
     shard_name,
     write_index,
 )
+from caduceus_dist.fsio import fsync_path
 
 STATE_DIR = ".shard_genome"
 PARTIAL_SUFFIX = ".partial"
@@ -31,13 +32,6 @@ LOCATION_ARGS = ("fasta", "bed")  # input paths: the sha256 entries decide wheth
 class ShardingError(RuntimeError):
     """The run cannot go on (output directory, arguments, strict-mode findings); the message says what to do."""
 
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_atomic(path: Path, text: str) -> None:

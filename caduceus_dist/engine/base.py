@@ -107,6 +107,15 @@ class TrainStepMixin:
     device: torch.device
     optimizer: torch.optim.Optimizer
 
+    def _adopt(self, job_cfg, model: torch.nn.Module, ctx: DistContext) -> None:
+        """What every non-DeepSpeed engine does first: take the config, the rank layout and the model."""
+        self.cfg = job_cfg.engine
+        self.grad_clip = job_cfg.optim.grad_clip
+        self.rank, self.world_size, self.device = ctx.rank, ctx.world_size, ctx.device
+        self.module = model.to(self.device)
+        if self.cfg.compile:
+            compile_layers(self.module)
+
     def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         ids = batch["input_ids"].to(self.device, non_blocking=True).long()
         targets = batch["targets"].to(self.device, non_blocking=True).long()

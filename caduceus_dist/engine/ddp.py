@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from caduceus_dist.engine.base import DistContext, TrainStepMixin, autocast, compile_layers, fp32_cpu
+from caduceus_dist.engine.base import DistContext, TrainStepMixin, autocast, fp32_cpu
 from caduceus_dist.optim import build_optimizer
 
 STATE_FILE = "model_optim.pt"
@@ -20,12 +20,7 @@ class DDPEngine(TrainStepMixin):
     name = "ddp"
 
     def __init__(self, job_cfg, model: torch.nn.Module, ctx: DistContext, micro_batch: int):
-        self.cfg = job_cfg.engine
-        self.grad_clip = job_cfg.optim.grad_clip
-        self.rank, self.world_size, self.device = ctx.rank, ctx.world_size, ctx.device
-        self.module = model.to(self.device)
-        if self.cfg.compile:
-            compile_layers(self.module)
+        self._adopt(job_cfg, model, ctx)
         self.wrapped = (
             DistributedDataParallel(self.module, device_ids=[ctx.local_rank] if self.device.type == "cuda" else None)
             if self.world_size > 1

@@ -21,7 +21,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from caduceus_dist.engine.base import PRECISIONS, DistContext, TrainStepMixin, compile_layers, fp32_cpu
+from caduceus_dist.engine.base import PRECISIONS, DistContext, TrainStepMixin, fp32_cpu
 from caduceus_dist.optim import build_optimizer, group_names
 
 DCP_DIR = "dcp"
@@ -31,12 +31,7 @@ class FSDP2Engine(TrainStepMixin):
     name = "fsdp2"
 
     def __init__(self, job_cfg, model: torch.nn.Module, ctx: DistContext, micro_batch: int):
-        self.cfg = job_cfg.engine
-        self.grad_clip = job_cfg.optim.grad_clip
-        self.rank, self.world_size, self.device = ctx.rank, ctx.world_size, ctx.device
-        self.module = model.to(self.device)
-        if self.cfg.compile:
-            compile_layers(self.module)
+        self._adopt(job_cfg, model, ctx)
         groups = group_names(self.module, job_cfg.optim.weight_decay)  # before sharding drops the no-decay marks
         mesh = init_device_mesh(self.device.type, (self.world_size,))
         policy = MixedPrecisionPolicy(param_dtype=PRECISIONS[self.cfg.precision], reduce_dtype=torch.float32)
