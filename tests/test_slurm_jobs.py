@@ -180,7 +180,10 @@ def test_sbatch_usr2_checkpoints_requeues_and_resumes_bitwise(jobs, shards, refe
     minute early): they ignore it until their handlers are in, the batch shell repeats it, and the
     ranks save together at their first step boundary after that."""
     run_dir = tmp_path / "run"
-    job_id, log = jobs.sbatch(tmp_path, "cpu_demo", f"run_dir={run_dir}", f"data.shards={shards}", *TINY)
+    # Repeat the forwarded signal every second: at the 30 s default a quiet machine finishes the
+    # 40 steps before the first repeat reaches the (now listening) trainers, and nothing is preempted.
+    job_id, log = jobs.sbatch(tmp_path, "cpu_demo", f"run_dir={run_dir}", f"data.shards={shards}", *TINY,
+                              FORWARD_EVERY="1")
     jobs.signal_at_step(job_id, log, step=0, batch=True)
     info = jobs.wait_done(job_id, log)
     text = read(log)
