@@ -8,7 +8,7 @@ See `loader.py` for the stream API and its guarantees, `cursor.py` for the data 
 which imports `caduceus_dist.data.fasta` etc., never pays for importing torch.
 """
 
-from importlib import import_module
+from caduceus_dist.lazy import lazy_exports
 
 _EXPORTS = {
     "CurriculumConfig": "config",
@@ -25,14 +25,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
