@@ -175,3 +175,23 @@ def test_fp16_on_a_cpu_without_fp16_support_is_a_config_error(process_group):
         pytest.skip("this accelerator supports fp16")
     with pytest.raises(ConfigError, match=r"engine\.precision=fp16"):
         _engine(_job("engine.name=deepspeed", "engine.precision=fp16"))
+
+
+@pytest.mark.slow
+def test_a_stale_deepspeed_build_lock_left_by_a_killed_process_does_not_hang_the_next_run(tmp_path):
+    """DeepSpeed JIT-builds its CPU comm op behind torch's lock file; a process killed meanwhile leaves
+    the file behind. The next run must clear it and build, not wait on it forever."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path), DS_ACCELERATOR="cpu")
+    leave_lock = ("import pathlib; from torch.utils.cpp_extension import _get_build_directory as build_dir; "
+                  "lock = pathlib.Path(build_dir('deepspeed_shm_comm', False)) / 'lock'; lock.touch(); print(lock)")
+    lock = Path(subprocess.run([sys.executable, "-c", leave_lock], env=env, check=True, capture_output=True,
+                               text=True).stdout.strip())
+    load = "from caduceus_dist.engine.deepspeed_engine import load_cpu_comm_op; load_cpu_comm_op()"
+    subprocess.run([sys.executable, "-c", load], env=env, check=True, timeout=600)
+    assert not lock.exists()
+    assert list(lock.parent.glob("deepspeed_shm_comm*.so"))

@@ -8,6 +8,7 @@ configure them is rejected rather than silently ignored.
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
 import logging
 import os
@@ -85,6 +86,28 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return merged
 
 
+def load_cpu_comm_op() -> None:
+    """Load DeepSpeed's CPU shared-memory all-reduce op before DeepSpeed does.
+
+    DeepSpeed JIT-builds it behind torch's FileBaton, a `lock` file that a process killed at that moment
+    (preemption, scancel, a timeout) leaves behind; every later run on the machine then waits on it
+    forever. Here the build runs under a kernel flock instead, which dies with its holder, so a `lock`
+    file found while holding it is stale and is removed. DeepSpeed then reuses the loaded module.
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return
+    build_dir = Path(_get_build_directory(builder.NAME, verbose=False))
+    with open(build_dir.parent / f"{builder.NAME}.flock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        (build_dir / "lock").unlink(missing_ok=True)
+        builder.load(verbose=False)
+
+
 class DeepSpeedEngine(TrainStepMixin):
     name = "deepspeed"
 
@@ -105,6 +128,7 @@ class DeepSpeedEngine(TrainStepMixin):
         self.cfg = job_cfg.engine
         self.rank, self.world_size, self.device = ctx.rank, ctx.world_size, ctx.device
         self.zero_stage = job_cfg.engine.zero_stage
+        load_cpu_comm_op()
         deepspeed.init_distributed(dist_backend=dist.get_backend())
         if self.cfg.compile:
             compile_layers(model)
