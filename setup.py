@@ -7,7 +7,7 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["caduceus_dist", "caduceus_dist.*"]),
-    package_data={"caduceus_dist": ["sample/*"]},
+    package_data={"caduceus_dist": ["sample/*", "native/*.c"]},
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.16",
