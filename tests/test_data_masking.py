@@ -9,10 +9,11 @@ import pytest
 import torch
 from test_data_fixtures import genome_tokens, write_dataset
 
+from caduceus_dist import native
 from caduceus_dist.data import DataConfig, TrainStream
 from caduceus_dist.data.crops import CropSource
-from caduceus_dist.data.cursor import derive_key, uniform_u32
-from caduceus_dist.data.masking import MaskingPolicy, mask_batch
+from caduceus_dist.data.cursor import BLOCK_TOKENS, derive_key, uniform_u32
+from caduceus_dist.data.masking import MaskingPolicy, default_masker, mask_batch, masked_crops
 from caduceus_dist.model.tokenizer import MASK_ID, N_ID, PAD_ID, VOCAB_SIZE, CaduceusTokenizer
 
 SIGMAS = 5.0  # tolerance for every frequency check; a false failure has probability < 1e-6 per check
@@ -164,3 +165,41 @@ def test_crop_source_matches_a_per_row_reference_through_evictions():
                 want = CaduceusTokenizer.reverse_complement(crop) if s else crop
                 assert np.array_equal(got[row], np.where(want == N_ID, PAD_ID, want))
     assert len(reads) > 40  # windows were evicted and read again, and the results stayed right
+
+
+@pytest.mark.skipif(native.load("mlm_mask") is None, reason="no C compiler, or CADUCEUS_NATIVE=0: no native kernel")
+def test_native_kernel_gives_the_numpy_bytes():
+    """Random windows (real bases, N runs, every token id), odd and block-straddling lengths, L = 1, both
+    strands, arenas smaller than a batch's windows, edge probabilities: the two backends agree bit for bit."""
+    assert default_masker() == "native"
+    tokens, _, _ = genome_tokens()
+    rng = np.random.default_rng(0)
+    policies = [MaskingPolicy(), MaskingPolicy(0.3, 0.6, 0.3), MaskingPolicy(1.0, 0.8, 0.2), MaskingPolicy(0.0),
+                MaskingPolicy(0.5, 0.0, 1.0), MaskingPolicy(0.5, 1.0, 0.0), MaskingPolicy(1.0, 0.0, 0.0)]
+    lengths = [1, 2, 3, 7, 64, 255, 1024, BLOCK_TOKENS // 8 + 1, 4097, 3 * 4096 + 5]
+    compared = 0
+    for case in range(120):
+        length = lengths[case % len(lengths)]
+        window = length * int(rng.integers(1, 5))
+        n_windows = int(rng.integers(1, min(9, len(tokens) // window + 1)))
+        start = int(rng.integers(0, len(tokens) - n_windows * window))
+        windows = tokens[start:start + n_windows * window].reshape(n_windows, window).copy()
+        if case % 3 == 0:  # an assembly gap, and every id the vocabulary has (specials included)
+            gap = int(rng.integers(0, window))
+            windows[:, gap:gap + int(rng.integers(1, window + 1))] = N_ID
+            windows[0, :min(window, VOCAB_SIZE)] = np.arange(min(window, VOCAB_SIZE))
+        rows = int(rng.integers(1, 40))
+        sample_ids = rng.integers(0, n_windows, rows)
+        offsets = rng.integers(0, window // length, rows) * length
+        strands = rng.integers(0, 2, rows)
+        keys = derive_key(case, 11, sample_ids, offsets, length)
+        policy = policies[case % len(policies)]
+        capacity = int(rng.integers(1, n_windows + 1))  # < the batch's windows: several arena passes
+        source = CropSource(lambda i, w=windows: w[i], window, capacity)
+        native_out = masked_crops(source, sample_ids, offsets, strands, length, keys, policy, backend="native")
+        numpy_out = masked_crops(source, sample_ids, offsets, strands, length, keys, policy, backend="numpy")
+        for got, want in zip(native_out, numpy_out, strict=True):
+            assert got.dtype == want.dtype == np.uint8 and got.shape == want.shape == (rows, length)
+            assert np.array_equal(got, want), (case, length, policy)
+        compared += native_out[0].size
+    assert compared > 1_000_000

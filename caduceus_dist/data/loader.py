@@ -35,7 +35,7 @@ from caduceus_dist.data.crops import CropSource
 from caduceus_dist.data.curriculum import DataPlanError, Schedule, StepPlan
 from caduceus_dist.data.cursor import TAG_MASK, TAG_STRAND, EpochOrder, derive_key, uniform_float
 from caduceus_dist.data.dataset import ShardSplit
-from caduceus_dist.data.masking import MaskingPolicy, mask_batch
+from caduceus_dist.data.masking import MaskingPolicy, masked_crops
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,8 @@ class _BatchBuilder:
         self.seed, self.policy = seed, policy
 
     def build(self, rows: Rows) -> dict:
-        tokens = self.crops.gather(rows.sample_id, rows.offset, rows.strand, rows.seq_len)
-        inputs, targets = mask_batch(tokens, crop_keys(self.seed, TAG_MASK, rows), self.policy)
+        inputs, targets = masked_crops(self.crops, rows.sample_id, rows.offset, rows.strand, rows.seq_len,
+                                       crop_keys(self.seed, TAG_MASK, rows), self.policy)
         return {"input_ids": inputs, "targets": targets, "sample_id": rows.sample_id, "crop_offset": rows.offset,
                 "strand": rows.strand, "epoch": rows.epoch}
 
@@ -205,7 +205,8 @@ class TrainStream:
         self.schedule = Schedule(cfg, world_size, grad_accum, self.split.window)
         self.order = EpochOrder(self.split.sample_ids, self.split.window, self.schedule.slab, self.schedule.unit,
                                 cfg.shuffle_windows, self.seed)
-        self._builder = _BatchBuilder(self.split, self.seed, masking_policy(cfg), cfg.shuffle_windows)
+        # a batch spans at most two shuffle groups (while tokens_per_step <= a group): both stay resident
+        self._builder = _BatchBuilder(self.split, self.seed, masking_policy(cfg), 2 * cfg.shuffle_windows)
         self._next_step = 0
         self._anchor = (0, 0)  # (step, unit position): positions are natural ones shifted to pass through it
 

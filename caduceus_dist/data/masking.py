@@ -12,17 +12,24 @@ iff u < t_mask, random iff t_mask <= u < t_rand, and the random id is (u - t_mas
 (t_rand - t_mask), uniform to within 1e-7. The stream of row i is keyed by the crop's identity
 (seed, epoch, sample id, offset, length), never by rank or worker.
 
-Speed: every per-token step is branch-free uint8/uint32 arithmetic over cache-sized blocks
-(masked selects such as np.where / np.copyto(where=) cost 10x more per token here); only the
-~1.5% randomly replaced positions are handled by index.
+Two implementations, bitwise equal (tests/test_data_masking.py checks it): the native kernel
+`caduceus_dist/native/mlm_mask.c` does the crop read, N -> [PAD], reverse complement, draws and
+80/10/10 in one pass per token straight from the window arena (about 4x faster); the NumPy path
+(`CADUCEUS_NATIVE=0` or no C compiler) gathers the crops, then runs `mask_batch`, whose per-token
+steps are branch-free uint8/uint32 arithmetic over cache-sized blocks (masked selects such as
+np.where cost 10x more per token here) and only the ~1.5% randomly replaced positions go by index.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
+from caduceus_dist import native
+from caduceus_dist.data.crops import FORWARD_LUT, REVERSE_LUT, CropSource
 from caduceus_dist.data.cursor import BLOCK_TOKENS, UniformStream, token_blocks
 from caduceus_dist.model.tokenizer import MASK_ID, PAD_ID, VOCAB_SIZE
 
@@ -90,3 +97,59 @@ def mask_batch(tokens: np.ndarray, keys: np.ndarray, policy: MaskingPolicy) -> t
             ids = (drawn[band] * np.uint64(VOCAB_SIZE) // np.uint64(t_rand - t_mask)).astype(np.uint8)
             inp.reshape(-1)[kept[band]] = ids
     return inputs, targets
+
+
+def _mask_gathered(source: CropSource, sample_ids, offsets, strands, length: int, keys: np.ndarray,
+                   policy: MaskingPolicy) -> tuple[np.ndarray, np.ndarray]:
+    return mask_batch(source.gather(sample_ids, offsets, strands, length), keys, policy)
+
+
+_POINTER, _I64, _U64, _U8 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint8
+
+
+@functools.cache
+def _kernel():
+    """mlm_mask_crops of the native library (argument types declared once per process), or None."""
+    lib = native.load("mlm_mask")
+    if lib is None:
+        return None
+    kernel = lib.mlm_mask_crops
+    kernel.argtypes = [_POINTER] * 5 + [_I64, _I64, _POINTER, _POINTER, _U64, _U64, _U64, _U64, _U8, _U8,
+                                        _POINTER, _POINTER]
+    kernel.restype = ctypes.c_int
+    return kernel
+
+
+def _mask_in_place(source: CropSource, sample_ids, offsets, strands, length: int, keys: np.ndarray,
+                   policy: MaskingPolicy) -> tuple[np.ndarray, np.ndarray]:
+    kernel = _kernel()
+    t_sel, t_mask, t_rand = policy.thresholds()
+    inputs = np.empty((len(sample_ids), length), dtype=np.uint8)
+    targets = np.empty_like(inputs)
+    reverse = np.ascontiguousarray(strands, dtype=np.uint8)
+    keys = np.ascontiguousarray(keys, dtype=np.uint64).reshape(-1)
+    for rows, starts in source.placed(sample_ids, offsets, length):
+        rows, starts = (np.ascontiguousarray(a, dtype=np.int64) for a in (rows, starts))
+        row_reverse, row_keys = np.ascontiguousarray(reverse[rows]), np.ascontiguousarray(keys[rows])
+        kernel(source.arena.ctypes.data, starts.ctypes.data, row_reverse.ctypes.data, row_keys.ctypes.data,
+               rows.ctypes.data, len(rows), length, FORWARD_LUT.ctypes.data, REVERSE_LUT.ctypes.data,
+               t_sel, t_mask, t_rand, VOCAB_SIZE, MASK_ID, PAD_ID, inputs.ctypes.data, targets.ctypes.data)
+    return inputs, targets
+
+
+# backend name -> (source, sample ids, offsets, strands, length, keys, policy) -> (inputs, targets)
+MASKERS = {"native": _mask_in_place, "numpy": _mask_gathered}
+
+
+def default_masker() -> str:
+    return "native" if _kernel() is not None else "numpy"
+
+
+def masked_crops(source: CropSource, sample_ids: np.ndarray, offsets: np.ndarray, strands: np.ndarray, length: int,
+                 keys: np.ndarray, policy: MaskingPolicy, backend: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, targets) uint8 (B, length) of the crops (sample_ids, offsets, strands), row i masked with keys[i].
+
+    Crop content and masks are the same bytes with either backend; the default is the native one where
+    it compiled.
+    """
+    return MASKERS[backend or default_masker()](source, sample_ids, offsets, strands, length, keys, policy)
