@@ -334,6 +334,24 @@ def test_real_sharder_output_one_epoch_matches_the_fasta(tmp_path):
     assert all((c == 1).all() for c in coverage.values())
 
 
+def test_batches_kept_by_the_caller_are_never_overwritten(shards):
+    """The builder reuses its output buffers (no page faults per batch), but only those nobody holds."""
+    stream = TrainStream(config(shards, num_workers=0), 0, 1, 1)
+    kept = [stream._builder.build(stream.rows(step, 0, 0)) for step in range(4)]
+    snapshots = [{k: v.copy() for k, v in batch.items()} for batch in kept]
+    rows = [stream.rows(step, 0, 0) for step in range(4, 8)]
+    for row in rows:  # dropped at once: these share one buffer
+        stream._builder.build(row)
+    for batch, snapshot in zip(kept, snapshots, strict=True):
+        for key, value in snapshot.items():
+            assert np.array_equal(batch[key], value), key
+    fresh = TrainStream(config(shards, num_workers=0), 0, 1, 1)
+    for step, batch in enumerate(kept):
+        again = fresh._builder.build(fresh.rows(step, 0, 0))
+        assert np.array_equal(again["input_ids"], batch["input_ids"])
+        assert np.array_equal(again["targets"], batch["targets"])
+
+
 def test_streams_leave_the_global_torch_rng_alone(shards):
     """The trainer checkpoints the global RNG; a resumed run must not be one draw off (DataLoader seeds)."""
     cfg = config(shards)

@@ -22,6 +22,7 @@ import hashlib
 import itertools
 import logging
 import queue
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,6 +59,32 @@ def crop_keys(seed: int, tag: int, rows: Rows) -> np.ndarray:
     return derive_key(seed, tag, rows.epoch, rows.sample_id, rows.offset, rows.seq_len)
 
 
+class _OutputBuffers:
+    """The builder's (2, B, L) output arrays, reused once nothing outside holds them.
+
+    Writing a fresh 2 MiB batch costs a page fault per 4 KiB page, about as long as the masking
+    itself; a DataLoader worker pickles each batch into its pipe and drops it, so one buffer serves
+    batch after batch. A buffer still referenced anywhere (a queued or kept batch, a view of it) is
+    never handed out again: the reference count says so.
+    """
+
+    _UNREFERENCED = 3  # the list, the loop variable and getrefcount's argument
+
+    def __init__(self, keep: int = 2):
+        self.keep, self._buffers = keep, []
+
+    def __getstate__(self):  # buffers belong to the process that filled them
+        return {"keep": self.keep, "_buffers": []}
+
+    def get(self, rows: int, length: int) -> np.ndarray:
+        for buffer in self._buffers:
+            if buffer.shape == (2, rows, length) and sys.getrefcount(buffer) <= self._UNREFERENCED:
+                return buffer
+        buffer = np.empty((2, rows, length), dtype=np.uint8)
+        self._buffers = [*self._buffers[-(self.keep - 1):], buffer] if self.keep > 1 else [buffer]
+        return buffer
+
+
 class _BatchBuilder:
     """Reads and masks the rows of a batch; shared by the training and evaluation streams.
 
@@ -69,10 +96,12 @@ class _BatchBuilder:
     def __init__(self, split: ShardSplit, seed: int, policy: MaskingPolicy, cache_windows: int):
         self.crops = CropSource(split.read_window, split.window, cache_windows)
         self.seed, self.policy = seed, policy
+        self._outputs = _OutputBuffers()
 
     def build(self, rows: Rows) -> dict:
         inputs, targets = masked_crops(self.crops, rows.sample_id, rows.offset, rows.strand, rows.seq_len,
-                                       crop_keys(self.seed, TAG_MASK, rows), self.policy)
+                                       crop_keys(self.seed, TAG_MASK, rows), self.policy,
+                                       out=self._outputs.get(len(rows.sample_id), rows.seq_len))
         return {"input_ids": inputs, "targets": targets, "sample_id": rows.sample_id, "crop_offset": rows.offset,
                 "strand": rows.strand, "epoch": rows.epoch}
 

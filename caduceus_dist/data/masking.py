@@ -69,10 +69,20 @@ def _below(u: np.ndarray, threshold: int, out: np.ndarray) -> np.ndarray:
     return np.less_equal(u, np.uint32(threshold - 1), out=out)
 
 
-def mask_batch(tokens: np.ndarray, keys: np.ndarray, policy: MaskingPolicy) -> tuple[np.ndarray, np.ndarray]:
-    """(inputs, targets) uint8 (B, L) from prepared tokens (B, L) uint8 and one uint64 key per row."""
+def _outputs(out: np.ndarray | None, rows: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    if out is None:
+        out = np.empty((2, rows, length), dtype=np.uint8)
+    if out.shape != (2, rows, length) or out.dtype != np.uint8 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous uint8 array of shape {(2, rows, length)}, got {out.dtype} {out.shape}")
+    return out[0], out[1]
+
+
+def mask_batch(tokens: np.ndarray, keys: np.ndarray, policy: MaskingPolicy,
+               out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, targets) uint8 (B, L) from prepared tokens (B, L) uint8 and one uint64 key per row
+    (written to out[0], out[1] when `out` (2, B, L) is given)."""
     t_sel, t_mask, t_rand = policy.thresholds()
-    inputs, targets = np.empty_like(tokens), np.empty_like(tokens)
+    inputs, targets = _outputs(out, *tokens.shape)
     stream = UniformStream(keys, tokens.shape[1])
     scratch = _Scratch()
     for rows, col, cols in token_blocks(*tokens.shape):
@@ -100,8 +110,8 @@ def mask_batch(tokens: np.ndarray, keys: np.ndarray, policy: MaskingPolicy) -> t
 
 
 def _mask_gathered(source: CropSource, sample_ids, offsets, strands, length: int, keys: np.ndarray,
-                   policy: MaskingPolicy) -> tuple[np.ndarray, np.ndarray]:
-    return mask_batch(source.gather(sample_ids, offsets, strands, length), keys, policy)
+                   policy: MaskingPolicy, out: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    return mask_batch(source.gather(sample_ids, offsets, strands, length), keys, policy, out)
 
 
 _POINTER, _I64, _U64, _U8 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint8
@@ -121,11 +131,10 @@ def _kernel():
 
 
 def _mask_in_place(source: CropSource, sample_ids, offsets, strands, length: int, keys: np.ndarray,
-                   policy: MaskingPolicy) -> tuple[np.ndarray, np.ndarray]:
+                   policy: MaskingPolicy, out: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     kernel = _kernel()
     t_sel, t_mask, t_rand = policy.thresholds()
-    inputs = np.empty((len(sample_ids), length), dtype=np.uint8)
-    targets = np.empty_like(inputs)
+    inputs, targets = _outputs(out, len(sample_ids), length)
     reverse = np.ascontiguousarray(strands, dtype=np.uint8)
     keys = np.ascontiguousarray(keys, dtype=np.uint64).reshape(-1)
     for rows, starts in source.placed(sample_ids, offsets, length):
@@ -137,7 +146,7 @@ def _mask_in_place(source: CropSource, sample_ids, offsets, strands, length: int
     return inputs, targets
 
 
-# backend name -> (source, sample ids, offsets, strands, length, keys, policy) -> (inputs, targets)
+# backend name -> (source, sample ids, offsets, strands, length, keys, policy, out) -> (inputs, targets)
 MASKERS = {"native": _mask_in_place, "numpy": _mask_gathered}
 
 
@@ -146,10 +155,12 @@ def default_masker() -> str:
 
 
 def masked_crops(source: CropSource, sample_ids: np.ndarray, offsets: np.ndarray, strands: np.ndarray, length: int,
-                 keys: np.ndarray, policy: MaskingPolicy, backend: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(inputs, targets) uint8 (B, length) of the crops (sample_ids, offsets, strands), row i masked with keys[i].
+                 keys: np.ndarray, policy: MaskingPolicy, backend: str | None = None,
+                 out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, targets) uint8 (B, length) of the crops (sample_ids, offsets, strands), row i masked with keys[i],
+    written to out[0], out[1] when a (2, B, length) buffer is given.
 
     Crop content and masks are the same bytes with either backend; the default is the native one where
     it compiled.
     """
-    return MASKERS[backend or default_masker()](source, sample_ids, offsets, strands, length, keys, policy)
+    return MASKERS[backend or default_masker()](source, sample_ids, offsets, strands, length, keys, policy, out)

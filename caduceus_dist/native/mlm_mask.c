@@ -46,15 +46,43 @@ static void draw_block(uint64_t key, int64_t first_pair, int64_t pairs, Draws *d
         d->z[p] = mix64(counter + (uint64_t)p * GOLDEN);
 }
 
-static void load_tokens(const uint8_t *restrict src, int reverse, int64_t cols, const uint8_t *restrict forward_lut,
-                        const uint8_t *restrict reverse_lut, uint8_t *restrict tok) {
+static void load_tokens_scalar(const uint8_t *restrict src, int reverse, int64_t cols, const uint8_t *restrict lut,
+                               uint8_t *restrict tok) {
     if (reverse) /* src points at the last base of this block's part of the crop */
         for (int64_t j = 0; j < cols; j++)
-            tok[j] = reverse_lut[src[-j]];
+            tok[j] = lut[src[-j]];
     else
         for (int64_t j = 0; j < cols; j++)
-            tok[j] = forward_lut[src[j]];
+            tok[j] = lut[src[j]];
 }
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+
+/* Stored bytes are token ids (< 16): 32 at a time through the table's first 16 entries (vpshufb),
+ * reversed in the register for the reverse strand. Any chunk holding a byte >= 16 takes the scalar
+ * table, so the result is lut[byte] for every byte either way. */
+static void load_tokens(const uint8_t *restrict src, int reverse, int64_t cols, const uint8_t *restrict lut,
+                        uint8_t *restrict tok) {
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)lut));
+    const __m256i high_nibble = _mm256_set1_epi8((char)0xF0);
+    const __m256i reverse_lane = _mm256_setr_epi8(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0,
+                                                  15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    int64_t j = 0;
+    for (; j + 32 <= cols; j += 32) {
+        __m256i bytes = _mm256_loadu_si256((const __m256i *)(reverse ? src - j - 31 : src + j));
+        if (reverse) /* bytes 31..0 of the crop's block order: reverse within lanes, then swap the lanes */
+            bytes = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(bytes, reverse_lane), 0x4E);
+        if (_mm256_testz_si256(bytes, high_nibble))
+            _mm256_storeu_si256((__m256i *)(tok + j), _mm256_shuffle_epi8(table, bytes));
+        else
+            load_tokens_scalar(reverse ? src - j : src + j, reverse, 32, lut, tok + j);
+    }
+    load_tokens_scalar(reverse ? src - j : src + j, reverse, cols - j, lut, tok + j);
+}
+#else
+#define load_tokens load_tokens_scalar
+#endif
 
 /* Inclusive uint32 form of "u < t" for t in [0, 2^32]: u <= last, and nothing at all when t == 0. */
 typedef struct {
@@ -112,8 +140,8 @@ int mlm_mask_crops(const uint8_t *arena, const int64_t *starts, const uint8_t *r
         for (int64_t col = 0; col < length; col += BLOCK) { /* BLOCK is even: blocks start on a whole pair */
             int64_t cols = length - col < BLOCK ? length - col : BLOCK;
             draw_block(keys[i], col / 2, (cols + 1) / 2, &draws);
-            load_tokens(reverse[i] ? crop + length - 1 - col : crop + col, reverse[i], cols, forward_lut,
-                        reverse_lut, tok);
+            load_tokens(reverse[i] ? crop + length - 1 - col : crop + col, reverse[i], cols,
+                        reverse[i] ? reverse_lut : forward_lut, tok);
             select_block(draws.u, tok, cols, sel, mask, (uint32_t)t_mask, in_band_test, mask_id, pad_id,
                          row_inputs + col, row_targets + col, in_band);
             if (band)
