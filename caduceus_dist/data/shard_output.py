@@ -1,5 +1,6 @@
 """Where the sharder's bytes land: shards written crash-safely and journaled, and the output directory's state.
 
+Workers pack runs of samples into tar-member blobs (`pack_members`); the main thread appends them.
 A shard is written as `.shard-NNNNNN.tar.partial` (+ `.idx`), fsynced, renamed, and then journaled with
 its sha256 in `OUT/.shard_genome/journal.jsonl`. A rerun trusts a journaled (or manifest-listed) shard
 only if its sha256 still matches, so a crash at any point costs at most the shards in progress. The
@@ -10,14 +11,17 @@ manifest), so a directory made with other arguments is never silently mixed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
 
+import numpy as np
+
 from caduceus_dist.data.shard_format import (
+    INDEX_COLUMNS,
     MANIFEST_NAME,
-    ShardWriter,
-    sample_key,
+    TAR_BLOCK,
     sha256_file,
     shard_name,
     write_index,
@@ -33,7 +37,6 @@ class ShardingError(RuntimeError):
     """The run cannot go on (output directory, arguments, strict-mode findings); the message says what to do."""
 
 
-
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + PARTIAL_SUFFIX)
     with open(tmp, "w") as fh:
@@ -44,46 +47,114 @@ def write_atomic(path: Path, text: str) -> None:
     fsync_path(path.parent)
 
 
+# ---------------------------------------------------------------------------------------------- tar members
+# Built here rather than with `tarfile` so that a worker packs a whole run of samples into one blob and
+# the main thread only appends blobs. The bytes equal what `shard_format.ShardWriter` writes (tarfile,
+# USTAR, mtime/uid/gid 0, mode 0644, no user names); the tests compare the two.
+
+TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads a closed archive to a whole number of 20-block records
+TAR_NAME_BYTES = 100
+_HEADER_MODE_IDS = b"0000644\0" + b"0000000\0" * 2  # mode, uid, gid
+_HEADER_AFTER_SIZE = (  # mtime 0, checksum placeholder (8 spaces), regular file, no link name, ustar
+    b"00000000000\0" + b" " * 8 + b"0" + bytes(100) + b"ustar\x0000"  # magic; then empty user/group
+    + bytes(255 - 8)  # names, device numbers and name prefix, and the padding of the 512-byte block
+)
+
+
+def tar_member(name: str, data) -> tuple[bytes, object, bytes]:
+    """Header, data and zero padding of one ustar member (`data`: any bytes-like object)."""
+    encoded = name.encode()
+    if len(encoded) > TAR_NAME_BYTES:
+        raise ShardingError(f"tar member name {name!r} is longer than {TAR_NAME_BYTES} bytes; use a shorter split name")
+    size = memoryview(data).nbytes
+    header = encoded.ljust(TAR_NAME_BYTES, b"\0") + _HEADER_MODE_IDS + b"%011o\0" % size + _HEADER_AFTER_SIZE
+    header = header[:148] + b"%06o\0 " % sum(header) + header[156:]  # checksum over the placeholder spaces
+    return header, data, bytes(-size % TAR_BLOCK)
+
+
+def pack_members(members: list[tuple[str, object]]) -> tuple[bytes, np.ndarray]:
+    """Tar members back to back in one blob, and each member's (data offset, size) within the blob."""
+    parts, places, offset = [], [], 0
+    for name, data in members:
+        header, data, padding = tar_member(name, data)
+        size = memoryview(data).nbytes
+        places.append((offset + TAR_BLOCK, size))
+        parts += (header, data, padding)
+        offset += TAR_BLOCK + size + len(padding)
+    return b"".join(parts), np.asarray(places, dtype="<i8").reshape(-1, 2)
+
+
+class _OpenShard:
+    """A shard being written: blobs appended to its partial tar, hashed on the way (no reread at the end)."""
+
+    def __init__(self, tar: Path, number: int):
+        self.number, self.samples, self.offset = number, 0, 0
+        self.fh = open(tar, "wb")  # noqa: SIM115 (closed by close())
+        self.digest = hashlib.sha256()
+        self.rows: list[np.ndarray] = []
+
+    def append(self, blob: bytes, places: np.ndarray) -> None:
+        self.fh.write(blob)
+        self.digest.update(blob)
+        rows = places.reshape(-1, INDEX_COLUMNS) + np.array([self.offset, 0, self.offset, 0])  # offsets, not sizes
+        self.rows.append(rows)
+        self.samples += len(rows)
+        self.offset += len(blob)
+
+    def close(self) -> np.ndarray:
+        """End the archive as tarfile does (two zero blocks, then zeros to a whole record); fsync; the index rows."""
+        end = self.offset + 2 * TAR_BLOCK
+        trailer = bytes(2 * TAR_BLOCK + -end % TAR_RECORD)
+        self.fh.write(trailer)
+        self.digest.update(trailer)
+        self.offset += len(trailer)
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+        return np.concatenate(self.rows) if self.rows else np.empty((0, INDEX_COLUMNS), dtype="<i8")
+
+
 class ShardSink:
-    """Receives compressed samples in id order, one open shard per split; finished shards are journaled."""
+    """Receives packed runs of samples in id order, one open shard per split; finished shards are journaled."""
 
     def __init__(self, root: Path, per_shard: int, journal: Path):
         self.root, self.per_shard, self.journal = root, per_shard, journal
-        self.open: dict[str, tuple[int, ShardWriter]] = {}
+        self.open: dict[str, _OpenShard] = {}
         self.written: dict[tuple[str, int], dict] = {}
 
     def _paths(self, split: str, number: int) -> tuple[Path, Path]:
         base = self.root / split / shard_name(number)
         return base.with_suffix(".tar"), base.with_suffix(".idx")
 
-    def add(self, meta: dict, compressed: bytes) -> None:
-        split, sample_id = meta["split"], meta["id"]
-        number = sample_id // self.per_shard
+    def add(self, split: str, first_id: int, blob: bytes, places: np.ndarray) -> None:
+        """Append samples `first_id`.. of `split`, packed by `pack_members` (json and tokens member per sample)."""
+        number = first_id // self.per_shard
         current = self.open.get(split)
-        if current is not None and current[0] != number:
+        if current is not None and current.number != number:
             self.finish(split)
             current = None
         if current is None:
             tar, _ = self._paths(split, number)
             tar.parent.mkdir(parents=True, exist_ok=True)
-            current = (number, ShardWriter(_partial(tar)))
-            self.open[split] = current
-        current[1].add_compressed(sample_key(split, sample_id), meta, compressed)
-        if (sample_id + 1) % self.per_shard == 0:
+            current = self.open[split] = _OpenShard(_partial(tar), number)
+        if first_id != number * self.per_shard + current.samples:
+            raise ShardingError(f"internal error: split {split!r} sample {first_id} arrived out of order")
+        current.append(blob, places)
+        if current.samples == self.per_shard:
             self.finish(split)
 
     def finish(self, split: str) -> None:
-        number, writer = self.open[split]  # stays "open" until renamed, so `abandon` can clean up after a crash
-        tar, idx = self._paths(split, number)
-        rows = writer.close()
+        shard = self.open[split]  # stays "open" until renamed, so `abandon` can clean up after a crash
+        tar, idx = self._paths(split, shard.number)
+        rows = shard.close()
         write_index(_partial(idx), rows)
-        for path in (_partial(tar), _partial(idx)):
-            fsync_path(path)
-        first_id = number * self.per_shard
+        fsync_path(_partial(idx))
+        first_id = shard.number * self.per_shard
         entry = {
             "tar": f"{split}/{tar.name}", "index": f"{split}/{idx.name}", "samples": len(rows),
-            "bytes": _partial(tar).stat().st_size, "sha256": sha256_file(_partial(tar)),
-            "index_sha256": sha256_file(_partial(idx)), "first_id": first_id, "last_id": first_id + len(rows) - 1,
+            "bytes": shard.offset, "sha256": shard.digest.hexdigest(),
+            "index_sha256": sha256_file(_partial(idx)), "first_id": first_id,
+            "last_id": first_id + len(rows) - 1,
         }
         os.replace(_partial(idx), idx)
         os.replace(_partial(tar), tar)
@@ -91,8 +162,8 @@ class ShardSink:
         # No directory/journal fsync here: a rerun trusts a journaled shard only if its sha256 matches,
         # so a journal line that outlives its file after a power cut just means the shard is redone.
         with open(self.journal, "a") as fh:
-            fh.write(json.dumps({"split": split, "shard": number, **entry}, sort_keys=True) + "\n")
-        self.written[(split, number)] = entry
+            fh.write(json.dumps({"split": split, "shard": shard.number, **entry}, sort_keys=True) + "\n")
+        self.written[(split, shard.number)] = entry
 
     def finish_all(self) -> None:
         for split in list(self.open):
@@ -100,11 +171,11 @@ class ShardSink:
 
     def abandon(self) -> None:
         """After an error: drop the half-written shards (their partial files), keep every finished one."""
-        for split, (number, writer) in list(self.open.items()):
-            for path in self._paths(split, number):
-                _partial(path).unlink(missing_ok=True)
+        for split, shard in list(self.open.items()):
             with contextlib.suppress(OSError):
-                writer.abort()
+                shard.fh.close()
+            for path in self._paths(split, shard.number):
+                _partial(path).unlink(missing_ok=True)
         self.open.clear()
 
 

@@ -1,10 +1,14 @@
 """FASTA + splits -> WebDataset shards: planning, parallel compression, resumable output, manifest.
 
 Why it is shaped this way:
-- Determinism. The main process streams the FASTA, decides every window, its split and its sample id
-  (FASTA record order, then interval order, then position), and writes every shard itself in id order.
-  Worker processes only zstd-compress batches of windows, so the bytes on disk cannot depend on
-  `--workers`, and a big record (chr1, chr20) is spread over all workers by window ranges.
+- Determinism. The main thread streams the FASTA, decides every window, its split and its sample id
+  (FASTA record order, then interval order, then position), and appends every shard's bytes in id order.
+  Workers turn a run of consecutive samples into finished tar members (zstd, JSON, headers) in one task,
+  so the bytes on disk cannot depend on `--workers`, and a big record (chr1, chr20) is spread over all
+  workers by window ranges.
+- Scaling with threads. Everything per window that holds the GIL is either vectorised (N counts) or in
+  the workers' one-task-per-run packing; zstd compresses a whole run in one GIL-free call, so the main
+  thread and the workers seldom wait for each other (see benchmarks/bench_shard.py for the accounting).
 - Crash safety (`shard_output.py`). Finished shards are journaled with their sha256; a rerun with the
   same arguments keeps those that still match, skips their windows and writes the rest; the manifest is
   written last, atomically.
@@ -13,24 +17,33 @@ Why it is shaped this way:
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import zstandard
 
 from caduceus_dist import __version__
-from caduceus_dist.data.fasta import FastaReader, sha256_and_size
-from caduceus_dist.data.shard_format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME
-from caduceus_dist.data.shard_output import OutputDir, ShardingError, ShardSink
+from caduceus_dist.data.fasta import FastaReader, FastaRecord, sha256_and_size
+from caduceus_dist.data.shard_format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    JSON_SUFFIX,
+    MANIFEST_NAME,
+    TOKENS_SUFFIX,
+    sample_key,
+)
+from caduceus_dist.data.shard_output import OutputDir, ShardingError, ShardSink, pack_members
 from caduceus_dist.data.splits import make_split_plan
 from caduceus_dist.data.tiling import resolve_tiling
 from caduceus_dist.data.workers import ordered_map, worker_pool
 from caduceus_dist.model.tokenizer import N_ID
 
-BATCH_BASES = 1 << 22  # bases per compression task: small enough to spread one chromosome over workers
+BATCH_BASES = 1 << 22  # bases per worker task (a run of samples): small enough to spread one chromosome
 TARGET_SHARD_BASES = 1 << 27  # default shard size: 1024 windows of 131072 (~37 MB of compressed tokens)
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "sample"
 
@@ -86,12 +99,24 @@ def sample_config(**overrides) -> ShardConfig:
 _LOCAL = threading.local()  # zstd compressors must not be shared between threads
 
 
-def compress_windows(payload: bytes, window: int, level: int) -> list[bytes]:
-    """Worker task: one zstd frame per `window`-byte slice of `payload`."""
+def pack_run(tokens: bytearray, window: int, level: int, split: str, first_id: int, common: dict,
+             coords: list[tuple[str, int, int, int]]) -> tuple[bytes, np.ndarray]:
+    """Worker task: samples `first_id`.. of `split` (`coords`: chrom, start, end, N count; `tokens`: their
+    windows back to back) as tar members, the blob and index places that `ShardSink.add` appends."""
     compressors = _LOCAL.__dict__.setdefault("compressors", {})
     compressor = compressors.get(level) or compressors.setdefault(level, zstandard.ZstdCompressor(level=level))
-    view = memoryview(payload)
-    return [compressor.compress(view[i:i + window]) for i in range(0, len(view), window)]
+    starts = np.arange(len(coords), dtype="<u8") * window
+    segments = np.column_stack([starts, np.full_like(starts, window)])  # (offset, length) per window
+    # one frame per window, all in one call that releases the GIL (frames equal ZstdCompressor.compress)
+    frames = compressor.multi_compress_to_buffer(zstandard.BufferWithSegments(tokens, segments.tobytes()))
+    members = []
+    for k, (chrom, start, end, n_count) in enumerate(coords):
+        key = sample_key(split, first_id + k)
+        meta = {**common, "id": first_id + k, "chrom": chrom, "start": start, "end": end,
+                "n_fraction": n_count / window}
+        members += [(key + JSON_SUFFIX, json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()),
+                    (key + TOKENS_SUFFIX, frames[k])]
+    return pack_members(members)
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -108,17 +133,20 @@ class SplitTotals:
 
 
 @dataclass
-class WindowBatch:
-    """Windows (in id order) whose tokens go to the workers together."""
+class SampleRun:
+    """Consecutive samples of one shard: cut by the main thread, packed by one worker task."""
 
+    split: str
+    first_id: int
     window: int
     level: int
-    metas: list[dict] = field(default_factory=list)
-    parts: list[bytes] = field(default_factory=list)
+    common: dict  # metadata every sample of the run shares
+    coords: list[tuple[str, int, int, int]] = field(default_factory=list)  # chrom, start, end, N count
+    tokens: bytearray = field(default_factory=bytearray)
 
     @property
     def args(self) -> tuple:
-        return b"".join(self.parts), self.window, self.level
+        return self.tokens, self.window, self.level, self.split, self.first_id, self.common, self.coords
 
 
 @dataclass
@@ -165,45 +193,63 @@ class WindowCursor:
             yield interval, start, end
 
 
-def plan_batches(cfg: ShardConfig, reader: FastaReader, plan, tile, fasta_sha: str,
-                 finished: set[tuple[str, int]], stats: RunStats) -> Iterator[WindowBatch]:
-    """Stream the FASTA and yield batches of windows still to be written (finished shards are skipped)."""
-    window, per_shard, assembly = cfg.window, cfg.resolved_samples_per_shard(), cfg.resolved_assembly()
-    batch = WindowBatch(window, cfg.zstd_level)
-    cursor, current = None, None
-    for record in reader.stream():
-        if record is not current:
-            current, cursor = record, WindowCursor(plan.intervals(record.name), tile, window)
-        length = len(record) if record.complete else None
-        for interval, start, end in cursor.advance(len(record), length):
-            totals = stats.totals.setdefault(interval.split, SplitTotals())
-            bases = record.window(start, end)
-            n_count = bases.count(N_ID)
-            if n_count == window:
+class RunCutter:
+    """Cuts a record's windows into `SampleRun`s: N counts, drops, sample ids, finished shards skipped."""
+
+    def __init__(self, cfg: ShardConfig, fasta_sha: str, finished: set[tuple[str, int]], stats: RunStats):
+        self.window, self.level, self.per_shard = cfg.window, cfg.zstd_level, cfg.resolved_samples_per_shard()
+        self.common = {"assembly": cfg.resolved_assembly(), "fasta_sha256": fasta_sha, "length": cfg.window,
+                       "strand": "+"}
+        self.finished, self.stats = finished, stats
+        self.open: dict[str, SampleRun] = {}  # the run being filled, per split
+
+    def cut(self, record: FastaRecord, windows: list[tuple[object, int, int]]) -> list[SampleRun]:
+        """Add `windows` (interval, start, end) of `record`; return the runs that became full, in id order."""
+        full, bases = [], record.bases
+        for interval, start, end in windows:
+            n_count = int(np.count_nonzero(bases[start:end] == N_ID))
+            split = interval.split
+            totals = self.stats.totals.setdefault(split, SplitTotals())
+            if n_count == self.window:
                 totals.dropped_windows += 1
                 continue
             sample_id = totals.windows
             totals.windows += 1
-            totals.bases += window
+            totals.bases += self.window
             totals.n_bases += n_count
-            if (interval.split, sample_id // per_shard) in finished:
+            if (split, sample_id // self.per_shard) in self.finished:
                 continue
-            batch.metas.append({
-                "id": sample_id, "split": interval.split, "chrom": record.name, "start": start, "end": end,
-                "strand": "+", "length": window, "n_fraction": n_count / window, "assembly": assembly,
-                "fasta_sha256": fasta_sha,
-            })
-            batch.parts.append(bases)
-            if len(batch.parts) * window >= BATCH_BASES:
-                yield batch
-                batch = WindowBatch(window, cfg.zstd_level)
+            run = self.open.get(split)
+            if run is None:
+                run = self.open[split] = SampleRun(split, sample_id, self.window, self.level,
+                                                   {**self.common, "split": split})
+            run.coords.append((record.name, start, end, n_count))
+            run.tokens.extend(bases[start:end])  # one memcpy (buffer protocol)
+            if (sample_id + 1) % self.per_shard == 0 or len(run.coords) * self.window >= BATCH_BASES:
+                full.append(self.open.pop(split))  # a run never spans two shards
+        return full
+
+    def flush(self) -> list[SampleRun]:
+        """Every run still open (at the end of a record, so its shards can complete before the next is read)."""
+        runs, self.open = list(self.open.values()), {}
+        return runs
+
+
+def plan_runs(cfg: ShardConfig, reader: FastaReader, plan, tile, fasta_sha: str,
+              finished: set[tuple[str, int]], stats: RunStats) -> Iterator[SampleRun]:
+    """Stream the FASTA and yield runs of samples still to be written (finished shards are skipped)."""
+    cutter = RunCutter(cfg, fasta_sha, finished, stats)
+    cursor, current = None, None
+    for record in reader.stream():
+        if record is not current:
+            current, cursor = record, WindowCursor(plan.intervals(record.name), tile, cfg.window)
+        length = len(record) if record.complete else None
+        yield from cutter.cut(record, list(cursor.advance(len(record), length)))
         if record.complete:
             stats.records += 1
             stats.fasta_bases += len(record)
             stats.iupac_to_n += record.iupac_bases
-            if batch.parts:  # end of record: its shards can complete before the next record is read
-                yield batch
-                batch = WindowBatch(window, cfg.zstd_level)
+            yield from cutter.flush()
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -235,14 +281,13 @@ def shard_genome(cfg: ShardConfig, progress: Callable[[int, int, int], None] | N
     sink = ShardSink(out.root, cfg.resolved_samples_per_shard(), out.journal)
     stats = RunStats()
     bases_done = 0
-    batches = plan_batches(cfg, reader, plan, tile, fasta_sha, set(kept), stats)
+    runs = plan_runs(cfg, reader, plan, tile, fasta_sha, set(kept), stats)
     try:
         with worker_pool(cfg.workers, cfg.worker_kind) as pool:
             reader.use_pool(pool, 2 * cfg.workers)
-            for batch, compressed in ordered_map(compress_windows, batches, pool, 2 * cfg.workers):
-                for meta, payload in zip(batch.metas, compressed, strict=True):
-                    sink.add(meta, payload)
-                bases_done += len(batch.metas) * cfg.window
+            for run, (blob, places) in ordered_map(pack_run, runs, pool, 2 * cfg.workers):
+                sink.add(run.split, run.first_id, blob, places)
+                bases_done += len(run.coords) * cfg.window
                 if progress:
                     progress(bases_done, reader.consumed_bytes, fasta_size)
         sink.finish_all()

@@ -1,4 +1,4 @@
-"""Workers of the sharder: one pool (threads or processes) shared by BGZF decompression and zstd compression.
+"""Workers of the sharder: one pool (threads or processes) shared by BGZF decompression and sample packing.
 
 `ordered_map` keeps results in submission order with a bounded number of tasks in flight, so memory
 stays bounded and the output cannot depend on how many workers there are or which finishes first.
@@ -20,8 +20,9 @@ def _process_pool(workers: int) -> Executor:
     return ProcessPoolExecutor(workers, mp_context=get_context("fork"))
 
 
-# threads: zlib and zstd release the GIL while they work, so threads use every core for the heavy parts
-# with no copying between processes (measured: less total CPU than processes for the same output).
+# threads: zlib and zstd release the GIL while they work (zstd once per run of samples), so threads use
+# every core for the heavy parts with no copying between processes (benchmarks/bench_shard.py: processes
+# cost more CPU and scale worse for the same output).
 WORKER_KINDS: dict[str, Callable[[int], Executor]] = {"threads": ThreadPoolExecutor, "processes": _process_pool}
 
 
