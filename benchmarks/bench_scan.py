@@ -1,7 +1,11 @@
-"""Pure-PyTorch selective scan and whole Caduceus-PS model on CPU: ours vs a sequential scan.
+"""Selective scan and whole Caduceus-PS model on CPU: the native (C) and pure-PyTorch backends vs a sequential scan.
 
-    .venv/bin/python benchmarks/bench_scan.py            # full run (~10-20 min on 2 shared cores)
-    .venv/bin/python benchmarks/bench_scan.py --quick    # L = 1k only
+    .venv/bin/python benchmarks/bench_scan.py --threads 1          # full run (~10-20 min on 2 shared cores)
+    .venv/bin/python benchmarks/bench_scan.py --quick              # L = 1k only
+    .venv/bin/python benchmarks/bench_scan.py --lengths 8192 --skip-model   # one scan length
+
+Both of ours run in every case: `native` (kernel backend "native", the C kernels) and `torch` (the
+pure-PyTorch chunked scan, kept as the fallback where no C compiler exists).
 
 Every case runs forward+backward in a fresh subprocess, so peak memory is that process's
 ru_maxrss minus its RSS just before the measured step (inputs and model already allocated).
@@ -29,9 +33,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from caduceus_dist.model import CaduceusConfig, CaduceusForMaskedLM, mlm_loss
+from caduceus_dist.model import CaduceusConfig, CaduceusForMaskedLM, mlm_loss, native_ops, scan
 from caduceus_dist.model.kernels import KERNEL_BACKENDS, TorchKernels
-from caduceus_dist.model.scan import selective_scan
 
 REFERENCE_TOKENS_PER_S = 29.0  # reference CPU path, PS d_model 128, 2 layers, L 512 (issue 2)
 SEQUENTIAL_SKIP_LENGTH = 32768  # the sequential baseline would take too long (and ~20 GB) here
@@ -65,7 +68,9 @@ def reference_style_scan(u, delta, A, Bm, Cm, D, z, delta_bias, chunk_size=0):
     return (y * F.silu(z)).to(u.dtype)
 
 
-SCANS = {"ours": selective_scan, "sequential": sequential_scan, "reference_style": reference_style_scan}
+OURS = ("native", "torch")  # kernel backend names; each is compared with the baselines
+SCANS = {"native": native_ops.selective_scan, "torch": scan.selective_scan, "sequential": sequential_scan,
+         "reference_style": reference_style_scan}
 
 
 class SequentialKernels(TorchKernels):
@@ -110,7 +115,7 @@ def run_case(kind: str, impl: str, length: int, batch: int, d_model: int, n_laye
         step(warm)  # warm-up at a short length: thread pool and allocator, without raising the peak
     else:
         config = CaduceusConfig(d_model=d_model, n_layer=n_layer, vocab_size=12, rcps=True, residual_in_fp32=False,
-                                backend="torch" if impl == "ours" else impl, scan_chunk_size=chunk)
+                                backend=impl, scan_chunk_size=chunk)
         model = CaduceusForMaskedLM(config)
         ids = torch.randint(7, 11, (batch, length), generator=torch.Generator().manual_seed(0))
 
@@ -141,6 +146,11 @@ def ratio(ours: dict, base: dict) -> str:
             f"(wall), {ours['peak_mb'] / max(base['peak_mb'], 1):.2f}x the memory")
 
 
+def vs_reference(ours: dict) -> str:
+    return (f"{ours['tok_s_cpu'] / REFERENCE_TOKENS_PER_S:.0f}x (cpu), {ours['tok_s_wall'] / REFERENCE_TOKENS_PER_S:.0f}x "
+            f"(wall) the quoted {REFERENCE_TOKENS_PER_S:.0f} tok/s")
+
+
 def fmt(r: dict) -> str:
     return f"{r['tok_s_wall']:9.0f} tok/s wall {r['tok_s_cpu']:9.0f} tok/s cpu {r['peak_mb']:7.0f} MB"
 
@@ -148,6 +158,8 @@ def fmt(r: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="L = 1k only")
+    parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default 1k 8k 32k)")
+    parser.add_argument("--skip-model", action="store_true", help="scan cases only")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per case (0: torch default)")
     parser.add_argument("--chunk", type=int, default=CaduceusConfig.scan_chunk_size, help="scan_chunk_size")
     parser.add_argument("--json", type=Path, help="also write all results here")
@@ -159,42 +171,53 @@ def main() -> None:
         print(json.dumps(run_case(**json.loads(args._case))))
         return
 
-    lengths = [1024] if args.quick else [1024, 8192, 32768]
+    lengths = args.lengths or ([1024] if args.quick else [1024, 8192, 32768])
     results = []
+    native_note = "" if native_ops.library() else " (native kernels UNAVAILABLE: 'native' runs fail)"
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, threads {args.threads or 'default'}, "
-          f"chunk {args.chunk}; shared with other jobs, so compare the cpu columns")
-    for kind, title in (("scan", "scan: one PS BiMamba layer, G=2 directions x 2 RC halves, E=256, N=16, batch 1"),
-                        ("model", "model: PS d_model 128, 2 layers, batch 1")):
+          f"chunk {args.chunk}, load average {os.getloadavg()[0]:.1f}{native_note}; "
+          "shared with other jobs, so compare the cpu columns")
+
+    def compare(case: dict, label: str, baselines: list[str]) -> None:
+        ours = {impl: spawn(args, impl=impl, **case) for impl in OURS}
+        for impl in OURS:
+            results.append(ours[impl])
+            print(f"  {label}{impl:15s} {fmt(ours[impl])}", flush=True)
+        for base_impl in baselines:
+            base = spawn(args, impl=base_impl, **case)
+            results.append(base)
+            print(f"  {' ' * len(label)}{base_impl:15s} {fmt(base)}", flush=True)
+            for impl in OURS:
+                print(f"  {' ' * len(label)}  -> {impl} is {ratio(ours[impl], base)}")
+        if case["kind"] == "model" and case["length"] == 512:
+            for impl in OURS:
+                print(f"  {' ' * len(label)}  -> {impl} is {vs_reference(ours[impl])}")
+
+    kinds = [("scan", "scan: one PS BiMamba layer, G=2 directions x 2 RC halves, E=256, N=16, batch 1")]
+    if not args.skip_model:
+        kinds.append(("model", "model: PS d_model 128, 2 layers, batch 1"))
+    for kind, title in kinds:
         print(f"\n{title} (forward+backward)")
         for length in lengths:
             case = dict(kind=kind, length=length, batch=1, d_model=128, n_layer=2, chunk=args.chunk)
-            ours = spawn(args, impl="ours", **case)
-            results.append(ours)
-            print(f"  L={length:6d} ours            {fmt(ours)}", flush=True)
             baselines = ["sequential"] if length < SEQUENTIAL_SKIP_LENGTH else []
             baselines += ["reference_style"] if length <= REFERENCE_STYLE_MAX_LENGTH else []
-            for impl in baselines:
-                base = spawn(args, impl=impl, **case)
-                results.append(base)
-                print(f"           {impl:15s} {fmt(base)}  -> ours is {ratio(ours, base)}", flush=True)
-        if not args.quick:
-            print(f"  (sequential skipped at L={SEQUENTIAL_SKIP_LENGTH}: it is linear in L, so expect 4x its 8k time "
+            compare(case, f"L={length:6d} ", baselines)
+        if max(lengths) >= SEQUENTIAL_SKIP_LENGTH or min(lengths) > REFERENCE_STYLE_MAX_LENGTH:
+            print(f"  (sequential skipped at L>={SEQUENTIAL_SKIP_LENGTH}: it is linear in L, so expect 4x its 8k time "
                   f"and memory; reference_style only up to L={REFERENCE_STYLE_MAX_LENGTH}: its backward is quadratic)")
+    if args.skip_model:
+        return
 
     print("\nreference comparison: PS d_model 128, 2 layers, L 512, batch 1 (issue 2 quotes ~29 tok/s for the reference)")
-    case = dict(kind="model", length=512, batch=1, d_model=128, n_layer=2, chunk=args.chunk)
-    ours = spawn(args, impl="ours", **case)
-    results.append(ours)
-    print(f"  ours            {fmt(ours)}  -> {ours['tok_s_wall'] / REFERENCE_TOKENS_PER_S:.0f}x the quoted 29 tok/s (wall)")
-    for impl in ("sequential", "reference_style"):
-        base = spawn(args, impl=impl, **case)
-        results.append(base)
-        print(f"  {impl:15s} {fmt(base)}  -> ours is {ratio(ours, base)}", flush=True)
+    compare(dict(kind="model", length=512, batch=1, d_model=128, n_layer=2, chunk=args.chunk), "",
+            ["sequential", "reference_style"])
 
     print("\ncpu_demo size: PS d_model 128, 4 layers, L 1024, batch 8")
-    demo = spawn(args, impl="ours", kind="model", length=1024, batch=8, d_model=128, n_layer=4, chunk=args.chunk)
-    results.append(demo)
-    print(f"  ours            {fmt(demo)} ({demo['wall_s']:.1f} s/step wall, {demo['cpu_s']:.1f} s cpu)")
+    for impl in OURS:
+        demo = spawn(args, impl=impl, kind="model", length=1024, batch=8, d_model=128, n_layer=4, chunk=args.chunk)
+        results.append(demo)
+        print(f"  {impl:15s} {fmt(demo)} ({demo['wall_s']:.1f} s/step wall, {demo['cpu_s']:.1f} s cpu)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -71,7 +71,8 @@ def test_saved_files_follow_the_published_layout(tmp_path):
 @pytest.mark.parametrize("rcps", [False, True], ids=["Ph", "PS"])
 def test_save_load_round_trip_is_bit_exact_and_reties(tmp_path, rcps):
     torch.manual_seed(4)
-    model = CaduceusForMaskedLM(CaduceusConfig(d_model=24, n_layer=2, vocab_size=12, rcps=rcps))
+    # Same kernels on both sides (the bitwise logits check below); the runtime fields are overridden at load.
+    model = CaduceusForMaskedLM(CaduceusConfig(d_model=24, n_layer=2, vocab_size=12, rcps=rcps, backend="torch"))
     model.save_pretrained(tmp_path)
     loaded = CaduceusForMaskedLM.from_pretrained(tmp_path, backend="torch", gradient_checkpointing=True)
     assert loaded.config.gradient_checkpointing and loaded.config.backend == "torch"

@@ -1,4 +1,5 @@
-"""The pure-PyTorch selective scan and causal conv against straightforward implementations of spec 1.3/1.4."""
+"""The selective scan and causal conv of the "torch" and "native" (C) backends against straightforward
+implementations of spec 1.3/1.4, and the backend registry."""
 
 from __future__ import annotations
 
@@ -6,9 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from caduceus_dist.model import kernels
+from caduceus_dist.model import kernels, native_ops, scan
 from caduceus_dist.model.kernels import TorchKernels, check_backend_name, resolve_backend
-from caduceus_dist.model.scan import selective_scan
 
 INPUT_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -42,7 +42,17 @@ def rel_err(ours, theirs):
     return ((ours - theirs).norm() / theirs.norm().clamp(min=1e-30)).item()
 
 
-def check_parity(inputs, chunk_size):
+@pytest.fixture(params=["torch", "native"])
+def selective_scan(request):
+    """The scan of each CPU backend; the native one needs a C compiler (the tests say so when it is missing)."""
+    if request.param == "native":
+        if native_ops.library() is None:
+            pytest.skip("native kernels unavailable: no C compiler or CADUCEUS_NATIVE=0")
+        return native_ops.selective_scan
+    return scan.selective_scan
+
+
+def check_parity(selective_scan, inputs, chunk_size):
     ours_in = [t.clone().requires_grad_() for t in inputs]
     ref_in = [t.clone().requires_grad_() for t in inputs]
     ours = selective_scan(*ours_in, chunk_size=chunk_size)
@@ -62,28 +72,35 @@ def check_parity(inputs, chunk_size):
     [(1, 16), (7, 16), (16, 16), (37, 16), (64, 16), (45, 1), (45, 5), (100, 64), (150, 0)],
     ids=lambda v: str(v),
 )
-def test_scan_matches_sequential_forward_and_all_gradients(length, chunk_size):
+def test_scan_matches_sequential_forward_and_all_gradients(selective_scan, length, chunk_size):
     """Covers L < chunk, L == chunk, L not a multiple of the chunk, many chunks, chunk of 1."""
-    check_parity(random_inputs(2, 3, length, 6, 4, seed=length * 31 + chunk_size), chunk_size)
+    check_parity(selective_scan, random_inputs(2, 3, length, 6, 4, seed=length * 31 + chunk_size), chunk_size)
 
 
-def test_scan_strongly_negative_delta_times_a_underflows_to_exact_limit():
+@pytest.mark.parametrize(("groups", "batch", "length", "channels", "d_state"),
+                         [(1, 1, 1, 1, 1), (2, 1, 33, 13, 16), (2, 4, 65, 40, 16), (3, 2, 9, 8, 5)])
+def test_scan_parity_over_shapes(selective_scan, groups, batch, length, channels, d_state):
+    """Odd channel counts (vector tails), odd state sizes, several groups and batch rows."""
+    check_parity(selective_scan, random_inputs(groups, batch, length, channels, d_state, seed=length), 0)
+
+
+def test_scan_strongly_negative_delta_times_a_underflows_to_exact_limit(selective_scan):
     """delta*A down to about -300 per step: products of decays underflow to 0, never NaN/inf."""
     inputs = random_inputs(1, 2, 50, 5, 8, seed=3, bias_shift=20.0, a_scale=15.0)
     dt = F.softplus(inputs[1] + inputs[7][:, None, None, :])
     assert (dt[..., None] * inputs[2][:, None, None]).min() < -200
-    check_parity(inputs, chunk_size=8)
+    check_parity(selective_scan, inputs, chunk_size=8)
 
 
-def test_scan_mixed_decay_regimes_across_chunks():
+def test_scan_mixed_decay_regimes_across_chunks(selective_scan):
     """Half the channels barely decay, half decay fast: the carried state must be exact across chunks."""
     inputs = random_inputs(1, 2, 70, 8, 4, seed=5)
     inputs[7][:, :4] = -8.0  # softplus ~ 3e-4: long memory
     inputs[7][:, 4:] = 4.0
-    check_parity(inputs, chunk_size=16)
+    check_parity(selective_scan, inputs, chunk_size=16)
 
 
-def test_scan_saves_no_per_position_states_for_backward():
+def test_scan_saves_no_per_position_states_for_backward(selective_scan):
     """Memory contract: what backward keeps is O(B*E*L + chunks*B*E*N), not O(B*E*L*N)."""
     G, Bt, L, E, N, chunk = 2, 2, 256, 32, 16, 32
     inputs = [t.requires_grad_() for t in random_inputs(G, Bt, L, E, N, seed=7)]
@@ -96,7 +113,7 @@ def test_scan_saves_no_per_position_states_for_backward():
     assert sum(saved) < per_position_states / 2
 
 
-def test_bf16_inputs_are_scanned_in_fp32_and_returned_in_bf16():
+def test_bf16_inputs_are_scanned_in_fp32_and_returned_in_bf16(selective_scan):
     inputs = random_inputs(1, 2, 20, 4, 4, seed=11)
     low = [t.bfloat16() if i not in (2, 5, 7) else t for i, t in enumerate(inputs)]
     out = selective_scan(*low, chunk_size=8)
@@ -123,11 +140,11 @@ def test_auto_chunk_size_keeps_buffers_bounded_and_negative_sizes_fail():
     assert auto_chunk_size(rows=64, d_state=16, d_inner=512, length=8192) == 4  # floor for huge batches
     assert auto_chunk_size(rows=1, d_state=16, d_inner=8, length=10) == 10  # never beyond L
     with pytest.raises(ValueError, match=r"scan_chunk_size must be >= 0 \(0 = auto\), got -1"):
-        selective_scan(*random_inputs(1, 1, 4, 2, 2, seed=0), chunk_size=-1)
+        scan.selective_scan(*random_inputs(1, 1, 4, 2, 2, seed=0), chunk_size=-1)
 
 
 def test_unknown_backend_name_fails_naming_the_choices():
-    with pytest.raises(ValueError, match=r"unknown kernel backend 'triton'.*'cuda', 'torch'"):
+    with pytest.raises(ValueError, match=r"unknown kernel backend 'triton'.*'cuda', 'native', 'torch'"):
         check_backend_name("triton")
 
 
@@ -137,8 +154,9 @@ def test_forcing_cuda_backend_without_kernels_fails_with_install_hint():
         check_backend_name("cuda")
 
 
-def test_auto_backend_is_torch_for_cpu_tensors():
-    assert resolve_backend("auto", torch.device("cpu")).name == "torch"
+def test_auto_backend_for_cpu_tensors_is_native_where_it_compiles_else_torch():
+    expected = "native" if native_ops.library() is not None else "torch"
+    assert resolve_backend("auto", torch.device("cpu")).name == expected
 
 
 @pytest.mark.gpu

@@ -70,9 +70,9 @@ class CaduceusConfig:
     rcps: bool = False
     complement_map: dict[int, int] | None = None  # None: the tokenizer's map (spec 1.8)
     # Runtime switches (ours; not written to config.json).
-    backend: str = "auto"  # auto | torch | cuda (kernels.KERNEL_BACKENDS)
+    backend: str = "auto"  # auto | torch | native | cuda (kernels.KERNEL_BACKENDS; CADUCEUS_NATIVE=0 disables native)
     gradient_checkpointing: bool = False  # per-layer activation checkpointing
-    scan_chunk_size: int = 0  # positions per chunk of the pure-PyTorch scan (memory ~ B*E*N*chunk); 0 = auto
+    scan_chunk_size: int = 0  # positions per chunk of the torch / native scans (memory ~ B*E*N*chunk); 0 = auto
 
     def __post_init__(self) -> None:
         unknown = set(self.ssm_cfg) - set(SSM_DEFAULTS)

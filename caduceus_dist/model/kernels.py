@@ -1,10 +1,12 @@
 """Kernel backends for the two sequence ops of Mamba: causal depthwise conv + SiLU, and the selective scan.
 
-One small interface, two implementations, chosen by name (`CaduceusConfig.backend`):
-- "torch": pure PyTorch, any device (the chunked scan of scan.py);
-- "cuda":  the fused kernels of mamba-ssm / causal-conv1d, imported lazily, CUDA tensors only;
-- "auto":  "cuda" for CUDA tensors when those packages import, else "torch" (resolved per call, so a
-  model built on the CPU and moved to a GPU picks the kernels up).
+One small interface, three implementations, chosen by name (`CaduceusConfig.backend`):
+- "torch":  pure PyTorch, any device (the chunked scan of scan.py);
+- "native": CPU only, both ops in C (native_ops.py, compiled on first use by caduceus_dist.native);
+- "cuda":   the fused kernels of mamba-ssm / causal-conv1d, imported lazily, CUDA tensors only;
+- "auto":   "cuda" for CUDA tensors when those packages import; otherwise "native" where it compiles
+  (not with CADUCEUS_NATIVE=0), else "torch". Resolved per device, so a model built on the CPU and
+  moved to a GPU picks the CUDA kernels up.
 
 Shapes are grouped and time-major (see scan.py): x, u, delta, z (G, B, L, E); B, C (G, B, L, N);
 A (G, E, N); D, delta_bias, conv bias (G, E); conv weight (G, E, K).
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from caduceus_dist.model import native_ops
 from caduceus_dist.model.scan import selective_scan as torch_selective_scan
 
 CUDA_INSTALL_HINT = (
@@ -57,6 +60,20 @@ class TorchKernels:
     @staticmethod
     def selective_scan(u, delta, A, Bm, Cm, D, z, delta_bias, chunk_size: int) -> Tensor:
         return torch_selective_scan(u, delta, A, Bm, Cm, D, z, delta_bias, chunk_size)
+
+
+class NativeKernels:
+    """Both ops in C (native_ops.py), CPU tensors only."""
+
+    name = "native"
+
+    def __init__(self) -> None:
+        if native_ops.library() is None:
+            raise RuntimeError("kernel backend 'native' needs a C compiler (set CC) and CADUCEUS_NATIVE unset or 1; "
+                               "use backend='torch' otherwise")
+
+    causal_conv1d_silu = staticmethod(native_ops.causal_conv1d_silu)
+    selective_scan = staticmethod(native_ops.selective_scan)
 
 
 class CudaKernels:
@@ -101,11 +118,11 @@ def _cuda_ops():
     return conv, scan
 
 
-KERNEL_BACKENDS: dict[str, type] = {"torch": TorchKernels, "cuda": CudaKernels}
+KERNEL_BACKENDS: dict[str, type] = {"torch": TorchKernels, "native": NativeKernels, "cuda": CudaKernels}
 
 
-@functools.cache
 def _instance(name: str) -> KernelBackend:
+    """A fresh instance (they are stateless), so availability is checked again after CADUCEUS_NATIVE changes."""
     return KERNEL_BACKENDS[name]()
 
 
@@ -120,8 +137,18 @@ def check_backend_name(name: str) -> None:
 def resolve_backend(name: str, device: torch.device) -> KernelBackend:
     """The backend to use for tensors on `device`."""
     if name == "auto":
-        name = "cuda" if device.type == "cuda" and _cuda_ops() is not None else "torch"
+        name = _auto_backend_name(device)
     backend = _instance(name)
     if backend.name == "cuda" and device.type != "cuda":
         raise RuntimeError(f"kernel backend 'cuda' got tensors on {device}; move the model to a GPU or use backend='torch'")
+    if backend.name == "native" and device.type != "cpu":
+        raise RuntimeError(f"kernel backend 'native' got tensors on {device}; it runs on the CPU only")
     return backend
+
+
+def _auto_backend_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "cuda" if _cuda_ops() is not None else "torch"
+    if device.type == "cpu" and native_ops.library() is not None:
+        return "native"
+    return "torch"
