@@ -5,7 +5,8 @@
 Ours: `TrainStream` on GRCh37 chr20 shards (made with data_prep/shard_genome.py on first run), each
 micro-batch read from disk, cropped, RC-augmented, masked and collated into int64 tensors (pinned
 where CUDA is available). Measured per worker (the batch builder a DataLoader worker runs, in this
-process) and end to end through a real DataLoader with 2 workers.
+process) and end to end through a real DataLoader with 2 workers; also per worker with the NumPy
+masking fallback, and the CPU time of each stage (plan, window reads, crop + mask per backend).
 Baseline, same run, same windows: the reference pipeline (spec 3.2-3.5) re-implemented without its
 framework overhead: pyfaidx random access into the FASTA per sample, per-character string reverse
 complement and tokenisation (a dict lookup per base, as the HF tokenizer does after its own
@@ -24,12 +25,18 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import default_collate
 
 from caduceus_dist.data import DataConfig, TrainStream
+from caduceus_dist.data.cursor import TAG_MASK
+from caduceus_dist.data.loader import crop_keys
+from caduceus_dist.data.masking import default_masker, masked_crops
 from caduceus_dist.model.tokenizer import MASK_ID, N_ID, PAD_ID, SEP_ID, UNK_ID, VOCAB, VOCAB_SIZE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,17 +120,53 @@ def window_starts(shards: Path) -> list[tuple[str, int]]:
     return out
 
 
+def one_worker(cfg: DataConfig, masker: str | None):
+    """fn() -> tokens: the next micro-batch as a DataLoader worker builds it (read, crop, RC, mask, collate)."""
+    stream = TrainStream(cfg, rank=0, world_size=1, grad_accum=1)
+    stream._builder.masker = masker
+    step = iter(range(1 << 30))
+    return lambda: stream._builder.build(stream.rows(next(step), 0, 0))["input_ids"].size
+
+
+def stage_times(cfg: DataConfig, steps: int) -> dict:
+    """CPU ms per 2^20 tokens of each stage of a worker's batch (default masker), over `steps` fresh steps."""
+    stream = TrainStream(cfg, rank=0, world_size=1, grad_accum=1)
+    builder, cpu, windows = stream._builder, Counter(), 0
+    out = np.empty((2, STEP_TOKENS // cfg.seq_len, cfg.seq_len), dtype=np.uint8)
+    read_window = builder.crops.read_window
+
+    def counted(sample_id):
+        nonlocal windows
+        windows += 1
+        return read_window(sample_id)
+
+    builder.crops.read_window = counted
+    warm_up = -(-builder.crops.capacity * stream.split.window // STEP_TOKENS) + 1  # every arena page touched
+    for step in range(warm_up + steps):
+        clock = [time.process_time()]
+        rows = stream.rows(step, 0, 0)
+        keys = crop_keys(builder.seed, TAG_MASK, rows)
+        clock.append(time.process_time())
+        for _ in builder.crops.placed(rows.sample_id, rows.offset, rows.seq_len):  # reads the windows
+            pass
+        clock.append(time.process_time())
+        masked_crops(builder.crops, rows.sample_id, rows.offset, rows.strand, rows.seq_len, keys, builder.policy,
+                     out=out)  # on the resident windows
+        clock.append(time.process_time())
+        if step < warm_up:  # group tables, kernel build, first touch of the arena's pages
+            windows = 0
+            continue
+        for name, (t0, t1) in zip(["plan", "read", "crop_mask"], pairwise(clock), strict=True):
+            cpu[name] += (t1 - t0) * 1e3 / steps
+    return {**cpu, "windows_read_per_step": windows / steps, "window": stream.split.window}
+
+
 def bench_length(length: int, shards: Path, plain: Path, seconds: float) -> dict:
     cfg = DataConfig(shards=str(shards), seq_len=length, tokens_per_step=STEP_TOKENS, rc_probability=0.5,
                      num_workers=2, verify="size", seed=1)
-    stream = TrainStream(cfg, rank=0, world_size=1, grad_accum=1)
-    step = iter(range(1 << 30))
-
-    def ours_one_worker():
-        batch = stream._builder.build(stream.rows(next(step), 0, 0))
-        return batch["input_ids"].size
-
-    ours = timed(ours_one_worker, seconds)
+    ours = timed(one_worker(cfg, None), seconds)
+    ours_numpy = timed(one_worker(cfg, "numpy"), seconds)
+    stages = stage_times(cfg, steps=24)
 
     loader_stream = TrainStream(cfg, rank=0, world_size=1, grad_accum=1)
     batches = loader_stream.iterate(0)
@@ -134,7 +177,7 @@ def bench_length(length: int, shards: Path, plain: Path, seconds: float) -> dict
     ours_2workers, _ = timed(ours_loader, seconds)  # wall time: the workers' CPU is not in this process
     batches.close()
 
-    window = stream.split.window
+    window = stages["window"]
     tiles = [(chrom, start + k * length) for chrom, start in window_starts(shards) for k in range(window // length)]
     reference = ReferenceDataset(plain, tiles, length, rc_aug=True)
     rng = random.Random(0)
@@ -146,6 +189,7 @@ def bench_length(length: int, shards: Path, plain: Path, seconds: float) -> dict
 
     baseline = timed(reference_one_worker, seconds)
     return {"seq_len": length, "ours_per_worker_wall": ours[0], "ours_per_worker_cpu": ours[1],
+            "ours_numpy_masking_per_worker_cpu": ours_numpy[1], "stages_cpu_ms_per_step": stages,
             "ours_dataloader_2_workers_wall": ours_2workers, "reference_per_worker_wall": baseline[0],
             "reference_per_worker_cpu": baseline[1], "ratio_cpu": ours[1] / baseline[1], "ratio_wall": ours[0] / baseline[0]}
 
@@ -172,10 +216,17 @@ def main() -> None:
               f"{r['ratio_cpu']:>5.0f}x | {'':>5} {r['ours_per_worker_wall'] / 1e6:>7.1f} M "
               f"{r['reference_per_worker_wall'] / 1e6:>7.2f} M {r['ratio_wall']:>5.0f}x | "
               f"{r['ours_dataloader_2_workers_wall'] / 1e6:>7.1f} M tokens/s", flush=True)
+    print(f"masking backend: {default_masker()} (the NumPy fallback is used with CADUCEUS_NATIVE=0 or no C compiler)")
     for r in results:
         step_ms = STEP_TOKENS / r["ours_per_worker_cpu"] * 1e3
+        stages = r["stages_cpu_ms_per_step"]
         print(f"L={r['seq_len']}: one worker builds a 2^20-token step in {step_ms:.1f} ms of CPU "
-              f"(reference: {STEP_TOKENS / r['reference_per_worker_cpu'] * 1e3:.0f} ms)")
+              f"(reference: {STEP_TOKENS / r['reference_per_worker_cpu'] * 1e3:.0f} ms; NumPy masking fallback: "
+              f"{r['ours_numpy_masking_per_worker_cpu'] / 1e6:.1f} M tokens/s, "
+              f"{r['ours_numpy_masking_per_worker_cpu'] / r['reference_per_worker_cpu']:.0f}x)")
+        print(f"  stages, CPU ms per step: plan {stages['plan']:.2f} | read {stages['read']:.2f} "
+              f"({stages['windows_read_per_step']:.1f} windows of {stages['window'] // 1024} KiB, zstd) | "
+              f"crop + RC + mask {stages['crop_mask']:.2f}")
     print("GPU need: 2^20 tokens per optimizer step; the reference's own runs took ~0.42 s/step (1k models, 8 A5000) "
           "and ~1.1 s/step (131k, 8 A100), i.e. 1-2.5 M tokens/s per node.")
     print(json.dumps(results))

@@ -96,11 +96,12 @@ class _BatchBuilder:
     def __init__(self, split: ShardSplit, seed: int, policy: MaskingPolicy, cache_windows: int):
         self.crops = CropSource(split.read_window, split.window, cache_windows)
         self.seed, self.policy = seed, policy
+        self.masker: str | None = None  # masking backend (masking.MASKERS); None: native where it compiled
         self._outputs = _OutputBuffers()
 
     def build(self, rows: Rows) -> dict:
         inputs, targets = masked_crops(self.crops, rows.sample_id, rows.offset, rows.strand, rows.seq_len,
-                                       crop_keys(self.seed, TAG_MASK, rows), self.policy,
+                                       crop_keys(self.seed, TAG_MASK, rows), self.policy, self.masker,
                                        out=self._outputs.get(len(rows.sample_id), rows.seq_len))
         return {"input_ids": inputs, "targets": targets, "sample_id": rows.sample_id, "crop_offset": rows.offset,
                 "strand": rows.strand, "epoch": rows.epoch}
