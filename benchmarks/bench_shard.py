@@ -9,21 +9,25 @@ lookup, N counting, tar/index writing, sha256 and fsync.
 The second worker is judged against the limit's own gain from a second thread, measured in the same run
 (two copies of the limit's work at once, in two threads): 2.0 on two idle cores, less when other jobs hold
 a core, and no sharder can gain more than that. The CPU accounting (total, main thread, worker threads)
-also gives the time on idle cores, which the load barely affects. Every figure is the best of --repeats
-runs; the load average is printed.
+also gives the time on idle cores, which the load barely affects, and with threads the worker tasks'
+wall time is split into CPU, waiting for a CPU and waiting for the GIL (what would stop threads from
+scaling). Every figure is the best of --repeats runs; the load average is printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import os
 import resource
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import zstandard
@@ -31,6 +35,7 @@ import zstandard
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from caduceus_dist.data import fasta, sharding  # noqa: E402
 from caduceus_dist.data.fasta import TRANSLATION, gunzip_chunks  # noqa: E402
 from caduceus_dist.data.sharding import ShardConfig, shard_genome  # noqa: E402
 
@@ -81,25 +86,80 @@ def limit_copies_seconds(path: Path, payload: bytes, window: int, level: int, co
         return time.perf_counter() - start
 
 
+def thread_schedstat() -> tuple[float, float]:
+    """(CPU seconds, seconds spent runnable but waiting for a CPU) of the calling thread (Linux; else zeros)."""
+    try:
+        with open("/proc/thread-self/schedstat") as fh:
+            cpu, waiting = fh.read().split()[:2]
+    except OSError:
+        return 0.0, 0.0
+    return int(cpu) / 1e9, int(waiting) / 1e9
+
+
+@dataclass
+class TaskClock:
+    """Wall time of the sharder's worker-thread tasks (BGZF inflate, run packing), split into CPU, waiting for
+    a CPU (other jobs, more threads than cores) and the rest, which is waiting for the GIL: the tasks do no I/O."""
+
+    TASKS = ((fasta, "inflate_bgzf"), (sharding, "pack_run"))
+    wall: float = 0.0
+    cpu: float = 0.0
+    waiting_for_cpu: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def waiting_for_gil(self) -> float:
+        return self.wall - self.cpu - self.waiting_for_cpu
+
+    @contextlib.contextmanager
+    def timing(self):
+        originals = [getattr(module, name) for module, name in self.TASKS]
+        for (module, name), task in zip(self.TASKS, originals, strict=True):
+            setattr(module, name, self._timed(task))
+        try:
+            yield self
+        finally:
+            for (module, name), task in zip(self.TASKS, originals, strict=True):
+                setattr(module, name, task)
+
+    def _timed(self, task):
+        def timed(*args):
+            start, (cpu, waiting) = time.perf_counter(), thread_schedstat()
+            result = task(*args)
+            end, (cpu_end, waiting_end) = time.perf_counter(), thread_schedstat()
+            with self.lock:  # two worker threads add at once
+                self.wall, self.cpu = self.wall + end - start, self.cpu + cpu_end - cpu
+                self.waiting_for_cpu += waiting_end - waiting
+            return result
+        return timed
+
+
 def cpu_seconds() -> float:
     """CPU time (user + system) of this process (every thread, ended ones too) and of its ended children."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def shard_seconds(fasta: Path, workers: int, kind: str, window: int, level: int,
-                  scratch: Path) -> tuple[float, float, float, int]:
-    """Wall seconds, CPU seconds of everything (threads, processes), CPU seconds of the main thread, bases."""
+@dataclass
+class Run:
+    wall: float
+    cpu: float  # every thread and process
+    main_cpu: float
+    tasks: TaskClock | None  # worker-thread tasks (None: processes, or no pool with one worker)
+
+
+def shard_once(path: Path, workers: int, kind: str, window: int, level: int, scratch: Path) -> tuple[Run, int]:
     out = scratch / f"w{workers}"
     shutil.rmtree(out, ignore_errors=True)
-    cpu_before, main_before = cpu_seconds(), time.thread_time()
-    start = time.perf_counter()
-    manifest = shard_genome(ShardConfig(fasta=str(fasta), out=str(out), window=window, zstd_level=level,
-                                        workers=workers, worker_kind=kind, quiet=True))
-    seconds = time.perf_counter() - start
-    total, main_thread = cpu_seconds() - cpu_before, time.thread_time() - main_before
+    tasks = TaskClock() if kind == "threads" and workers > 1 else None
+    with tasks.timing() if tasks else contextlib.nullcontext():
+        cpu_before, main_before = cpu_seconds(), time.thread_time()
+        start = time.perf_counter()
+        manifest = shard_genome(ShardConfig(fasta=str(path), out=str(out), window=window, zstd_level=level,
+                                            workers=workers, worker_kind=kind, quiet=True))
+        run = Run(time.perf_counter() - start, cpu_seconds() - cpu_before, time.thread_time() - main_before, tasks)
     shutil.rmtree(out)
-    return seconds, total, main_thread, manifest["fasta"]["bases"]
+    return run, manifest["fasta"]["bases"]
 
 
 def main() -> None:
@@ -116,7 +176,7 @@ def main() -> None:
 
     load_before = os.getloadavg()
     decompress, zstd, one_copy, two_copies = [], [], [], []
-    ours: dict[int, list[tuple[float, float, float]]] = {w: [] for w in args.workers}
+    ours: dict[int, list[Run]] = {w: [] for w in args.workers}
     bases = 0
     with tempfile.TemporaryDirectory(prefix="bench-shard-") as scratch:
         for _ in range(args.repeats):
@@ -129,9 +189,9 @@ def main() -> None:
             two_copies.append(limit_copies_seconds(args.fasta, sequence, args.window, args.zstd_level, 2))
             del sequence
             for workers in args.workers:
-                wall, total_cpu, main_cpu, bases = shard_seconds(
-                    args.fasta, workers, args.worker_kind, args.window, args.zstd_level, Path(scratch))
-                ours[workers].append((wall, total_cpu, main_cpu))
+                run, bases = shard_once(args.fasta, workers, args.worker_kind, args.window, args.zstd_level,
+                                        Path(scratch))
+                ours[workers].append(run)
     load_after = os.getloadavg()
 
     limit_wall = min(w for w, _ in decompress) + min(w for w, _ in zstd)
@@ -146,23 +206,27 @@ def main() -> None:
           "of one (2.00 on two idle cores)")
     first = None
     for workers, runs in ours.items():
-        wall = min(r[0] for r in runs)
-        total_cpu, main_cpu = min(r[1] for r in runs), min(r[2] for r in runs)
-        idle = max(main_cpu, total_cpu / min(workers, os.cpu_count() or 1))
-        first = first or (wall, idle)
-        print(f"ours   workers={workers}: wall {wall:.2f} s (median {sorted(r[0] for r in runs)[len(runs) // 2]:.2f}) "
-              f"-> {bases / wall / 1e6:.1f} Mbp/s = {limit_wall / wall:.2f} x limit, {first[0] / wall:.2f} x workers=1"
-              f"; hg38 (3.1 Gbp) in {HG38_BASES / bases * wall / 60:.1f} min")
-        print(f"       CPU {total_cpu:.2f} s in all (limit/ours = {limit_cpu / total_cpu:.2f}): main thread "
-              f"{main_cpu:.2f} s, workers {total_cpu - main_cpu:.2f} s; on {workers} idle core(s) >= {idle:.2f} s -> "
-              f"{bases / idle / 1e6:.1f} Mbp/s, {limit_cpu / idle:.2f} x limit, {first[1] / idle:.2f} x workers=1, "
+        best = min(runs, key=lambda r: r.wall)
+        cpu, main_cpu = min(r.cpu for r in runs), min(r.main_cpu for r in runs)
+        idle = max(main_cpu, cpu / min(workers, os.cpu_count() or 1))
+        first = first or (best.wall, idle)
+        print(f"ours   workers={workers}: wall {best.wall:.2f} s (median {sorted(r.wall for r in runs)[len(runs) // 2]:.2f}) "
+              f"-> {bases / best.wall / 1e6:.1f} Mbp/s = {limit_wall / best.wall:.2f} x limit, "
+              f"{first[0] / best.wall:.2f} x workers=1; hg38 (3.1 Gbp) in {HG38_BASES / bases * best.wall / 60:.1f} min")
+        print(f"       CPU {cpu:.2f} s in all (limit/ours = {limit_cpu / cpu:.2f}): main thread {main_cpu:.2f} s, "
+              f"workers {cpu - main_cpu:.2f} s; on {workers} idle core(s) >= {idle:.2f} s -> {bases / idle / 1e6:.1f} "
+              f"Mbp/s, {limit_cpu / idle:.2f} x limit, {first[1] / idle:.2f} x workers=1, "
               f"hg38 in {HG38_BASES / bases * idle / 60:.1f} min (from CPU time)")
+        if best.tasks:
+            t = best.tasks
+            print(f"       worker tasks (fastest run): wall {t.wall:.2f} s = CPU {t.cpu:.2f} + waiting for a CPU "
+                  f"{t.waiting_for_cpu:.2f} + waiting for the GIL {t.waiting_for_gil:.2f}")
     one = ours[args.workers[0]]
-    print(f"RATIO ours(workers={args.workers[0]}) / limit = {limit_wall / min(r[0] for r in one):.2f} (wall), "
-          f"{limit_cpu / min(r[1] for r in one):.2f} (CPU)")
+    print(f"RATIO ours(workers={args.workers[0]}) / limit = {limit_wall / min(r.wall for r in one):.2f} (wall), "
+          f"{limit_cpu / min(r.cpu for r in one):.2f} (CPU)")
     if len(args.workers) > 1:
         last = args.workers[-1]
-        gain = min(r[0] for r in one) / min(r[0] for r in ours[last])
+        gain = min(r.wall for r in one) / min(r.wall for r in ours[last])
         print(f"GAIN workers={last} / workers={args.workers[0]} = {gain:.2f} (wall); the limit's own gain from a "
               f"second thread in this run: {limit_gain:.2f}, so ours reaches {gain / limit_gain:.2f} of it")
 
