@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_scan.py --threads 1          # full run (~10-20 min on 2 shared cores)
     .venv/bin/python benchmarks/bench_scan.py --quick              # L = 1k only
     .venv/bin/python benchmarks/bench_scan.py --lengths 8192 --skip-model   # one scan length
+    .venv/bin/python benchmarks/bench_scan.py --lengths 512                 # the issue's reference comparison
 
 Both of ours run in every case: `native` (kernel backend "native", the C kernels) and `torch` (the
 pure-PyTorch chunked scan, kept as the fallback where no C compiler exists).
@@ -203,21 +204,21 @@ def main() -> None:
             baselines = ["sequential"] if length < SEQUENTIAL_SKIP_LENGTH else []
             baselines += ["reference_style"] if length <= REFERENCE_STYLE_MAX_LENGTH else []
             compare(case, f"L={length:6d} ", baselines)
-        if max(lengths) >= SEQUENTIAL_SKIP_LENGTH or min(lengths) > REFERENCE_STYLE_MAX_LENGTH:
+        if max(lengths) >= SEQUENTIAL_SKIP_LENGTH:
             print(f"  (sequential skipped at L>={SEQUENTIAL_SKIP_LENGTH}: it is linear in L, so expect 4x its 8k time "
                   f"and memory; reference_style only up to L={REFERENCE_STYLE_MAX_LENGTH}: its backward is quadratic)")
-    if args.skip_model:
-        return
+    if not args.skip_model and 512 not in lengths:
+        print("\nreference comparison: PS d_model 128, 2 layers, L 512, batch 1 "
+              f"(issue 2 quotes ~{REFERENCE_TOKENS_PER_S:.0f} tok/s for the reference)")
+        compare(dict(kind="model", length=512, batch=1, d_model=128, n_layer=2, chunk=args.chunk), "",
+                ["sequential", "reference_style"])
 
-    print("\nreference comparison: PS d_model 128, 2 layers, L 512, batch 1 (issue 2 quotes ~29 tok/s for the reference)")
-    compare(dict(kind="model", length=512, batch=1, d_model=128, n_layer=2, chunk=args.chunk), "",
-            ["sequential", "reference_style"])
-
-    print("\ncpu_demo size: PS d_model 128, 4 layers, L 1024, batch 8")
-    for impl in OURS:
-        demo = spawn(args, impl=impl, kind="model", length=1024, batch=8, d_model=128, n_layer=4, chunk=args.chunk)
-        results.append(demo)
-        print(f"  {impl:15s} {fmt(demo)} ({demo['wall_s']:.1f} s/step wall, {demo['cpu_s']:.1f} s cpu)")
+    if not args.skip_model and not args.lengths:
+        print("\ncpu_demo size: PS d_model 128, 4 layers, L 1024, batch 8")
+        for impl in OURS:
+            demo = spawn(args, impl=impl, kind="model", length=1024, batch=8, d_model=128, n_layer=4, chunk=args.chunk)
+            results.append(demo)
+            print(f"  {impl:15s} {fmt(demo)} ({demo['wall_s']:.1f} s/step wall, {demo['cpu_s']:.1f} s cpu)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

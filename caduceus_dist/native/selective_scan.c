@@ -23,10 +23,12 @@
  *     g_t = C_t * dy_t + a_{t+1} * g_{t+1}        (dy = dout * silu(z), a = exp(dt * A))
  * down the chunk, so memory is O(S*L*E + S*N*E*L/chunk) rather than O(S*L*N*E).
  */
+#define _DEFAULT_SOURCE /* madvise */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 /* Float compares may not trap here, so that gcc if-converts the clamps of exp_approx and vectorises the
  * loops around it (no reassociation: results stay bitwise reproducible). */
@@ -104,6 +106,20 @@ static inline void step_state(long E, long N, const float *restrict dt, const fl
     }
 }
 
+/* Ask for transparent huge pages behind a fresh output before writing it: first-touching a large
+ * tensor page by page costs as much as the kernel's own pass over it (THP "madvise" mode, the usual
+ * default). Only a hint: no effect on results, and a no-op where unsupported or already backed. */
+static void prefer_huge_pages(float *p, long n) {
+#ifdef MADV_HUGEPAGE
+    const uintptr_t page = 4096, start = ((uintptr_t)p + page - 1) & ~(page - 1);
+    const uintptr_t end = ((uintptr_t)(p + n)) & ~(page - 1);
+    if (end > start) madvise((void *)start, end - start, MADV_HUGEPAGE);
+#else
+    (void)p;
+    (void)n;
+#endif
+}
+
 /* A_log2e = A * log2(e) for one group, so that each decay is one exp2. */
 static void scale_by_log2e(long n, const float *restrict A, float *restrict A_log2e) {
     for (long i = 0; i < n; ++i) A_log2e[i] = A[i] * 1.44269504088896341f;
@@ -138,6 +154,8 @@ int selective_scan_fwd(long first, long count, long batch, long L, long E, long 
     float *scratch = malloc((size_t)(3 * NE + 3 * E) * sizeof(float));
     if (!scratch) return -1;
     float *A_log2e = scratch + 2 * NE, *y = A_log2e + NE, *dt = y + E, *dtu = dt + E;
+    prefer_huge_pages(out + first * L * E, count * L * E);
+    prefer_huge_pages(chunk_states + first * n_chunks * NE, count * n_chunks * NE);
     for (long s = first; s < first + count; ++s) {
         const long g = s / batch;
         const float *D_g = D + g * E, *bias_g = delta_bias + g * E;
@@ -176,6 +194,9 @@ int selective_scan_bwd(long first, long count, long batch, long L, long E, long 
     float *states = scratch, *decays = states + chunk * NE, *dts = decays + chunk * NE, *dtus = dts + chunk * E;
     float *carry = dtus + chunk * E, *A_log2e = carry + NE;
     float *restrict y = A_log2e + NE, *restrict dy = y + E, *restrict d_dtu = dy + E, *restrict d_da = d_dtu + E;
+    prefer_huge_pages(du + first * L * E, count * L * E);
+    prefer_huge_pages(d_delta + first * L * E, count * L * E);
+    prefer_huge_pages(dz + first * L * E, count * L * E);
     for (long s = first; s < first + count; ++s) {
         const long g_idx = s / batch;
         const float *A_g = A + g_idx * NE, *D_g = D + g_idx * E, *bias_g = delta_bias + g_idx * E;
@@ -268,6 +289,7 @@ int causal_conv_silu_fwd(long first, long count, long batch, long L, long E, lon
                          long row_stride, const float *x, const float *w, const float *bias, float *out) {
     float *pre = malloc((size_t)E * sizeof(float));
     if (!pre) return -1;
+    prefer_huge_pages(out + first * L * E, count * L * E);
     for (long s = first; s < first + count; ++s) {
         const long g = s / batch;
         for (long t = 0; t < L; ++t) {
@@ -288,6 +310,7 @@ int causal_conv_silu_bwd(long first, long count, long batch, long L, long E, lon
                          float *dx, float *dw_part, float *dbias_part) {
     float *pre = malloc((size_t)E * sizeof(float));
     if (!pre) return -1;
+    prefer_huge_pages(dx + first * L * E, count * L * E);
     for (long s = first; s < first + count; ++s) {
         const long g = s / batch;
         const float *x_s = x + s * seq_stride, *w_g = w + g * K * E;
