@@ -2,8 +2,9 @@
 
 Each worker process keeps an arena of recently read windows, as stored (token ids). A crop is a
 run of the arena: the native masking kernel reads it in place (forwards, or backwards through the
-complement table for the reverse strand), so a window is decompressed once and never copied or
-mapped again. The NumPy path `gather`s the crops into a (B, L) array first. A window is read once
+complement table for the reverse strand), so a window is decompressed and copied into the arena
+once and never mapped or reversed as a whole. The NumPy path `gather`s the crops into a (B, L)
+array first. A window is read once
 per shuffle group per worker (the arena holds `capacity` windows, least recently used out first).
 Memory per worker: capacity x window bytes (training: 2 x 64 x 128 KiB = 16 MiB by default).
 """
