@@ -59,27 +59,31 @@ def crop_keys(seed: int, tag: int, rows: Rows) -> np.ndarray:
     return derive_key(seed, tag, rows.epoch, rows.sample_id, rows.offset, rows.seq_len)
 
 
+def _references(items: list, index: int) -> int:
+    """sys.getrefcount of items[index], always read by this same code (so borrowed loads count alike)."""
+    return sys.getrefcount(items[index])
+
+
 class _OutputBuffers:
     """The builder's (2, B, L) output arrays, reused once nothing outside holds them.
 
     Writing a fresh 2 MiB batch costs a page fault per 4 KiB page, about as long as the masking
     itself; a DataLoader worker pickles each batch into its pipe and drops it, so one buffer serves
     batch after batch. A buffer still referenced anywhere (a queued or kept batch, a view of it) is
-    never handed out again: the reference count says so.
+    never handed out again: its reference count is above that of an object only a list holds.
     """
-
-    _UNREFERENCED = 3  # the list, the loop variable and getrefcount's argument
 
     def __init__(self, keep: int = 2):
         self.keep, self._buffers = keep, []
+        self._only_listed = _references([object()], 0)
 
     def __getstate__(self):  # buffers belong to the process that filled them
-        return {"keep": self.keep, "_buffers": []}
+        return {**self.__dict__, "_buffers": []}
 
     def get(self, rows: int, length: int) -> np.ndarray:
-        for buffer in self._buffers:
-            if buffer.shape == (2, rows, length) and sys.getrefcount(buffer) <= self._UNREFERENCED:
-                return buffer
+        for index in range(len(self._buffers)):
+            if self._buffers[index].shape == (2, rows, length) and _references(self._buffers, index) <= self._only_listed:
+                return self._buffers[index]
         buffer = np.empty((2, rows, length), dtype=np.uint8)
         self._buffers = [*self._buffers[-(self.keep - 1):], buffer] if self.keep > 1 else [buffer]
         return buffer
