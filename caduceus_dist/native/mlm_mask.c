@@ -15,16 +15,16 @@
  * band". Thresholds are in [0, 2^32], hence uint64. Everything is a function of the key and the column,
  * so any split of the rows across calls, threads or processes gives the same bytes.
  *
- * Work is done in blocks of BLOCK tokens, in passes that the compiler vectorises (randoms, then the
- * branch-free selects) around two short scalar ones (the table lookups, and the ~1.5% random ids,
- * whose 64-bit division would dominate if done for every token).
+ * Work is done in blocks of BLOCK tokens, in passes: the randoms and the branch-free selects (which the
+ * compiler vectorises), the table lookups (vpshufb where AVX2 is there, else scalar), and a scan for the
+ * ~1.5% random ids (whose 64-bit division would dominate if done for every token).
  */
 
 #include <stdint.h>
 #include <string.h>
 
 #define GOLDEN 0x9E3779B97F4A7C15ULL
-#define BLOCK 4096 /* tokens per block: randoms + tokens = 20 KiB, in L1/L2 */
+#define BLOCK 4096 /* tokens per block: randoms, tokens and flags = 24 KiB, in L1/L2 */
 
 static inline uint64_t mix64(uint64_t z) {
     z ^= z >> 30;
@@ -129,7 +129,7 @@ int mlm_mask_crops(const uint8_t *arena, const int64_t *starts, const uint8_t *r
                    const int64_t *out_rows, int64_t rows, int64_t length, const uint8_t *forward_lut,
                    const uint8_t *reverse_lut, uint64_t t_sel, uint64_t t_mask, uint64_t t_rand, uint64_t vocab,
                    uint8_t mask_id, uint8_t pad_id, uint8_t *inputs, uint8_t *targets) {
-    Draws draws; /* 20 KiB of stack */
+    Draws draws; /* with tok and in_band: 24 KiB of stack */
     uint8_t tok[BLOCK], in_band[BLOCK + 8];
     /* random band: t_mask <= u < t_rand, i.e. (uint32)(u - t_mask) < t_rand - t_mask (empty unless t_mask < 2^32) */
     uint64_t band = t_rand > t_mask ? t_rand - t_mask : 0;
