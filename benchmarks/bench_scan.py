@@ -8,8 +8,10 @@
 Both of ours run in every case: `native` (kernel backend "native", the C kernels) and `torch` (the
 pure-PyTorch chunked scan, kept as the fallback where no C compiler exists).
 
-Every case runs forward+backward in a fresh subprocess, so peak memory is that process's
-ru_maxrss minus its RSS just before the measured step (inputs and model already allocated).
+Every case runs forward+backward in a fresh subprocess, after a warm-up at L=64: peak memory is that
+process's ru_maxrss after its first full-length step minus its RSS just before it (inputs and model
+already allocated); throughput is that of the following --steady-steps steps (default 1), as in
+training, where the first step's one-off costs (fresh pages, lazy initialisation) do not recur.
 The baseline is a straightforward sequential scan: one position at a time under autograd, per-step
 tensors taken with unbind (linear in L; the reference's selective_scan_ref indexes precomputed
 (B, E, L, N) tensors instead, whose backward is quadratic in L, so this baseline is the faster of
@@ -92,8 +94,10 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def run_case(kind: str, impl: str, length: int, batch: int, d_model: int, n_layer: int, chunk: int) -> dict:
-    """One forward+backward (after a short warm-up at a small length) in this process."""
+def run_case(kind: str, impl: str, length: int, batch: int, d_model: int, n_layer: int, chunk: int,
+             steady_steps: int) -> dict:
+    """Forward+backward steps in this process after a short warm-up at a small length: the first gives
+    the peak memory, the next `steady_steps` the throughput (the first alone when 0)."""
     torch.manual_seed(0)
     if kind == "scan":
         G, E, N = 2, 2 * d_model, 16  # one BiMamba layer of a PS model: 2 directions, 2 RC halves
@@ -126,17 +130,22 @@ def run_case(kind: str, impl: str, length: int, batch: int, d_model: int, n_laye
 
         step(ids[:, :64])
     before = rss_mb()
-    wall, cpu = time.perf_counter(), time.process_time()
-    step()
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    times = []
+    for _ in range(1 + steady_steps):
+        wall, cpu = time.perf_counter(), time.process_time()
+        step()
+        times.append((time.perf_counter() - wall, time.process_time() - cpu))
+        if len(times) == 1:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    wall, cpu = (sum(t) / len(t) for t in zip(*(times[1:] or times), strict=True))
     tokens = batch * length
     return {"kind": kind, "impl": impl, "length": length, "batch": batch, "d_model": d_model, "n_layer": n_layer,
             "wall_s": wall, "cpu_s": cpu, "tok_s_wall": tokens / wall, "tok_s_cpu": tokens / cpu,
-            "peak_mb": max(peak, 0.0), "threads": torch.get_num_threads()}
+            "first_step_cpu_s": times[0][1], "peak_mb": max(peak, 0.0), "threads": torch.get_num_threads()}
 
 
 def spawn(args: argparse.Namespace, **case) -> dict:
+    case["steady_steps"] = args.steady_steps
     cmd = [sys.executable, __file__, "--_case", json.dumps(case), "--threads", str(args.threads)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -162,6 +171,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default 1k 8k 32k)")
     parser.add_argument("--skip-model", action="store_true", help="scan cases only")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per case (0: torch default)")
+    parser.add_argument("--steady-steps", type=int, default=1,
+                        help="timed steps after the first (which gives the peak memory); 0: time the first")
     parser.add_argument("--chunk", type=int, default=CaduceusConfig.scan_chunk_size, help="scan_chunk_size")
     parser.add_argument("--json", type=Path, help="also write all results here")
     parser.add_argument("--_case", help=argparse.SUPPRESS)

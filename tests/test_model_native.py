@@ -47,6 +47,19 @@ def test_native_scan_matches_torch_scan(G, Bt, L, E, N, chunk):
         assert rel_err(ours, theirs) < 1e-5, name
 
 
+def test_native_scan_reads_a_strided_gate_in_place():
+    """z is the second half of in_proj's output in the model: a view with row stride 2E."""
+    inputs = random_scan_inputs(2, 2, 21, 12, 4, seed=3)
+    zz = torch.randn(2, 2, 21, 24, generator=torch.Generator().manual_seed(4))
+    strided = output_and_grads(lambda zz, *rest: native_ops.selective_scan(*rest[:6], zz[..., 12:], rest[6]),
+                               [zz, *inputs[:6], inputs[7]])
+    contiguous = output_and_grads(lambda zz, *rest: native_ops.selective_scan(*rest[:6], zz[..., 12:].contiguous(),
+                                                                              rest[6]), [zz, *inputs[:6], inputs[7]])
+    for a, b in zip(strided, contiguous, strict=True):
+        assert torch.equal(a, b)
+    assert strided[1][..., :12].abs().max() == 0  # the gradient lands in z's half only
+
+
 @pytest.mark.parametrize("kernel", ["scan", "conv"])
 def test_native_results_are_bitwise_identical_for_any_thread_count(kernel):
     """Sequences are split over threads but each is computed the same way, and per-sequence partial
@@ -145,4 +158,6 @@ def test_forcing_native_backend_when_disabled_fails_naming_the_fix(native_disabl
 def test_native_backend_refuses_non_cpu_devices():
     with pytest.raises(RuntimeError, match="kernel backend 'native' got tensors on meta"):
         resolve_backend("native", torch.device("meta"))
+    with pytest.raises(RuntimeError, match="native kernels run on CPU tensors, got meta"):
+        native_ops.selective_scan(*[t.to("meta") for t in random_scan_inputs(1, 1, 4, 2, 2, seed=0)])
     assert kernels.KERNEL_BACKENDS["native"] is NativeKernels

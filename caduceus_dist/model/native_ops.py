@@ -36,11 +36,13 @@ def library() -> ctypes.CDLL | None:
 
 @functools.cache
 def _declare_signatures(lib: ctypes.CDLL) -> ctypes.CDLL:
-    sizes, ptr = [ctypes.c_long] * 7, ctypes.c_void_p
-    lib.selective_scan_fwd.argtypes = [*sizes, *[ptr] * 10]
-    lib.selective_scan_bwd.argtypes = [*sizes, *[ptr] * 18]
-    lib.causal_conv_silu_fwd.argtypes = [*sizes, ctypes.c_long, *[ptr] * 4]
-    lib.causal_conv_silu_bwd.argtypes = [*sizes, ctypes.c_long, *[ptr] * 7]
+    ptr = ctypes.c_void_p
+    scan_sizes = [ctypes.c_long] * 9  # first, count, batch, L, E, N, chunk, z's sequence and row strides
+    conv_sizes = [ctypes.c_long] * 8  # first, count, batch, L, E, K, x's sequence and row strides
+    lib.selective_scan_fwd.argtypes = [*scan_sizes, *[ptr] * 10]
+    lib.selective_scan_bwd.argtypes = [*scan_sizes, *[ptr] * 18]
+    lib.causal_conv_silu_fwd.argtypes = [*conv_sizes, *[ptr] * 4]
+    lib.causal_conv_silu_bwd.argtypes = [*conv_sizes, *[ptr] * 7]
     for kernel in (lib.selective_scan_fwd, lib.selective_scan_bwd, lib.causal_conv_silu_fwd, lib.causal_conv_silu_bwd):
         kernel.restype = ctypes.c_int
     return lib
@@ -70,7 +72,7 @@ def _ptr(t: Tensor | None) -> int | None:
 
 def _sequence_strides(x: Tensor) -> tuple[Tensor, int, int]:
     """x (G, B, L, E) as (tensor, sequence stride, row stride), copying only if channels are not contiguous
-    or G, B do not flatten into one sequence index (the conv reads in_proj's output through a view)."""
+    or G, B do not flatten into one sequence index (conv and scan read in_proj's output through views)."""
     if x.stride(3) != 1 or x.stride(0) != x.shape[1] * x.stride(1):
         x = x.contiguous()
     return x, x.stride(1), x.stride(2)
@@ -114,7 +116,8 @@ class NativeSelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, Bm, Cm, D, z, delta_bias, chunk_size):
         out_dtype = u.dtype
-        u, delta, Bm, Cm, z = (t.float().contiguous() for t in (u, delta, Bm, Cm, z))
+        u, delta, Bm, Cm = (t.float().contiguous() for t in (u, delta, Bm, Cm))
+        z, *z_strides = _sequence_strides(z.float())
         D, delta_bias = D.float().contiguous(), delta_bias.float().contiguous()
         G, Bt, L, E = u.shape
         N = A.shape[-1]
@@ -122,9 +125,10 @@ class NativeSelectiveScan(torch.autograd.Function):
         out = torch.empty_like(u)
         chunk_states = u.new_empty(G * Bt, -(-L // chunk_size), N, E)
         _run_split(library().selective_scan_fwd, G * Bt,
-                   (Bt, L, E, N, chunk_size, *map(_ptr, (delta, delta_bias, u, z, A_t, Bm, Cm, D, out, chunk_states))))
+                   (Bt, L, E, N, chunk_size, *z_strides,
+                    *map(_ptr, (delta, delta_bias, u, z, A_t, Bm, Cm, D, out, chunk_states))))
         ctx.save_for_backward(delta, delta_bias, u, z, A_t, Bm, Cm, D, chunk_states)
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.z_strides = chunk_size, z_strides
         return out.to(out_dtype)
 
     @staticmethod
@@ -134,26 +138,28 @@ class NativeSelectiveScan(torch.autograd.Function):
         G, Bt, L, E = u.shape
         N = A_t.shape[1]
         dout = dout.float().contiguous()
-        du, d_delta, dz = (torch.empty_like(u) for _ in range(3))
+        du, d_delta, dz = (torch.empty_like(u) for _ in range(3))  # dz contiguous, whatever z's strides
         dB, dC = torch.empty_like(Bm), torch.empty_like(Cm)
         dA_part = u.new_empty(G, Bt, N, E)
         dD_part, d_bias_part = u.new_empty(G, Bt, E), u.new_empty(G, Bt, E)
         _run_split(library().selective_scan_bwd, G * Bt,
-                   (Bt, L, E, N, ctx.chunk_size,
+                   (Bt, L, E, N, ctx.chunk_size, *ctx.z_strides,
                     *map(_ptr, (*saved, dout, du, d_delta, dz, dB, dC, dA_part, dD_part, d_bias_part))))
         dA = dA_part.sum(dim=1).transpose(1, 2)
         return du, d_delta, dA, dB, dC, dD_part.sum(dim=1), dz, d_bias_part.sum(dim=1), None
 
 
-def _require_library() -> None:
+def _require_library(x: Tensor) -> None:
     if library() is None:
         raise RuntimeError("the native CPU kernels are unavailable (CADUCEUS_NATIVE=0 or no C compiler); "
                            "use kernel backend 'torch'")
+    if x.device.type != "cpu":
+        raise RuntimeError(f"the native kernels run on CPU tensors, got {x.device}; use kernel backend 'auto'")
 
 
 def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """kernels.TorchKernels.causal_conv1d_silu on the C kernel (CPU tensors)."""
-    _require_library()
+    _require_library(x)
     return NativeCausalConvSiLU.apply(x, weight, bias)
 
 
@@ -161,5 +167,5 @@ def selective_scan(u, delta, A, Bm, Cm, D, z, delta_bias, chunk_size: int = 0) -
     """scan.selective_scan on the C kernel (CPU tensors). chunk_size 0: CHUNK_SIZE."""
     if chunk_size < 0:
         raise ValueError(f"scan_chunk_size must be >= 0 (0 = auto), got {chunk_size}")
-    _require_library()
+    _require_library(u)
     return NativeSelectiveScan.apply(u, delta, A, Bm, Cm, D, z, delta_bias, chunk_size or CHUNK_SIZE)

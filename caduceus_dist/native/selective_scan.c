@@ -6,8 +6,9 @@
  *   h_t = exp(dt_t * A) * h_{t-1} + dt_t * u_t * B_t        (state (N, E) per sequence, h_{-1} = 0)
  *   out_t = (sum_n C_t[n] h_t[n] + D * u_t) * silu(z_t)     dt = softplus(delta + delta_bias)
  *
- * One call handles sequences [first, first + count) of a grouped, time-major batch: dt, delta, u, z,
- * out and their gradients are (S, L, E), Bm, Cm, dB, dC are (S, L, N), with S = groups * batch and
+ * One call handles sequences [first, first + count) of a grouped, time-major batch: delta, u, out and
+ * the gradients are contiguous (S, L, E), z is (S, L, E) read through strides (it is usually the
+ * second half of in_proj's output), Bm, Cm, dB, dC are (S, L, N), with S = groups * batch and
  * sequence s in group s / batch; A is (groups, N, E) (transposed so that channels are innermost, like
  * the state), D and delta_bias (groups, E). Everything, softplus, gating and skip included, is fused
  * here, so each (S, L, E) tensor is streamed once and no (S, L, E) temporary is allocated.
@@ -148,7 +149,7 @@ static inline void readout(long E, long N, const float *restrict Ct, const float
 
 /* Returns 0, or -1 when the scratch state cannot be allocated. */
 int selective_scan_fwd(long first, long count, long batch, long L, long E, long N, long chunk,
-                       const float *delta, const float *delta_bias, const float *u, const float *z, const float *A,
+                       long z_seq_stride, long z_row_stride, const float *delta, const float *delta_bias, const float *u, const float *z, const float *A,
                        const float *Bm, const float *Cm, const float *D, float *out, float *chunk_states) {
     const long NE = N * E, n_chunks = (L + chunk - 1) / chunk;
     float *scratch = malloc((size_t)(3 * NE + 3 * E) * sizeof(float));
@@ -169,7 +170,7 @@ int selective_scan_fwd(long first, long count, long batch, long L, long E, long 
             inputs_row(E, delta + row, bias_g, u + row, dt, dtu);
             step_state(E, N, dt, dtu, A_log2e, Bm + (s * L + t) * N, prev, state[t & 1], NULL);
             readout(E, N, Cm + (s * L + t) * N, state[t & 1], y);
-            const float *restrict u_t = u + row, *restrict z_t = z + row;
+            const float *restrict u_t = u + row, *restrict z_t = z + s * z_seq_stride + t * z_row_stride;
             float *restrict out_t = out + row;
 #pragma omp simd
             for (long e = 0; e < E; ++e) out_t[e] = (y[e] + D_g[e] * u_t[e]) * z_t[e] * sigmoid_approx(z_t[e]);
@@ -182,7 +183,7 @@ int selective_scan_fwd(long first, long count, long batch, long L, long E, long 
 /* Returns 0, or -1 when the scratch buffers cannot be allocated. d_delta is also d(delta_bias) per
  * position; dA_part (S, N, E), dD_part and d_bias_part (S, E) are per-sequence sums over positions. */
 int selective_scan_bwd(long first, long count, long batch, long L, long E, long N, long chunk,
-                       const float *delta, const float *delta_bias, const float *u,
+                       long z_seq_stride, long z_row_stride, const float *delta, const float *delta_bias, const float *u,
                        const float *z, const float *A, const float *Bm, const float *Cm, const float *D,
                        const float *chunk_states, const float *dout,
                        float *du, float *d_delta, float *dz, float *dB, float *dC,
@@ -218,7 +219,8 @@ int selective_scan_bwd(long first, long count, long batch, long L, long E, long 
             for (long j = T - 1; j >= 0; --j) {
                 const long t = start + j, row = (s * L + t) * E;
                 const float *restrict dt_t = dts + j * E, *restrict dtu_t = dtus + j * E;
-                const float *restrict u_t = u + row, *restrict z_t = z + row, *restrict dout_t = dout + row;
+                const float *restrict u_t = u + row, *restrict dout_t = dout + row;
+                const float *restrict z_t = z + s * z_seq_stride + t * z_row_stride;
                 const float *Bt = Bm + (s * L + t) * N, *Ct = Cm + (s * L + t) * N;
                 const float *h_t = states + j * NE, *h_prev = j ? states + (j - 1) * NE : h0;
                 const float *a_t = decays + j * NE;
