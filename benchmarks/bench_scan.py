@@ -115,6 +115,8 @@ def run_case(kind: str, impl: str, length: int, batch: int, d_model: int, n_laye
         warm, inputs = make(64), make(length)
 
         def step(inputs=inputs):
+            for t in inputs:
+                t.grad = None  # as optimizer.zero_grad() does between training steps
             scan(*inputs, chunk_size=chunk).sum().backward()
 
         step(warm)  # warm-up at a short length: thread pool and allocator, without raising the peak
@@ -125,6 +127,7 @@ def run_case(kind: str, impl: str, length: int, batch: int, d_model: int, n_laye
         ids = torch.randint(7, 11, (batch, length), generator=torch.Generator().manual_seed(0))
 
         def step(ids=ids):
+            model.zero_grad(set_to_none=True)
             loss, _ = mlm_loss(model(ids), ids)
             loss.backward()
 

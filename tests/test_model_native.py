@@ -60,6 +60,16 @@ def test_native_scan_reads_a_strided_gate_in_place():
     assert strided[1][..., :12].abs().max() == 0  # the gradient lands in z's half only
 
 
+def test_native_scan_backward_reads_a_broadcast_gradient_in_place():
+    """out.sum() hands backward a stride-0 gradient: same result as the materialised one."""
+    inputs = [t.requires_grad_() for t in random_scan_inputs(2, 2, 17, 8, 4, seed=6)]
+    broadcast = torch.autograd.grad(native_ops.selective_scan(*inputs).sum(), inputs)
+    out = native_ops.selective_scan(*inputs)
+    dense = torch.autograd.grad(out, inputs, grad_outputs=torch.ones_like(out))
+    for a, b in zip(broadcast, dense, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("kernel", ["scan", "conv"])
 def test_native_results_are_bitwise_identical_for_any_thread_count(kernel):
     """Sequences are split over threads but each is computed the same way, and per-sequence partial

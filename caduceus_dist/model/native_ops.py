@@ -40,7 +40,7 @@ def _declare_signatures(lib: ctypes.CDLL) -> ctypes.CDLL:
     scan_sizes = [ctypes.c_long] * 9  # first, count, batch, L, E, N, chunk, z's sequence and row strides
     conv_sizes = [ctypes.c_long] * 8  # first, count, batch, L, E, K, x's sequence and row strides
     lib.selective_scan_fwd.argtypes = [*scan_sizes, *[ptr] * 10]
-    lib.selective_scan_bwd.argtypes = [*scan_sizes, *[ptr] * 18]
+    lib.selective_scan_bwd.argtypes = [*scan_sizes, ctypes.c_long, ctypes.c_long, *[ptr] * 18]  # + dout's strides
     lib.causal_conv_silu_fwd.argtypes = [*conv_sizes, *[ptr] * 4]
     lib.causal_conv_silu_bwd.argtypes = [*conv_sizes, *[ptr] * 7]
     for kernel in (lib.selective_scan_fwd, lib.selective_scan_bwd, lib.causal_conv_silu_fwd, lib.causal_conv_silu_bwd):
@@ -72,7 +72,10 @@ def _ptr(t: Tensor | None) -> int | None:
 
 def _sequence_strides(x: Tensor) -> tuple[Tensor, int, int]:
     """x (G, B, L, E) as (tensor, sequence stride, row stride), copying only if channels are not contiguous
-    or G, B do not flatten into one sequence index (conv and scan read in_proj's output through views)."""
+    or G, B do not flatten into one sequence index (conv and scan read in_proj's output through views).
+    A tensor broadcast over (G, B, L), like the gradient of a sum, is read as one row with strides 0."""
+    if x.stride(3) != 1 and not any(x.stride(d) for d in range(3)):
+        x = x[:1, :1, :1].contiguous().expand(x.shape)
     if x.stride(3) != 1 or x.stride(0) != x.shape[1] * x.stride(1):
         x = x.contiguous()
     return x, x.stride(1), x.stride(2)
@@ -137,13 +140,13 @@ class NativeSelectiveScan(torch.autograd.Function):
         u, A_t, Bm, Cm = saved[2], saved[4], saved[5], saved[6]
         G, Bt, L, E = u.shape
         N = A_t.shape[1]
-        dout = dout.float().contiguous()
+        dout, *dout_strides = _sequence_strides(dout.float())
         du, d_delta, dz = (torch.empty_like(u) for _ in range(3))  # dz contiguous, whatever z's strides
         dB, dC = torch.empty_like(Bm), torch.empty_like(Cm)
         dA_part = u.new_empty(G, Bt, N, E)
         dD_part, d_bias_part = u.new_empty(G, Bt, E), u.new_empty(G, Bt, E)
         _run_split(library().selective_scan_bwd, G * Bt,
-                   (Bt, L, E, N, ctx.chunk_size, *ctx.z_strides,
+                   (Bt, L, E, N, ctx.chunk_size, *ctx.z_strides, *dout_strides,
                     *map(_ptr, (*saved, dout, du, d_delta, dz, dB, dC, dA_part, dD_part, d_bias_part))))
         dA = dA_part.sum(dim=1).transpose(1, 2)
         return du, d_delta, dA, dB, dC, dD_part.sum(dim=1), dz, d_bias_part.sum(dim=1), None

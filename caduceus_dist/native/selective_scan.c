@@ -7,8 +7,9 @@
  *   out_t = (sum_n C_t[n] h_t[n] + D * u_t) * silu(z_t)     dt = softplus(delta + delta_bias)
  *
  * One call handles sequences [first, first + count) of a grouped, time-major batch: delta, u, out and
- * the gradients are contiguous (S, L, E), z is (S, L, E) read through strides (it is usually the
- * second half of in_proj's output), Bm, Cm, dB, dC are (S, L, N), with S = groups * batch and
+ * the gradients are contiguous (S, L, E); z and dout are (S, L, E) read through sequence and row
+ * strides (z is usually the second half of in_proj's output; dout may be broadcast, stride 0);
+ * Bm, Cm, dB, dC are (S, L, N), with S = groups * batch and
  * sequence s in group s / batch; A is (groups, N, E) (transposed so that channels are innermost, like
  * the state), D and delta_bias (groups, E). Everything, softplus, gating and skip included, is fused
  * here, so each (S, L, E) tensor is streamed once and no (S, L, E) temporary is allocated.
@@ -183,7 +184,8 @@ int selective_scan_fwd(long first, long count, long batch, long L, long E, long 
 /* Returns 0, or -1 when the scratch buffers cannot be allocated. d_delta is also d(delta_bias) per
  * position; dA_part (S, N, E), dD_part and d_bias_part (S, E) are per-sequence sums over positions. */
 int selective_scan_bwd(long first, long count, long batch, long L, long E, long N, long chunk,
-                       long z_seq_stride, long z_row_stride, const float *delta, const float *delta_bias, const float *u,
+                       long z_seq_stride, long z_row_stride, long dout_seq_stride, long dout_row_stride,
+                       const float *delta, const float *delta_bias, const float *u,
                        const float *z, const float *A, const float *Bm, const float *Cm, const float *D,
                        const float *chunk_states, const float *dout,
                        float *du, float *d_delta, float *dz, float *dB, float *dC,
@@ -219,7 +221,7 @@ int selective_scan_bwd(long first, long count, long batch, long L, long E, long 
             for (long j = T - 1; j >= 0; --j) {
                 const long t = start + j, row = (s * L + t) * E;
                 const float *restrict dt_t = dts + j * E, *restrict dtu_t = dtus + j * E;
-                const float *restrict u_t = u + row, *restrict dout_t = dout + row;
+                const float *restrict u_t = u + row, *restrict dout_t = dout + s * dout_seq_stride + t * dout_row_stride;
                 const float *restrict z_t = z + s * z_seq_stride + t * z_row_stride;
                 const float *Bt = Bm + (s * L + t) * N, *Ct = Cm + (s * L + t) * N;
                 const float *h_t = states + j * NE, *h_prev = j ? states + (j - 1) * NE : h0;
