@@ -2,7 +2,6 @@
  * the selective scan (spec 1.4) and, at the end of this file, the causal depthwise conv + SiLU that feeds
  * it (one file because both use exp_approx and caduceus_dist.native keys its cache on one source).
  *
- *
  *   h_t = exp(dt_t * A) * h_{t-1} + dt_t * u_t * B_t        (state (N, E) per sequence, h_{-1} = 0)
  *   out_t = (sum_n C_t[n] h_t[n] + D * u_t) * silu(z_t)     dt = softplus(delta + delta_bias)
  *
@@ -150,8 +149,9 @@ static inline void readout(long E, long N, const float *restrict Ct, const float
 
 /* Returns 0, or -1 when the scratch state cannot be allocated. */
 int selective_scan_fwd(long first, long count, long batch, long L, long E, long N, long chunk,
-                       long z_seq_stride, long z_row_stride, const float *delta, const float *delta_bias, const float *u, const float *z, const float *A,
-                       const float *Bm, const float *Cm, const float *D, float *out, float *chunk_states) {
+                       long z_seq_stride, long z_row_stride, const float *delta, const float *delta_bias,
+                       const float *u, const float *z, const float *A, const float *Bm, const float *Cm,
+                       const float *D, float *out, float *chunk_states) {
     const long NE = N * E, n_chunks = (L + chunk - 1) / chunk;
     float *scratch = malloc((size_t)(3 * NE + 3 * E) * sizeof(float));
     if (!scratch) return -1;
@@ -167,7 +167,8 @@ int selective_scan_fwd(long first, long count, long batch, long L, long E, long 
         for (long t = 0; t < L; ++t) {
             const long row = (s * L + t) * E;
             const float *prev = state[(t + 1) & 1];
-            if (t % chunk == 0) memcpy(chunk_states + (s * n_chunks + t / chunk) * NE, prev, (size_t)NE * sizeof(float));
+            if (t % chunk == 0)
+                memcpy(chunk_states + (s * n_chunks + t / chunk) * NE, prev, (size_t)NE * sizeof(float));
             inputs_row(E, delta + row, bias_g, u + row, dt, dtu);
             step_state(E, N, dt, dtu, A_log2e, Bm + (s * L + t) * N, prev, state[t & 1], NULL);
             readout(E, N, Cm + (s * L + t) * N, state[t & 1], y);
@@ -221,7 +222,8 @@ int selective_scan_bwd(long first, long count, long batch, long L, long E, long 
             for (long j = T - 1; j >= 0; --j) {
                 const long t = start + j, row = (s * L + t) * E;
                 const float *restrict dt_t = dts + j * E, *restrict dtu_t = dtus + j * E;
-                const float *restrict u_t = u + row, *restrict dout_t = dout + s * dout_seq_stride + t * dout_row_stride;
+                const float *restrict u_t = u + row;
+                const float *restrict dout_t = dout + s * dout_seq_stride + t * dout_row_stride;
                 const float *restrict z_t = z + s * z_seq_stride + t * z_row_stride;
                 const float *Bt = Bm + (s * L + t) * N, *Ct = Cm + (s * L + t) * N;
                 const float *h_t = states + j * NE, *h_prev = j ? states + (j - 1) * NE : h0;
