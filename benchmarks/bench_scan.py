@@ -1,6 +1,6 @@
 """Selective scan and whole Caduceus-PS model on CPU: the native (C) and pure-PyTorch backends vs a sequential scan.
 
-    .venv/bin/python benchmarks/bench_scan.py --threads 1          # full run (~10-20 min on 2 shared cores)
+    .venv/bin/python benchmarks/bench_scan.py --threads 1          # full run (~8 min on 2 quiet cores)
     .venv/bin/python benchmarks/bench_scan.py --quick              # L = 1k only
     .venv/bin/python benchmarks/bench_scan.py --lengths 8192 --skip-model   # one scan length
     .venv/bin/python benchmarks/bench_scan.py --lengths 512                 # the issue's reference comparison
