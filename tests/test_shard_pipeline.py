@@ -556,16 +556,10 @@ def test_empty_split_is_listed_and_no_windows_at_all_is_an_error(tmp_path):
         shard_genome(sample_config(out=str(tmp_path / "none"), window=300_000, quiet=True))
 
 
-def _slow_cli_in_child(argv: list[str]) -> None:
-    """The CLI with a 20 ms pause after each finished shard, so a signal sent after the 10th shard always
-    lands mid-run, however loaded the machine (unpaused, the whole run can end before the signal)."""
-    finish = ShardSink.finish
-
-    def finish_slowly(self, split: str) -> None:
-        finish(self, split)
-        time.sleep(0.02)
-
-    ShardSink.finish = finish_slowly
+def _cli_in_child(argv: list[str]) -> None:
+    # Ctrl-C as in a terminal: a job a non-interactive shell starts in the background (CI scripts,
+    # `cmd &`) inherits SIGINT ignored, and the child would then finish and exit 0.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     os._exit(cli_main(argv))
 
 
@@ -573,7 +567,7 @@ def test_ctrl_c_exits_130_removes_partial_files_and_resumes(tmp_path):
     fasta = _many_contigs_fasta(tmp_path, 3)
     argv = ["--fasta", str(fasta), "--window", "1024", "--samples-per-shard", "3", "--contigs", "all", "--quiet"]
     out = tmp_path / "interrupted"
-    child = multiprocessing.get_context("fork").Process(target=_slow_cli_in_child, args=([*argv, "--out", str(out)],))
+    child = multiprocessing.get_context("fork").Process(target=_cli_in_child, args=([*argv, "--out", str(out)],))
     child.start()
     journal = out / STATE_DIR / "journal.jsonl"
     try:
