@@ -113,6 +113,16 @@ class Trainer:
         return buf.tolist()
 
     def run(self) -> int:
+        """Train to train.max_steps; EXIT_OK, or EXIT_PREEMPTED after a preemption checkpoint."""
+        try:
+            return self._train()
+        except BaseException:
+            # Give the preemption signals back (in-process callers: tests, notebooks), but not close():
+            # it is collective, and the other ranks may not reach it.
+            self.manager.preemption.close()
+            raise
+
+    def _train(self) -> int:
         from caduceus_dist.checkpoint import EXIT_PREEMPTED
 
         cfg, engine = self.cfg, self.engine

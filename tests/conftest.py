@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from pathlib import Path
 
@@ -25,6 +26,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+PREEMPTION_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_are_given_back():
+    """Code that installs preemption handlers in-process (CheckpointManager, Trainer) must give them back,
+    on errors too: a leaked handler silently changes how later code in the process reacts to signals."""
+    before = {signum: signal.getsignal(signum) for signum in PREEMPTION_SIGNALS}
+    yield
+    leaked = [signum.name for signum, handler in before.items() if signal.getsignal(signum) is not handler]
+    for signum in PREEMPTION_SIGNALS:
+        signal.signal(signum, before[signum])
+    assert not leaked, f"signal handlers left installed: {leaked}"
 
 
 @pytest.fixture(scope="session")
