@@ -87,7 +87,7 @@ class CropSource:
         strands = np.asarray(strands, dtype=np.int64)
         for rows, starts in self.placed(sample_ids, offsets, length):
             crops = self.arena.reshape(-1, length)[starts // length]  # starts are multiples of length
-            forward, reverse = rows[strands[rows] == 0], strands[rows] == 1
-            out[forward] = np.take(FORWARD_LUT, crops[~reverse])
+            reverse = strands[rows] == 1
+            out[rows[~reverse]] = np.take(FORWARD_LUT, crops[~reverse])
             out[rows[reverse]] = np.take(REVERSE_LUT, crops[reverse, ::-1])
         return out
