@@ -10,7 +10,7 @@ import torch
 from test_data_fixtures import genome_tokens, write_dataset
 
 from caduceus_dist import native
-from caduceus_dist.data import DataConfig, TrainStream
+from caduceus_dist.data import DataConfig, TrainStream, masking
 from caduceus_dist.data.crops import CropSource
 from caduceus_dist.data.cursor import BLOCK_TOKENS, derive_key, uniform_u32
 from caduceus_dist.data.masking import MaskingPolicy, default_masker, mask_batch, masked_crops
@@ -203,3 +203,15 @@ def test_native_kernel_gives_the_numpy_bytes():
             assert np.array_equal(got, want), (case, length, policy)
         compared += native_out[0].size
     assert compared > 1_000_000
+
+
+def test_forcing_the_native_masker_without_its_kernel_fails_naming_the_fix(monkeypatch):
+    """With the kernel unavailable, an explicit 'native' request says so (the default falls back to NumPy)."""
+    monkeypatch.setattr(masking, "_kernel", lambda: None)
+    assert default_masker() == "numpy"
+    source = CropSource(lambda i: np.zeros(8, dtype=np.uint8), 8, capacity=1)
+    args = (source, np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64), 8,
+            derive_key(0, 11, np.zeros(1, np.int64), np.zeros(1, np.int64), 8), MaskingPolicy())
+    with pytest.raises(RuntimeError, match=r"masking backend 'native' is unavailable.*'numpy' backend"):
+        masked_crops(*args, backend="native")
+    assert masked_crops(*args)[0].shape == (1, 8)

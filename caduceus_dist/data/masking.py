@@ -133,6 +133,9 @@ def _kernel():
 def _mask_in_place(source: CropSource, sample_ids, offsets, strands, length: int, keys: np.ndarray,
                    policy: MaskingPolicy, out: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     kernel = _kernel()
+    if kernel is None:
+        raise RuntimeError("masking backend 'native' is unavailable (CADUCEUS_NATIVE=0 or no C compiler); "
+                           "use the 'numpy' backend or leave the backend unset")
     t_sel, t_mask, t_rand = policy.thresholds()
     inputs, targets = _outputs(out, len(sample_ids), length)
     reverse = np.ascontiguousarray(strands, dtype=np.uint8)
