@@ -26,7 +26,8 @@ import torch.distributed as dist
 
 from caduceus_dist.checkpoint import CheckpointManager
 from caduceus_dist.config import load_job_config
-from caduceus_dist.engine import DistContext, build_engine
+from caduceus_dist.distributed import DistContext
+from caduceus_dist.engine import build_engine
 from caduceus_dist.model import CaduceusForMaskedLM
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "ps_131k.yaml"

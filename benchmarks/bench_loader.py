@@ -110,7 +110,7 @@ def ensure_inputs(shards: Path, fasta_gz: Path, cache: Path) -> Path:
 
 
 def window_starts(shards: Path) -> list[tuple[str, int]]:
-    from caduceus_dist.data.shard_format import ShardReader
+    from caduceus_dist.shard_format import ShardReader
 
     manifest = json.loads((shards / "manifest.json").read_text())
     out = []

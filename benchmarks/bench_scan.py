@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from caduceus_dist.model import CaduceusConfig, CaduceusForMaskedLM, mlm_loss, native_ops, scan
+from caduceus_dist.loss import mlm_loss
+from caduceus_dist.model import CaduceusConfig, CaduceusForMaskedLM, native_ops, scan
 from caduceus_dist.model.kernels import KERNEL_BACKENDS, TorchKernels
 
 REFERENCE_TOKENS_PER_S = 29.0  # reference CPU path, PS d_model 128, 2 layers, L 512 (issue 2)

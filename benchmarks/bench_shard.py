@@ -35,9 +35,9 @@ import zstandard
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from caduceus_dist.data import fasta, sharding  # noqa: E402
-from caduceus_dist.data.fasta import TRANSLATION, gunzip_chunks  # noqa: E402
-from caduceus_dist.data.sharding import ShardConfig, shard_genome  # noqa: E402
+from caduceus_dist.prep import fasta, sharding  # noqa: E402
+from caduceus_dist.prep.fasta import TRANSLATION, gunzip_chunks  # noqa: E402
+from caduceus_dist.prep.sharding import ShardConfig, shard_genome  # noqa: E402
 
 HG38_BASES = 3_100_000_000
 CHUNK = 1 << 22

@@ -20,19 +20,19 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from caduceus_dist.checkpoint.config import CheckpointConfig
-from caduceus_dist.data import DataConfig
-from caduceus_dist.engine import ENGINES, EngineConfig
-from caduceus_dist.engine.base import PRECISIONS
-from caduceus_dist.metrics import LoggingConfig
-from caduceus_dist.model import CaduceusConfig
-from caduceus_dist.optim import SCHEDULES, OptimizerConfig, ScheduleConfig
-from caduceus_dist.trainer import TrainConfig
+from caduceus_dist.data.config import DataConfig
+from caduceus_dist.engine import ENGINES
+from caduceus_dist.engine.config import DEVICES, PRECISION_NAMES, EngineConfig
+from caduceus_dist.errors import ConfigError
+from caduceus_dist.fsio import atomic_write
+from caduceus_dist.metrics.config import LoggingConfig
+from caduceus_dist.model.config import CaduceusConfig
+from caduceus_dist.optim.config import OptimizerConfig, ScheduleConfig
+from caduceus_dist.optim.schedule import SCHEDULES
+from caduceus_dist.train.config import TrainConfig
 
 RESOLVED_NAME = "config.yaml"
-
-
-class ConfigError(ValueError):
-    """A bad recipe, override or combination of keys; the message names the key and its source."""
+__all__ = ["RESOLVED_NAME", "ConfigError", "JobConfig", "load_job_config", "save_resolved", "validate"]
 
 
 @dataclass
@@ -94,10 +94,10 @@ def _require(condition: bool, message: str) -> None:
 def validate(cfg: JobConfig) -> None:
     """Cross-field checks that types alone cannot express; each message names the key(s)."""
     _require(cfg.engine.name in ENGINES, f"engine.name: '{cfg.engine.name}' is not one of {sorted(ENGINES)}")
-    _require(cfg.engine.precision in PRECISIONS,
-             f"engine.precision: '{cfg.engine.precision}' is not one of {sorted(PRECISIONS)}")
+    _require(cfg.engine.precision in PRECISION_NAMES,
+             f"engine.precision: '{cfg.engine.precision}' is not one of {sorted(PRECISION_NAMES)}")
     _require(cfg.engine.zero_stage in (0, 1, 2, 3), f"engine.zero_stage: {cfg.engine.zero_stage} is not 0, 1, 2 or 3")
-    _require(cfg.engine.device in ("auto", "cpu", "cuda"), f"engine.device: '{cfg.engine.device}' is not auto, cpu or cuda")
+    _require(cfg.engine.device in DEVICES, f"engine.device: '{cfg.engine.device}' is not auto, cpu or cuda")
     _require(not (cfg.engine.name == "fsdp2" and cfg.engine.precision == "fp16"),
              "engine.precision=fp16 is not supported with engine.name=fsdp2 (use bf16, or the deepspeed/ddp engines)")
     _require(cfg.engine.deepspeed_config is None or cfg.engine.name == "deepspeed",
@@ -128,7 +128,5 @@ def save_resolved(cfg: JobConfig, run_dir: Path) -> Path:
     text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
     if target.exists() and target.read_text() != text:
         target.rename(run_dir / f"config.{time.strftime('%Y%m%dT%H%M%S')}.yaml")
-    tmp = target.with_suffix(".yaml.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, target)
+    atomic_write(target, text)
     return target

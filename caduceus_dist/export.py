@@ -82,11 +82,12 @@ def checkpoint_job_config(path: Path):
 
 def consolidate(path: Path, manifest: dict) -> tuple[object, dict[str, torch.Tensor]]:
     """(CaduceusConfig, fp32 state dict) via the engine that wrote the checkpoint, at world size 1."""
-    from caduceus_dist.engine import build_engine, init_distributed
+    from caduceus_dist.distributed import init_distributed
+    from caduceus_dist.engine import build_engine
     from caduceus_dist.model import CaduceusForMaskedLM
 
     cfg = checkpoint_job_config(path)
-    ctx = init_distributed(cfg.engine)
+    ctx = init_distributed(cfg.engine.device)
     if ctx.world_size != 1:
         raise ExportError("run the export as a single process (python -m caduceus_dist.export ...), not under a launcher")
     engine = build_engine(cfg, CaduceusForMaskedLM(cfg.model), ctx)
@@ -131,13 +132,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import os
+    from caduceus_dist.distributed import exit_process
 
-    import torch.distributed as dist
-
-    code = main()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # a gloo thread can abort interpreter shutdown (environment notes, section 3)
+    exit_process(main())

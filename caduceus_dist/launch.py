@@ -32,7 +32,8 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-EXIT_PREEMPTED = 75  # the trainer's "checkpoint saved, requeue me" (caduceus_dist.checkpoint.preemption)
+from caduceus_dist.errors import EXIT_PREEMPTED
+
 PREEMPTION_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 ENTRY_POINT = Path(__file__).resolve().parents[1] / "recipes" / "pretrain.py"
 

@@ -15,7 +15,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from caduceus_dist.data.shard_cli import main
+from caduceus_dist.prep.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,8 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-EXIT_CONFIG_ERROR = 2
-EXIT_FAILURE = 1
+from caduceus_dist.errors import EXIT_CONFIG_ERROR, EXIT_FAILURE, ConfigError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,10 +31,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from caduceus_dist.checkpoint import CheckpointWriteError
-    from caduceus_dist.config import ConfigError, load_job_config
-    from caduceus_dist.data import ShardFormatError
-    from caduceus_dist.trainer import Trainer
+    from caduceus_dist.checkpoint.manager import CheckpointWriteError
+    from caduceus_dist.config import load_job_config
+    from caduceus_dist.prep.sharding import ensure_sample_shards
+    from caduceus_dist.shard_format import ShardFormatError
+    from caduceus_dist.train.trainer import Trainer
 
     args = parse_args(argv)
     # INFO (checkpoint saves, resumes, fallbacks) from rank 0 only; warnings from every rank.
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     try:
         cfg = load_job_config(args.config, args.overrides)
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, prepare_data=lambda data: ensure_sample_shards(data.shards))
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr, flush=True)
         return EXIT_CONFIG_ERROR
@@ -57,24 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
 
 
-def finish(code: int) -> None:
-    """Leave without running interpreter finalisation: a gloo thread can abort a clean ZeRO-3 exit
-    under Python 3.11 (environment notes, section 3), which would turn success into a crash code."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        if code in (0, 75):  # every rank got here; a failing rank must not wait for the others
-            dist.barrier()
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
+    from caduceus_dist.distributed import exit_process
+
     try:
         exit_code = main()
     except Exception:
         traceback.print_exc()
         exit_code = EXIT_FAILURE
-    finish(exit_code)
+    exit_process(exit_code)

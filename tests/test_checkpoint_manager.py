@@ -21,7 +21,8 @@ import torch.distributed as dist
 from caduceus_dist.checkpoint import CheckpointConfig, CheckpointError, CheckpointManager, rng
 from caduceus_dist.checkpoint.manifest import read_latest, relative_files
 from caduceus_dist.config import JobConfig
-from caduceus_dist.engine import DistContext, build_engine
+from caduceus_dist.distributed import DistContext
+from caduceus_dist.engine import build_engine
 from caduceus_dist.model import CaduceusConfig, CaduceusForMaskedLM
 
 CKPT_LOG = "caduceus_dist.checkpoint"

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from test_data_fixtures import write_dataset
 
-from caduceus_dist.data import DataConfig, ShardFormatError, TrainStream, build_eval_loader
+from caduceus_dist.data import DataConfig, TrainStream, build_eval_loader
 from caduceus_dist.data.curriculum import DataPlanError
-from caduceus_dist.data.shard_format import read_index
+from caduceus_dist.shard_format import ShardFormatError, read_index
 
 WINDOW = 1024
 

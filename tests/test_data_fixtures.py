@@ -1,34 +1,74 @@
 """Builders of small, real shard directories for the loader tests (and checks of the builders).
 
-Shards are written with the project's own `ShardWriter` from real hg38 sequence (the embedded
-sample's chr22 piece), so the loader reads exactly what `data_prep/shard_genome.py` writes: same
-tar layout, index and manifest keys.
+Shards are written with `ShardWriter` below (stdlib `tarfile`, an implementation independent of the
+sharder's own member packing) from real hg38 sequence (the embedded sample's chr22 piece), in the
+layout `data_prep/shard_genome.py` writes: same tar layout, index and manifest keys.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
+import zstandard
 
-from caduceus_dist.data.shard_format import (
+from caduceus_dist.fsio import sha256_file
+from caduceus_dist.model.tokenizer import BYTE_TO_ID
+from caduceus_dist.shard_format import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    INDEX_COLUMNS,
+    JSON_SUFFIX,
     MANIFEST_NAME,
+    TAR_BLOCK,
+    TOKENS_SUFFIX,
     ShardReader,
-    ShardWriter,
     sample_key,
-    sha256_file,
     shard_name,
     write_index,
 )
-from caduceus_dist.model.tokenizer import BYTE_TO_ID
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "caduceus_dist" / "sample" / "hg38_sample.fa.gz"  # embedded: every clone has it
+
+
+class ShardWriter:
+    """Writes one shard (tar + index) sample by sample with stdlib `tarfile`; `close()` returns the index
+    rows. The reference the sharder's hand-packed blobs are compared against, and the fixture writer."""
+
+    def __init__(self, tar_path: str | Path, zstd_level: int = 3):
+        self.tar_path = Path(tar_path)
+        self._tar = tarfile.open(self.tar_path, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (open across add())
+        self._compressor = zstandard.ZstdCompressor(level=zstd_level)
+        self._rows: list[tuple[int, int, int, int]] = []
+
+    def _add_member(self, name: str, payload: bytes) -> tuple[int, int]:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(payload), 0, 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        data_offset = self._tar.offset + TAR_BLOCK  # ustar header is one block for names < 100 chars
+        self._tar.addfile(info, io.BytesIO(payload))
+        return data_offset, len(payload)
+
+    def add(self, key: str, meta: dict, tokens: np.ndarray) -> None:
+        tokens = np.ascontiguousarray(tokens, dtype=np.uint8)
+        self.add_compressed(key, meta, self._compressor.compress(tokens.tobytes()))
+
+    def add_compressed(self, key: str, meta: dict, compressed_tokens: bytes) -> None:
+        json_bytes = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+        json_off, json_size = self._add_member(key + JSON_SUFFIX, json_bytes)
+        tok_off, tok_size = self._add_member(key + TOKENS_SUFFIX, compressed_tokens)
+        self._rows.append((json_off, json_size, tok_off, tok_size))
+
+    def close(self) -> np.ndarray:
+        self._tar.close()
+        return np.asarray(self._rows, dtype="<i8").reshape(-1, INDEX_COLUMNS)
 
 
 def genome_tokens() -> tuple[np.ndarray, str, int]:

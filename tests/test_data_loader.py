@@ -298,8 +298,8 @@ def test_real_sharder_output_one_epoch_matches_the_fasta(tmp_path):
     row is the FASTA at the coordinates its provenance names (pyfaidx, independent of both sharder and loader)."""
     import pyfaidx
 
-    from caduceus_dist.data.shard_format import ShardReader
-    from caduceus_dist.data.sharding import sample_config, shard_genome
+    from caduceus_dist.prep.sharding import sample_config, shard_genome
+    from caduceus_dist.shard_format import ShardReader
 
     root = tmp_path / "sample"
     shard_genome(sample_config(out=str(root), quiet=True))

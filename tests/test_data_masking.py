@@ -12,11 +12,20 @@ from test_data_fixtures import genome_tokens, write_dataset
 from caduceus_dist import native
 from caduceus_dist.data import DataConfig, TrainStream, masking
 from caduceus_dist.data.crops import CropSource
-from caduceus_dist.data.cursor import BLOCK_TOKENS, derive_key, uniform_u32
+from caduceus_dist.data.cursor import BLOCK_TOKENS, UniformStream, derive_key, token_blocks
 from caduceus_dist.data.masking import MaskingPolicy, default_masker, mask_batch, masked_crops
 from caduceus_dist.model.tokenizer import MASK_ID, N_ID, PAD_ID, VOCAB_SIZE, CaduceusTokenizer
 
 SIGMAS = 5.0  # tolerance for every frequency check; a false failure has probability < 1e-6 per check
+
+
+def uniform_u32(keys: np.ndarray, length: int) -> np.ndarray:
+    """The whole (len(keys), length) uint32 array of the per-row streams the masking draws from."""
+    stream = UniformStream(keys, length)
+    out = np.empty((len(stream.keys), length), dtype=np.uint32)
+    for rows, col, cols in token_blocks(len(stream.keys), length):
+        out[rows, col:col + cols] = stream.block(rows, col, cols)
+    return out
 
 
 def real_batch(rows: int, length: int, n_run: tuple[int, int] | None = None) -> np.ndarray:

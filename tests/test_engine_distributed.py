@@ -34,7 +34,7 @@ LOSS_RTOL = 2e-4
 @pytest.fixture(scope="session")
 def sample_shards(tmp_path_factory) -> Path:
     """The embedded real-hg38 sample, sharded once per session by the sharder's library."""
-    from caduceus_dist.data.sharding import sample_config, shard_genome
+    from caduceus_dist.prep.sharding import sample_config, shard_genome
 
     out = tmp_path_factory.mktemp("shards") / "sample"
     shard_genome(sample_config(out=str(out)))

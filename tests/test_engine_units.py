@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 
 from caduceus_dist.config import load_job_config
-from caduceus_dist.engine import build_engine, init_distributed
+from caduceus_dist.distributed import init_distributed
+from caduceus_dist.engine import build_engine
 from caduceus_dist.model import CaduceusForMaskedLM, param_groups
 
 RECIPE = "recipes/cpu_demo.yaml"
@@ -50,7 +51,7 @@ def _batch(seed: int, rows: int, length: int, mask_prob: float) -> dict:
 
 def _engine(cfg, seed=0):
     torch.manual_seed(seed)
-    ctx = init_distributed(cfg.engine)
+    ctx = init_distributed(cfg.engine.device)
     return build_engine(cfg, CaduceusForMaskedLM(cfg.model), ctx, micro_batch=2)
 
 

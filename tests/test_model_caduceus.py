@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from caduceus_dist.model import CaduceusConfig, CaduceusForMaskedLM, flops_per_token, mlm_loss, param_groups
+from caduceus_dist.loss import mlm_loss
+from caduceus_dist.model import CaduceusConfig, CaduceusForMaskedLM, flops_per_token, param_groups
 from caduceus_dist.model.tokenizer import PAD_ID
 
 RECIPE_SIZES = [(118, 4, 470_702), (128, 4, 541_312), (256, 4, 1_934_592), (256, 8, 3_864_832), (256, 16, 7_725_312)]

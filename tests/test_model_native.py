@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from caduceus_dist import native
-from caduceus_dist.model import CaduceusConfig, CaduceusForMaskedLM, kernels, mlm_loss, native_ops, scan
+from caduceus_dist.loss import mlm_loss
+from caduceus_dist.model import CaduceusConfig, CaduceusForMaskedLM, kernels, native_ops, scan
 from caduceus_dist.model.kernels import NativeKernels, TorchKernels, check_backend_name, resolve_backend
 
 pytestmark = pytest.mark.skipif(native_ops.library() is None,

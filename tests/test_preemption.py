@@ -19,8 +19,8 @@ from test_resume_exact import (
     tensorboard_losses,
 )
 
-from caduceus_dist.checkpoint import EXIT_PREEMPTED
 from caduceus_dist.checkpoint.manifest import read_latest
+from caduceus_dist.errors import EXIT_PREEMPTED
 
 
 @pytest.mark.slow

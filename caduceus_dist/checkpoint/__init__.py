@@ -1,7 +1,21 @@
-"""Atomic, verified checkpoints; auto-resume; preemption (exit 75); export support. See manager.py."""
+"""Atomic, verified checkpoints; auto-resume; preemption (exit 75). docs/resume.md describes the semantics.
 
-from caduceus_dist.checkpoint.config import CheckpointConfig
-from caduceus_dist.checkpoint.manager import CheckpointError, CheckpointManager, CheckpointWriteError
-from caduceus_dist.checkpoint.preemption import EXIT_PREEMPTED
+    config.py      CheckpointConfig (the `checkpoint:` keys; no torch)
+    manifest.py    the on-disk layout and the manifest that vouches for a checkpoint
+    manager.py     CheckpointManager: when to save, atomic (optionally asynchronous) saves, retention
+    restore.py     which checkpoint a run resumes from, verification, compatibility, RNG streams
+    preemption.py  the signal flag the manager acts on at a step boundary
+    rng.py         every generator a rank owns, captured and restored exactly
+"""
 
-__all__ = ["EXIT_PREEMPTED", "CheckpointConfig", "CheckpointError", "CheckpointManager", "CheckpointWriteError"]
+from caduceus_dist.lazy import lazy_exports
+
+_EXPORTS = {
+    "CheckpointConfig": "config",
+    "CheckpointManager": "manager",
+    "CheckpointWriteError": "manager",
+    "CheckpointError": "restore",
+}
+__all__ = sorted(_EXPORTS)
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass, field
 
+from caduceus_dist.fsio import VERIFY_MODES
+
 RESUME_MODES = ("auto", "never")  # anything else is a path to one checkpoint directory
 WRITE_ERROR_POLICIES = ("retry", "stop")
-VERIFY_MODES = ("sha256", "size")
 
 
 @dataclass

@@ -32,31 +32,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from caduceus_dist.checkpoint import rng
+from caduceus_dist.checkpoint import restore, rng
 from caduceus_dist.checkpoint.config import CheckpointConfig
 from caduceus_dist.checkpoint.manifest import (
     LATEST,
     MANIFEST,
     TMP_SUFFIX,
-    TRASH_SUFFIX,
-    atomic_write_text,
     build_manifest,
-    check_files,
     fsync_dirs,
-    hash_file,
     list_checkpoints,
-    list_leftovers,
     read_latest,
-    read_manifest,
     relative_files,
+    remove_tree,
     step_dir_name,
     step_of,
 )
-from caduceus_dist.checkpoint.preemption import EXIT_PREEMPTED, PreemptionFlag
-from caduceus_dist.fsio import fsync_path
+from caduceus_dist.checkpoint.preemption import PreemptionFlag
+from caduceus_dist.distributed import all_reduce, barrier, broadcast_object, gather_object
+from caduceus_dist.errors import EXIT_PREEMPTED
+from caduceus_dist.fsio import atomic_write, copy_hashed, file_digest, fsync_path
 
 log = logging.getLogger("caduceus_dist.checkpoint")
 
@@ -72,57 +68,8 @@ WRITE_ERRORS = (OSError, RuntimeError, CheckpointException)
 _DONE, _FAILED, _COPYING = 0, 1, 2
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used to resume this run (the message says why and what to do)."""
-
-
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written and `checkpoint.on_write_error=stop`."""
-
-
-def _plain(cfg: Any) -> Any:
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)
-    if dataclasses.is_dataclass(cfg):
-        return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    return cfg
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, tuple):  # a live config keeps tuples; the same value read back from YAML is a list
-        return {prefix: list(tree)}
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
-
-
-def _differences(saved: dict, current: dict, prefix: str) -> list[str]:
-    """'key (checkpoint X, this run Y)' for every flattened key whose value differs."""
-    old, new = _flatten(saved, prefix), _flatten(current, prefix)
-    return [
-        f"{key} (checkpoint {old.get(key, '<absent>')!r}, this run {new.get(key, '<absent>')!r})"
-        for key in sorted(old.keys() | new.keys())
-        if old.get(key, "<absent>") != new.get(key, "<absent>")
-    ]
-
-
-def _hash_config(tree: Any) -> str:
-    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _remove_tree(path: Path) -> None:
-    """Delete a directory so that a crash midway never leaves a half-deleted checkpoint behind a valid name."""
-    if not path.exists():
-        return
-    if not path.name.endswith(TRASH_SUFFIX):
-        trash = path.with_name(path.name + TRASH_SUFFIX)
-        shutil.rmtree(trash, ignore_errors=True)
-        os.rename(path, trash)
-        path = trash
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclasses.dataclass
@@ -151,11 +98,11 @@ class CheckpointManager:
         self.root = self.run_dir / "checkpoints"
         self.max_steps = int(job_cfg.train.max_steps)
         self.seed = int(job_cfg.train.seed)
-        self.resolved_config = _plain(job_cfg)
+        self.resolved_config = restore.plain_config(job_cfg)
         # the architecture only: runtime switches (kernel backend, activation checkpointing) may change on resume
         model = job_cfg.model
-        self.model_config = model.to_hf_dict() if hasattr(model, "to_hf_dict") else _plain(model)
-        self.config_hash = _hash_config(self.resolved_config)
+        self.model_config = model.to_hf_dict() if hasattr(model, "to_hf_dict") else restore.plain_config(model)
+        self.config_hash = restore.hash_config(self.resolved_config)
         self.config_yaml = OmegaConf.to_yaml(OmegaConf.create(self.resolved_config))
         self._device = getattr(engine, "device", torch.device("cpu"))
         self._last_step: int | None = None  # step of the newest checkpoint on disk (written or resumed)
@@ -168,36 +115,11 @@ class CheckpointManager:
         self.preemption = PreemptionFlag(list(self.cfg.preemption_signals))
 
     # ------------------------------------------------------------------ collectives
-    def _collective(self) -> bool:
-        return dist.is_available() and dist.is_initialized() and self.world_size > 1
-
     def _all_reduce_max(self, values: list[int]) -> list[int]:
-        if not self._collective():
-            return list(values)
-        buf = torch.tensor(values, dtype=torch.int64, device=self._device)
-        dist.all_reduce(buf, op=dist.ReduceOp.MAX)
-        return [int(v) for v in buf.tolist()]
-
-    def _broadcast(self, obj: Any) -> Any:
-        if not self._collective():
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def _gather(self, obj: Any) -> list[Any]:
-        if not self._collective():
-            return [obj]
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def _barrier(self) -> None:
-        if self._collective():
-            dist.barrier()
+        return all_reduce(values, self._device, op="max", dtype=torch.int64)
 
     def _is_first_rank_of_node(self) -> bool:
-        hosts = self._gather(socket.gethostname())
+        hosts = gather_object(socket.gethostname())
         return hosts.index(hosts[self.rank]) == self.rank
 
     # ------------------------------------------------------------------ training-loop API
@@ -267,7 +189,7 @@ class CheckpointManager:
     def _prepare_tmp(self, step: int) -> Path:
         tmp = self.root / (step_dir_name(step) + TMP_SUFFIX)
         if self.rank == 0:
-            _remove_tree(tmp)
+            remove_tree(tmp)
             tmp.mkdir(parents=True)
         return tmp
 
@@ -276,16 +198,16 @@ class CheckpointManager:
         (failed,) = self._all_reduce_max([int(error is not None)])
         if not failed:
             return True
-        errors = [e for e in self._gather(error) if e]
+        errors = [e for e in gather_object(error) if e]
         if self.rank == 0:
-            _remove_tree(tmp)
+            remove_tree(tmp)
         self._write_failed(step, errors)
         return False
 
     def _save_sync(self, step: int, state: dict) -> bool:
         started = time.perf_counter()
         tmp = self._prepare_tmp(step)
-        self._barrier()
+        barrier()
         error = None
         try:
             self._write_local(tmp, state)
@@ -302,10 +224,10 @@ class CheckpointManager:
 
     def _hash_shared(self, tmp: Path) -> dict[str, dict]:
         """Hash and fsync every file of the new checkpoint, the ranks splitting the work."""
-        names = self._broadcast(relative_files(tmp) if self.rank == 0 else None)
-        mine = {name: hash_file(tmp / name, fsync=True) for name in names[self.rank :: self.world_size]}
+        names = broadcast_object(relative_files(tmp) if self.rank == 0 else None)
+        mine = {name: file_digest(tmp / name, fsync=True).as_dict() for name in names[self.rank :: self.world_size]}
         files: dict[str, dict] = {}
-        for part in self._gather(mine):
+        for part in gather_object(mine):
             files.update(part)
         return files
 
@@ -326,18 +248,18 @@ class CheckpointManager:
                 fsync_dirs(tmp)
                 if final.exists():
                     log.warning("replacing %s (left by an earlier run that did not get past it)", final)
-                    _remove_tree(final)
+                    remove_tree(final)
                 os.rename(tmp, final)
                 fsync_path(self.root)
                 try:
-                    atomic_write_text(self.root / LATEST, final.name + "\n")
+                    atomic_write(self.root / LATEST, final.name + "\n")
                 except OSError:
-                    _remove_tree(final)  # `latest` could not move: the new checkpoint must not count
+                    remove_tree(final)  # `latest` could not move: the new checkpoint must not count
                     raise
             except OSError as exc:
                 error = f"rank 0 sealing {final.name}: {type(exc).__name__}: {exc}"
-                _remove_tree(tmp)
-        error = self._broadcast(error)
+                remove_tree(tmp)
+        error = broadcast_object(error)
         if error is not None:
             self._write_failed(step, [error])
             return False
@@ -398,7 +320,7 @@ class CheckpointManager:
         for step, path in ours:
             if step not in keep and step != limit:
                 try:
-                    _remove_tree(path)
+                    remove_tree(path)
                 except OSError as exc:
                     log.warning("retention could not delete %s: %s", path, exc)
 
@@ -414,13 +336,13 @@ class CheckpointManager:
         if self._copies_for_node:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
-        self._barrier()
+        barrier()
         error = None
         try:
             self._write_local(staging, state)
         except WRITE_ERRORS as exc:
             error = f"rank {self.rank} (staging in {staging}): {type(exc).__name__}: {exc}"
-        self._barrier()  # every rank of the node has staged its files before the copy starts
+        barrier()  # every rank of the node has staged its files before the copy starts
         if not self._agree_write(step, error, tmp):
             if self._copies_for_node:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -440,14 +362,7 @@ class CheckpointManager:
             for name in relative_files(pending.staging):
                 source, target = pending.staging / name, pending.tmp / name
                 target.parent.mkdir(parents=True, exist_ok=True)
-                digest = hashlib.sha256()
-                with open(source, "rb") as src, open(target, "wb") as dst:
-                    while chunk := src.read(8 << 20):
-                        digest.update(chunk)
-                        dst.write(chunk)
-                    dst.flush()
-                    os.fsync(dst.fileno())
-                    files[name] = {"bytes": dst.tell(), "sha256": digest.hexdigest()}
+                files[name] = copy_hashed(source, target).as_dict()
             pending.files = files
         except OSError as exc:
             pending.error = (
@@ -458,10 +373,10 @@ class CheckpointManager:
 
     def _finalize_pending(self, failed: bool) -> None:
         pending, self._pending = self._pending, None
-        reports = self._gather((pending.files, pending.error))
+        reports = gather_object((pending.files, pending.error))
         if failed:
             if self.rank == 0:
-                _remove_tree(pending.tmp)
+                remove_tree(pending.tmp)
             self._write_failed(pending.step, [error for _, error in reports if error])
             return
         files: dict[str, dict] = {}
@@ -474,114 +389,20 @@ class CheckpointManager:
     # ------------------------------------------------------------------ resuming
     def resume(self) -> dict | None:
         """Collective: restore the newest valid checkpoint (per `checkpoint.resume`); None for a fresh start."""
-        mode = self.cfg.resume
-        if self.rank == 0:
-            for leftover in list_leftovers(self.root):
-                log.warning("removing %s, left by a save or deletion that was interrupted", leftover)
-                shutil.rmtree(leftover, ignore_errors=True)
+        restore.remove_leftovers(self.root, self.rank)
         if self._copies_for_node:  # staged copies of a crashed asynchronous save hold node memory
             shutil.rmtree(self._staging_dir(0).parent, ignore_errors=True)
-        self._barrier()
-        if mode == "never":
-            found = list_checkpoints(self.root)
-            if found:
-                raise CheckpointError(
-                    f"checkpoint.resume=never but {self.root} already holds {len(found)} checkpoint(s) "
-                    f"(newest {found[-1][1].name}); use checkpoint.resume=auto to continue that run or a new run_dir"
-                )
+        chosen = restore.select_checkpoint(self.root, self.cfg.resume, self.rank, self.world_size, self.cfg.verify)
+        if chosen is None:
             return None
-        if mode == "auto":
-            candidates = self._auto_candidates()
-            if not candidates:
-                if self.rank == 0:
-                    log.info("no checkpoint under %s: starting from step 0", self.root)
-                return None
-        else:
-            candidates = [Path(mode)]
-        rejected = []
-        for path in candidates:
-            manifest, problems = self._verify(path)
-            if not problems:
-                break
-            summary = "; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
-            rejected.append(f"{path}: {summary}")
-            if self.rank == 0:
-                log.warning("checkpoint %s is incomplete or corrupt, not used: %s", path, summary)
-        else:
-            what = "the checkpoint given by checkpoint.resume" if mode != "auto" else "any checkpoint"
-            raise CheckpointError(
-                f"cannot resume: {what} failed verification:\n  " + "\n  ".join(rejected)
-                + "\nRestore the files, point checkpoint.resume at another checkpoint directory, "
-                "or start a new run_dir."
-            )
-        if rejected and self.rank == 0:
-            log.warning("falling back to %s (step %d), the newest valid checkpoint", path, manifest["step"])
-        return self._load(path, manifest)
-
-    def _auto_candidates(self) -> list[Path]:
-        """Checkpoints up to the one `latest` names, newest first (later ones belong to an abandoned run)."""
-        found = list_checkpoints(self.root)
-        latest = read_latest(self.root)
-        limit = step_of(Path(latest)) if latest else None
-        if limit is not None:
-            ignored = [path.name for step, path in found if step > limit]
-            if ignored and self.rank == 0:
-                log.warning(
-                    "ignoring %s: newer than `latest` (%s), so never committed by the run that continued; "
-                    "they are replaced when this run reaches their step", ", ".join(ignored), latest,
-                )
-            found = [(step, path) for step, path in found if step <= limit]
-        return [path for _, path in reversed(found)]
-
-    def _verify(self, path: Path) -> tuple[dict | None, list[str]]:
-        """Collective: the manifest of `path` and its problems; the ranks share the hashing."""
-        problems, manifest = [], None
-        try:
-            manifest = read_manifest(path)
-        except ValueError as exc:
-            problems.append(str(exc))
-        problems = self._broadcast(problems)
-        if problems:
-            return None, problems
-        names = sorted(manifest["files"])
-        mine = check_files(path, manifest["files"], names[self.rank :: self.world_size], self.cfg.verify)
-        problems = [problem for part in self._gather(mine) for problem in part]
-        return manifest, problems
-
-    def _load(self, path: Path, manifest: dict) -> dict:
-        mismatched = _differences(manifest.get("model_config", {}), self.model_config, "model")
-        if mismatched:
-            raise CheckpointError(
-                f"checkpoint {path} was written for a different model configuration; mismatched keys:\n  "
-                + "\n  ".join(mismatched)
-                + "\nResume with the model settings of that run, or start a new run_dir."
-            )
-        if self.rank == 0 and manifest.get("config_hash") != self.config_hash:
-            saved = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=True)
-            current = {k: v for k, v in self.resolved_config.items() if k != "model"}
-            changed = _differences({k: v for k, v in saved.items() if k != "model"}, current, "")
-            log.info("resuming with changed settings: %s", "; ".join(changed) or "none")
+        path, manifest = chosen
+        restore.check_compatible(path, manifest, self.model_config, self.resolved_config, self.config_hash, self.rank)
         saved_world = int(manifest["world_size"])
         self.engine.load_checkpoint(path, saved_world)
-        self._restore_rng(path, manifest, saved_world)
+        restore.restore_rng(path, manifest, self.rank, self.world_size, self.seed)
         state = torch.load(path / "trainer_state.pt", weights_only=True)
         self._last_step = int(manifest["step"])
         if self.rank == 0:
             log.info("resumed from %s (step %d, saved by %d rank(s), now %d)", path, self._last_step, saved_world,
                      self.world_size)
         return state
-
-    def _restore_rng(self, path: Path, manifest: dict, saved_world: int) -> None:
-        """Each rank continues its own saved streams; on a world-size change, ranks that did not exist get
-        fresh streams seeded from (train.seed, step, rank), and the streams of ranks that are gone end.
-        The data order does not depend on these (it is a function of the data cursor)."""
-        if self.rank < saved_world:
-            rng.restore(torch.load(path / "rng" / f"rank_{self.rank:05d}.pt", weights_only=True))
-        else:
-            rng.restore(rng.fresh(self.seed, int(manifest["step"]), self.rank))
-        if saved_world != self.world_size and self.rank == 0:
-            log.warning(
-                "world size changed %d -> %d: ranks below %d continue their saved RNG streams, the others start "
-                "fresh ones seeded from (train.seed, step, rank); the data order is unchanged",
-                saved_world, self.world_size, min(saved_world, self.world_size),
-            )

@@ -15,15 +15,15 @@ A directory without a manifest, or whose files do not match it, is not a checkpo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
 import caduceus_dist
-from caduceus_dist.fsio import fsync_path
+from caduceus_dist.fsio import file_mismatch, fsync_path
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -32,7 +32,6 @@ FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TMP_SUFFIX = ".tmp"
 TRASH_SUFFIX = ".trash"
-_HASH_CHUNK = 8 << 20
 
 
 def step_dir_name(step: int) -> str:
@@ -78,36 +77,21 @@ def relative_files(directory: Path) -> list[str]:
     return sorted(files)
 
 
-def hash_file(path: Path, fsync: bool = False) -> dict:
-    """Size and sha256 of one file; with `fsync`, also force it to stable storage first."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        if fsync:
-            os.fsync(handle.fileno())
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-        size = handle.tell()
-    return {"bytes": size, "sha256": digest.hexdigest()}
-
-
 def fsync_dirs(root: Path) -> None:
     for dirpath, _, _ in os.walk(root):
         fsync_path(Path(dirpath))
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Readers see the old content or the new one, never a torn file: temp file, fsync, os.replace."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_path(path.parent)
+def remove_tree(path: Path) -> None:
+    """Delete a directory so that a crash midway never leaves a half-deleted checkpoint behind a valid name."""
+    if not path.exists():
+        return
+    if not path.name.endswith(TRASH_SUFFIX):
+        trash = path.with_name(path.name + TRASH_SUFFIX)
+        shutil.rmtree(trash, ignore_errors=True)
+        os.rename(path, trash)
+        path = trash
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def build_manifest(
@@ -153,15 +137,12 @@ def check_files(directory: Path, expected: dict[str, dict], names: list[str], ve
     """Problems with the files `names` of a checkpoint (empty list: they match the manifest)."""
     problems = []
     for name in names:
-        path = directory / name
         want = expected[name]
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            problems.append(f"{name}: missing")
+        mismatch = file_mismatch(directory / name, want["bytes"], want["sha256"], verify)
+        if mismatch is None:
             continue
-        if size != want["bytes"]:
-            problems.append(f"{name}: {size} bytes, manifest says {want['bytes']}")
-        elif verify == "sha256" and hash_file(path)["sha256"] != want["sha256"]:
-            problems.append(f"{name}: sha256 differs from the manifest (corrupt)")
+        what, size = mismatch
+        problems.append({"missing": f"{name}: missing",
+                         "size": f"{name}: {size} bytes, manifest says {want['bytes']}",
+                         "sha256": f"{name}: sha256 differs from the manifest (corrupt)"}[what])
     return problems

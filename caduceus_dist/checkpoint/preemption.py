@@ -2,7 +2,7 @@
 
 A signal may land anywhere (inside a collective, inside a write), so the handler does no I/O and no
 communication. The ranks agree with one all-reduce(MAX) at the next step boundary, save together and
-exit with EXIT_PREEMPTED, which launchers read as "requeue me" (sysexits.h EX_TEMPFAIL).
+exit with EXIT_PREEMPTED (caduceus_dist.errors), which launchers read as "requeue me" (docs/resume.md §4).
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-
-EXIT_PREEMPTED = 75
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@
 
 See `loader.py` for the stream API and its guarantees, `cursor.py` for the data order,
 `curriculum.py` for the sequence-length schedule, `masking.py` for the MLM corruption and
-`shard_format.py` for the on-disk format. Names resolve lazily (PEP 562) so that the sharder,
-which imports `caduceus_dist.data.fasta` etc., never pays for importing torch.
+`caduceus_dist.shard_format` for the on-disk format (docs/shard-format.md). Names resolve lazily
+(PEP 562), so reading a `DataConfig` does not import torch.
 """
 
 from caduceus_dist.lazy import lazy_exports
@@ -20,7 +20,6 @@ _EXPORTS = {
     "StepBatch": "loader",
     "TrainStream": "loader",
     "build_eval_loader": "loader",
-    "ShardFormatError": "shard_format",
 }
 
 __all__ = sorted(_EXPORTS)

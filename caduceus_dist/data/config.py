@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from caduceus_dist.fsio import VERIFY_MODES  # what is checked for every shard of a split at start-up
+
 ON_CORRUPT_MODES = ("error", "skip")
-VERIFY_MODES = ("sha256", "size")  # what is checked for every shard of a split at start-up
 HOLD_MODES = ("tokens", "batch")  # what a curriculum keeps constant across stages
 
 

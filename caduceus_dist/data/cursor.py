@@ -135,15 +135,6 @@ class UniformStream:
         return z.view(np.uint32)[:, :cols]
 
 
-def uniform_u32(keys: np.ndarray, length: int) -> np.ndarray:
-    """The whole (len(keys), length) uint32 array of the per-row streams (what the masking uses)."""
-    stream = UniformStream(keys, length)
-    out = np.empty((len(stream.keys), length), dtype=np.uint32)
-    for rows, col, cols in token_blocks(len(stream.keys), length):
-        out[rows, col:col + cols] = stream.block(rows, col, cols)
-    return out
-
-
 def uniform_float(keys: np.ndarray) -> np.ndarray:
     """One float64 in [0, 1) per key."""
     return (mix64(keys) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))

@@ -10,20 +10,14 @@ under a running job) always raise, naming the shard and sample.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from caduceus_dist.data.shard_format import (
-    ShardFormatError,
-    ShardReader,
-    load_manifest,
-    read_index,
-    sha256_file,
-)
+from caduceus_dist.fsio import file_mismatch, sha256_file
+from caduceus_dist.shard_format import ShardFormatError, ShardReader, load_manifest, read_index
 
 log = logging.getLogger(__name__)
 
@@ -38,21 +32,22 @@ class ShardEntry:
 
 def _check_shard(root: Path, entry: dict, verify: str) -> None:
     tar, index = root / entry["tar"], root / entry["index"]
-    if not tar.exists():
+    # the size first (cheap), the content of the tar last (the expensive read)
+    mismatch = file_mismatch(tar, entry["bytes"], entry["sha256"], "size")
+    if mismatch is not None and mismatch[0] == "missing":
         raise ShardFormatError(f"shard {tar} is missing (listed in {root}/manifest.json); restore it or "
                                f"rerun data_prep/shard_genome.py")
-    size = tar.stat().st_size
-    if size != entry["bytes"]:
-        raise ShardFormatError(f"shard {tar} is {size} bytes but the manifest says {entry['bytes']}: the file is "
-                               f"truncated or was modified; rerun data_prep/shard_genome.py")
+    if mismatch is not None:
+        raise ShardFormatError(f"shard {tar} is {mismatch[1]} bytes but the manifest says {entry['bytes']}: the file "
+                               f"is truncated or was modified; rerun data_prep/shard_genome.py")
     if not index.exists():
         raise ShardFormatError(f"shard index {index} is missing; rerun data_prep/shard_genome.py")
-    if hashlib.sha256(index.read_bytes()).hexdigest() != entry["index_sha256"]:
+    if sha256_file(index) != entry["index_sha256"]:
         raise ShardFormatError(f"shard index {index}: sha256 does not match the manifest; rerun data_prep/shard_genome.py")
     rows = read_index(index)
     if len(rows) != entry["samples"]:
         raise ShardFormatError(f"shard index {index} has {len(rows)} rows but the manifest says {entry['samples']} samples")
-    if verify == "sha256" and sha256_file(tar) != entry["sha256"]:
+    if verify == "sha256" and file_mismatch(tar, entry["bytes"], entry["sha256"], "sha256") is not None:
         raise ShardFormatError(f"shard {tar}: sha256 does not match the manifest (corrupted on disk or in transfer); "
                                f"restore it or rerun data_prep/shard_genome.py")
 

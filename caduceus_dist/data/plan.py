@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from caduceus_dist.data.config import DataConfig
 from caduceus_dist.data.curriculum import DataPlanError
 from caduceus_dist.data.loader import TrainStream
-from caduceus_dist.data.shard_format import ShardFormatError
+from caduceus_dist.shard_format import ShardFormatError
 
 
 def load_recipe(path: str | None, overrides: list[str]) -> tuple[DataConfig, int | None, int]:

@@ -1,14 +1,14 @@
 """Parallelism wrappers behind one Engine protocol; `ENGINES` maps `engine.name` to the class.
 
-Engine classes are imported lazily so a DDP run never imports DeepSpeed.
+Engine classes are imported only when built, so a DDP run never imports DeepSpeed and reading a config
+imports no torch.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from caduceus_dist.engine.base import DistContext, Engine, init_distributed
-from caduceus_dist.engine.config import EngineConfig
+from caduceus_dist.lazy import lazy_exports
 
 ENGINES = {
     "deepspeed": "caduceus_dist.engine.deepspeed_engine:DeepSpeedEngine",
@@ -17,14 +17,20 @@ ENGINES = {
 }
 
 
-def build_engine(job_cfg, model, ctx: DistContext, micro_batch: int = 1) -> Engine:
+def build_engine(job_cfg, model, ctx, micro_batch: int = 1, loss=None):
     """Wrap `model` with the engine named by `job_cfg.engine.name` (validated at config load).
 
     `micro_batch` only sizes DeepSpeed's batch bookkeeping; offline use (export) can leave it at 1.
+    `loss` is the objective the step calls (default: the reference masked-LM loss).
     """
+    from caduceus_dist.loss import MaskedLMLoss
+
     module_name, class_name = ENGINES[job_cfg.engine.name].split(":")
     engine_cls = getattr(importlib.import_module(module_name), class_name)
-    return engine_cls(job_cfg, model, ctx, micro_batch)
+    return engine_cls(job_cfg, model, ctx, micro_batch, loss if loss is not None else MaskedLMLoss())
 
 
-__all__ = ["ENGINES", "DistContext", "Engine", "EngineConfig", "build_engine", "init_distributed"]
+_EXPORTS = {"Engine": "base", "EngineConfig": "config"}
+__all__ = ["ENGINES", "build_engine", *sorted(_EXPORTS)]
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)

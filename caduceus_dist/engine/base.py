@@ -1,32 +1,26 @@
 """The Engine protocol every parallelism wrapper implements, and the step logic they share.
 
 Loss normalisation (why `train_step` looks the way it does): the loss of an optimizer step is the
-mean over every masked target of the *global* batch. Each rank counts its targets, one all-reduce
-gives the global count N, and every micro-batch back-propagates `sum_of_its_losses * world / N`.
-Data-parallel wrappers average gradients over ranks, so the update is exactly the gradient of the
-global mean whatever the split into ranks and micro-batches (1 rank x 2 micro-batches equals
-2 ranks x 1 micro-batch).
+mean over every scored target of the *global* batch. Each rank counts its targets (the loss component
+says which positions count), one all-reduce gives the global count N, and every micro-batch
+back-propagates `sum_of_its_losses * world / N`. Data-parallel wrappers average gradients over ranks,
+so the update is exactly the gradient of the global mean whatever the split into ranks and
+micro-batches (1 rank x 2 micro-batches equals 2 ranks x 1 micro-batch; docs/resume.md §3).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
-import torch.distributed as dist
 
-from caduceus_dist.engine.config import EngineConfig
-from caduceus_dist.model import mlm_loss
-from caduceus_dist.model.tokenizer import PAD_ID
-from caduceus_dist.optim import set_lr
+from caduceus_dist.distributed import DistContext, all_reduce
+from caduceus_dist.loss import MaskedLMLoss
+from caduceus_dist.optim.adamw import set_lr
 
-IGNORE_ID = PAD_ID  # targets equal to [PAD] are not scored (spec 1.9)
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # engine.config.PRECISION_NAMES
 
 
 @runtime_checkable
@@ -34,6 +28,7 @@ class Engine(Protocol):
     name: str
     module: torch.nn.Module  # the unwrapped CaduceusForMaskedLM
     optimizer: torch.optim.Optimizer
+    loss: MaskedLMLoss
     rank: int
     world_size: int
 
@@ -48,57 +43,6 @@ class Engine(Protocol):
     def full_state_dict(self) -> dict[str, torch.Tensor]: ...
 
 
-@dataclass
-class DistContext:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def init_distributed(cfg: EngineConfig) -> DistContext:
-    """Join (or create) the process group; torchrun, the deepspeed launcher and plain python alike.
-
-    A plain `python` run gets a one-process group too, so the training loop has a single code path.
-    """
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
-    return DistContext(rank, world, local_rank, device)
-
-
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """One collective for several scalars (float64 keeps token counts exact)."""
-    buf = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(buf)
-    return buf.tolist()
-
-
-def masked_sums(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """(sum of the MLM loss over targets, number of targets, number predicted right)."""
-    loss_sum, n_targets = mlm_loss(logits, targets, reduction="sum")
-    with torch.no_grad():
-        mask = targets != IGNORE_ID
-        n_correct = int(((logits.argmax(-1) == targets) & mask).sum())
-    return loss_sum, int(n_targets), n_correct
-
-
 class TrainStepMixin:
     """The shared optimizer step; engines supply forward/backward/accumulation/step hooks."""
 
@@ -107,14 +51,15 @@ class TrainStepMixin:
     device: torch.device
     optimizer: torch.optim.Optimizer
 
-    def _adopt(self, job_cfg, model: torch.nn.Module, ctx: DistContext) -> None:
-        """What every non-DeepSpeed engine does first: take the config, the rank layout and the model."""
+    def _adopt(self, job_cfg, model: torch.nn.Module, ctx: DistContext, loss: MaskedLMLoss) -> None:
+        """What every non-DeepSpeed engine does first: take the config, the rank layout, the loss and the model."""
         self.cfg = job_cfg.engine
         self.grad_clip = job_cfg.optim.grad_clip
         self.rank, self.world_size, self.device = ctx.rank, ctx.world_size, ctx.device
+        self.loss = loss
         self.module = model.to(self.device)
         if self.cfg.compile:
-            compile_layers(self.module)
+            compile_blocks(self.module)
 
     def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         ids = batch["input_ids"].to(self.device, non_blocking=True).long()
@@ -123,21 +68,19 @@ class TrainStepMixin:
 
     def train_step(self, micro_batches: list[dict], lr: float) -> dict[str, float]:
         set_lr(self.optimizer, lr)
-        local_targets = sum(int((mb["targets"] != IGNORE_ID).sum()) for mb in micro_batches)
-        (global_targets,) = all_reduce_sum([local_targets], self.device)
+        (global_targets,) = all_reduce([self.loss.targets_in(micro_batches)], self.device)
         scale = self.world_size / max(global_targets, 1.0)
         loss_sum, n_correct = 0.0, 0
         for index, batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             ids, targets = self._to_device(batch)
             with self._accumulation_context(last):
-                logits = self._forward(ids)
-                micro_loss, _, micro_correct = masked_sums(logits, targets)
-                self._backward(micro_loss * scale, last)
-            loss_sum += float(micro_loss.detach())
-            n_correct += micro_correct
+                sums = self.loss(self._forward(ids), targets)
+                self._backward(sums.loss_sum * scale, last)
+            loss_sum += float(sums.loss_sum.detach())
+            n_correct += sums.n_correct
         grad_norm = self._optimizer_step()
-        loss_sum, n_correct = all_reduce_sum([loss_sum, n_correct], self.device)
+        loss_sum, n_correct = all_reduce([loss_sum, n_correct], self.device)
         denom = max(global_targets, 1.0)
         return {
             "loss": loss_sum / denom,
@@ -150,11 +93,10 @@ class TrainStepMixin:
     def eval_step(self, batch: dict) -> tuple[float, int, int]:
         ids, targets = self._to_device(batch)
         if ids.shape[0] == 0:  # this rank's slice of the last batch is empty: still join the collectives
-            ids = torch.full((1, ids.shape[1]), IGNORE_ID, dtype=ids.dtype, device=ids.device)
+            ids = torch.full((1, ids.shape[1]), self.loss.ignore_index, dtype=ids.dtype, device=ids.device)
             targets = ids.clone()
-        logits = self._forward(ids)
-        loss_sum, n_targets, n_correct = masked_sums(logits, targets)
-        return float(loss_sum), n_targets, n_correct
+        sums = self.loss(self._forward(ids), targets)
+        return float(sums.loss_sum), sums.n_targets, sums.n_correct
 
     def _accumulation_context(self, last: bool):
         return contextlib.nullcontext()
@@ -169,10 +111,10 @@ class TrainStepMixin:
         raise NotImplementedError
 
 
-def compile_layers(model: torch.nn.Module) -> None:
-    """torch.compile each Caduceus layer in place (before any wrapper), as torchtitan does per block."""
-    for layer in model.caduceus.backbone.layers:
-        layer.compile()
+def compile_blocks(model: torch.nn.Module) -> None:
+    """torch.compile each of the model's blocks in place (before any wrapper), as torchtitan does."""
+    for block in model.blocks():
+        block.compile()
 
 
 def autocast(device: torch.device, precision: str):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+PRECISION_NAMES = ("fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+
 
 @dataclass
 class EngineConfig:

@@ -8,8 +8,10 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from caduceus_dist.engine.base import DistContext, TrainStepMixin, autocast, fp32_cpu
-from caduceus_dist.optim import build_optimizer
+from caduceus_dist.distributed import DistContext
+from caduceus_dist.engine.base import TrainStepMixin, autocast, fp32_cpu
+from caduceus_dist.loss import MaskedLMLoss
+from caduceus_dist.optim.adamw import build_optimizer
 
 STATE_FILE = "model_optim.pt"
 
@@ -19,8 +21,8 @@ class DDPEngine(TrainStepMixin):
 
     name = "ddp"
 
-    def __init__(self, job_cfg, model: torch.nn.Module, ctx: DistContext, micro_batch: int):
-        self._adopt(job_cfg, model, ctx)
+    def __init__(self, job_cfg, model: torch.nn.Module, ctx: DistContext, micro_batch: int, loss: MaskedLMLoss):
+        self._adopt(job_cfg, model, ctx, loss)
         self.wrapped = (
             DistributedDataParallel(self.module, device_ids=[ctx.local_rank] if self.device.type == "cuda" else None)
             if self.world_size > 1

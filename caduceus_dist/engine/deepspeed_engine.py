@@ -19,8 +19,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from caduceus_dist.engine.base import DistContext, TrainStepMixin, compile_layers, fp32_cpu
-from caduceus_dist.optim import build_optimizer
+from caduceus_dist.distributed import DistContext
+from caduceus_dist.engine.base import TrainStepMixin, compile_blocks, fp32_cpu
+from caduceus_dist.errors import ConfigError
+from caduceus_dist.loss import MaskedLMLoss
+from caduceus_dist.optim.adamw import build_optimizer
 
 TAG = "deepspeed"
 UNIVERSAL_TAG = "deepspeed_universal"
@@ -111,14 +114,12 @@ def load_cpu_comm_op() -> None:
 class DeepSpeedEngine(TrainStepMixin):
     name = "deepspeed"
 
-    def __init__(self, job_cfg, model: torch.nn.Module, ctx: DistContext, micro_batch: int):
+    def __init__(self, job_cfg, model: torch.nn.Module, ctx: DistContext, micro_batch: int, loss: MaskedLMLoss):
         if ctx.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skip DeepSpeed's accelerator probing
         import deepspeed
         from deepspeed.accelerator import get_accelerator
         from deepspeed.utils import logger as ds_logger
-
-        from caduceus_dist.config import ConfigError
 
         if job_cfg.engine.precision == "fp16" and not get_accelerator().is_fp16_supported():
             raise ConfigError(f"engine.precision=fp16: DeepSpeed's '{get_accelerator()._name}' accelerator has no "
@@ -127,11 +128,12 @@ class DeepSpeedEngine(TrainStepMixin):
         ds_logger.setLevel(logging.WARNING)
         self.cfg = job_cfg.engine
         self.rank, self.world_size, self.device = ctx.rank, ctx.world_size, ctx.device
+        self.loss = loss
         self.zero_stage = job_cfg.engine.zero_stage
         load_cpu_comm_op()
         deepspeed.init_distributed(dist_backend=dist.get_backend())
         if self.cfg.compile:
-            compile_layers(model)
+            compile_blocks(model)
         n_params = sum(p.numel() for p in model.parameters())
         self.config = deepspeed_json(job_cfg, self.world_size, micro_batch, n_params)
         optimizer = build_optimizer(model, job_cfg.optim)

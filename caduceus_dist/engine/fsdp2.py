@@ -1,4 +1,4 @@
-"""FSDP2: `fully_shard` per Caduceus layer, then the root; checkpoints with torch.distributed.checkpoint.
+"""FSDP2: `fully_shard` per model block, then the root; checkpoints with torch.distributed.checkpoint.
 
 DCP stores each tensor with its global shape, so a checkpoint written by N ranks loads on M ranks
 (resharding happens inside `dcp.load`).
@@ -21,8 +21,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from caduceus_dist.engine.base import PRECISIONS, DistContext, TrainStepMixin, fp32_cpu
-from caduceus_dist.optim import build_optimizer, group_names
+from caduceus_dist.distributed import DistContext
+from caduceus_dist.engine.base import PRECISIONS, TrainStepMixin, fp32_cpu
+from caduceus_dist.loss import MaskedLMLoss
+from caduceus_dist.optim.adamw import build_optimizer, group_names
 
 DCP_DIR = "dcp"
 
@@ -30,14 +32,14 @@ DCP_DIR = "dcp"
 class FSDP2Engine(TrainStepMixin):
     name = "fsdp2"
 
-    def __init__(self, job_cfg, model: torch.nn.Module, ctx: DistContext, micro_batch: int):
-        self._adopt(job_cfg, model, ctx)
+    def __init__(self, job_cfg, model: torch.nn.Module, ctx: DistContext, micro_batch: int, loss: MaskedLMLoss):
+        self._adopt(job_cfg, model, ctx, loss)
         groups = group_names(self.module, job_cfg.optim.weight_decay)  # before sharding drops the no-decay marks
         mesh = init_device_mesh(self.device.type, (self.world_size,))
         policy = MixedPrecisionPolicy(param_dtype=PRECISIONS[self.cfg.precision], reduce_dtype=torch.float32)
         reshard = self.cfg.fsdp_reshard_after_forward
-        for layer in self.module.caduceus.backbone.layers:
-            fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+        for block in self.module.blocks():
+            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
         fully_shard(self.module, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
         self.optimizer = build_optimizer(self.module, job_cfg.optim, groups)
 

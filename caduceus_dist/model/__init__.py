@@ -1,4 +1,4 @@
-"""The Caduceus model (Ph and PS), its tokenizer, loss, optimizer groups and FLOP counter.
+"""The Caduceus model (Ph and PS), its tokenizer, optimizer groups and FLOP counter.
 
 Names resolve lazily (PEP 562) so that `caduceus_dist.model.tokenizer` users (the sharder) do not
 pay for importing torch.
@@ -13,7 +13,6 @@ _EXPORTS = {
     "CaduceusForMaskedLM": "caduceus",
     "CaduceusTokenizer": "tokenizer",
     "flops_per_token": "flops",
-    "mlm_loss": "caduceus",
     "param_groups": "optim_groups",
 }
 __all__ = sorted(_EXPORTS)

@@ -1,4 +1,4 @@
-"""Caduceus backbone and CaduceusForMaskedLM (Ph: rcps=False, PS: rcps=True), plus the MLM loss.
+"""Caduceus backbone and CaduceusForMaskedLM (Ph: rcps=False, PS: rcps=True).
 
 Module names reproduce the Hugging Face state dict of the published checkpoints (spec 1.2), so
 `model.caduceus.backbone.layers` is also the per-layer unit for FSDP wrapping and activation
@@ -11,7 +11,6 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -26,7 +25,6 @@ from caduceus_dist.model.rcps import (
     RCPSWrapper,
     add_residual,
 )
-from caduceus_dist.model.tokenizer import PAD_ID
 
 
 class CaduceusBlock(nn.Module):
@@ -138,6 +136,10 @@ class CaduceusForMaskedLM(nn.Module):
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.lm_head(self.caduceus(input_ids)).float()
 
+    def blocks(self) -> list[nn.Module]:
+        """The repeated units, in order: what engines wrap (FSDP2), compile and checkpoint one by one."""
+        return list(self.caduceus.backbone.layers)
+
     # Hugging Face layout -------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
         """config.json + model.safetensors exactly as the published checkpoints (tied tensors stored once)."""
@@ -151,21 +153,3 @@ class CaduceusForMaskedLM(nn.Module):
         hf_io.load_weights(model, path)
         return model
 
-
-def mlm_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> tuple[Tensor, Tensor]:
-    """Cross-entropy over positions whose target is not [PAD] (4), in fp32.
-
-    Returns (loss, n_targets). reduction="mean" divides by max(n_targets, 1), so an all-[PAD] batch
-    gives 0.0, never NaN (reference issue #77); reduction="sum" lets a trainer form the exact mean
-    over a global batch split across ranks and micro-batches.
-    """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    flat_targets = targets.reshape(-1)
-    total = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), flat_targets, ignore_index=PAD_ID, reduction="sum"
-    )
-    count = (flat_targets != PAD_ID).sum()
-    if reduction == "sum":
-        return total, count
-    return total / count.clamp(min=1), count

@@ -11,14 +11,14 @@ import sys
 import time
 from pathlib import Path
 
-from caduceus_dist.data.download import DOWNLOADS, DownloadError, download_assembly
-from caduceus_dist.data.fasta import FastaError
-from caduceus_dist.data.shard_format import ShardFormatError
-from caduceus_dist.data.sharding import ShardConfig, ShardingError, sample_config, shard_genome
-from caduceus_dist.data.splits import CONTIG_FILTERS, SplitError
-from caduceus_dist.data.tiling import TilingError
-from caduceus_dist.data.verify import format_report, verify_dataset
-from caduceus_dist.data.workers import WORKER_KINDS
+from caduceus_dist.prep.download import DOWNLOADS, DownloadError, download_assembly
+from caduceus_dist.prep.fasta import FastaError
+from caduceus_dist.prep.sharding import ShardConfig, ShardingError, sample_config, shard_genome
+from caduceus_dist.prep.splits import CONTIG_FILTERS, SplitError
+from caduceus_dist.prep.tiling import TilingError
+from caduceus_dist.prep.verify import format_report, verify_dataset
+from caduceus_dist.prep.workers import WORKER_KINDS
+from caduceus_dist.shard_format import ShardFormatError
 
 USER_ERRORS = (FastaError, SplitError, TilingError, ShardingError, ShardFormatError, DownloadError)
 EXIT_USER_ERROR = 2

@@ -11,37 +11,24 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from caduceus_dist.checkpoint.manager import CheckpointManager
+from caduceus_dist.config import save_resolved
 from caduceus_dist.data import DataPlanError, TrainStream, build_eval_loader
-from caduceus_dist.engine import build_engine, init_distributed
-from caduceus_dist.engine.base import all_reduce_sum
-from caduceus_dist.metrics import MetricsWriter, eval_line, peak_flops, peak_memory_gib, train_line
+from caduceus_dist.distributed import all_reduce, barrier, broadcast_object, init_distributed
+from caduceus_dist.engine import build_engine
+from caduceus_dist.errors import EXIT_OK, EXIT_PREEMPTED, ConfigError
+from caduceus_dist.loss import MaskedLMLoss
+from caduceus_dist.metrics.writer import MetricsWriter, eval_line, peak_flops, peak_memory_gib, train_line
 from caduceus_dist.model import CaduceusForMaskedLM, flops_per_token
-from caduceus_dist.optim import lr_at
+from caduceus_dist.optim.schedule import lr_at
 
-EXIT_OK = 0
 CURSOR_KEYS = ("tokens", "epoch", "position")  # the loader's global cursor, logged every step
-
-
-@dataclass
-class TrainConfig:
-    """`eval_every` 0 = every max_steps/5 steps, as the reference; `eval_batches` per validation
-    (the same global batches at any world size); `deterministic` turns on torch's deterministic
-    algorithms (bitwise-reproducible CPU runs, at some speed cost)."""
-
-    max_steps: int = 1000
-    seed: int = 2222
-    grad_accum: int = 1
-    eval_every: int = 0
-    eval_batches: int = 8
-    eval_split: str = "valid"
-    deterministic: bool = False
 
 
 def seed_everything(seed: int) -> None:
@@ -50,41 +37,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def ensure_sample_shards(shards: str) -> None:
-    """The quickstart convenience: the default sample location is sharded on first use."""
-    from caduceus_dist.data.shard_format import MANIFEST_NAME
-    from caduceus_dist.data.sharding import sample_config, shard_genome
-
-    target = Path(shards)
-    default = Path(sample_config().out)
-    if target.resolve() == default.resolve() and not (target / MANIFEST_NAME).exists():
-        print(f"sharding the embedded sample genome into {target} (first run only)", flush=True)
-        shard_genome(sample_config(out=str(target)))
-
-
-def _max_across_ranks(values: list[float], device: torch.device) -> list[float]:
-    buf = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
-    return buf.tolist()
-
-
 class Trainer:
-    """Builds everything from a validated JobConfig; `run()` returns the process exit code."""
+    """Builds everything from a validated JobConfig; `run()` returns the process exit code.
 
-    def __init__(self, cfg):
-        from caduceus_dist.checkpoint import CheckpointManager  # both import this module's config
-        from caduceus_dist.config import ConfigError, save_resolved
+    `prepare_data(data_config)` runs on rank 0 before any rank opens the shards (the entry point uses it
+    to shard the embedded sample on first use); the trainer itself knows nothing of shard preparation.
+    """
 
+    def __init__(self, cfg, prepare_data: Callable | None = None):
         self.cfg = cfg
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
             # That mode also NaN-fills every torch.empty to expose uninitialised reads: 50x slower
             # DeepSpeed steps on CPU, and no result changes.
             torch.utils.deterministic.fill_uninitialized_memory = False
-        self.ctx = init_distributed(cfg.engine)
-        if self.ctx.rank == 0:
-            ensure_sample_shards(cfg.data.shards)
-        dist.barrier()
+        self.ctx = init_distributed(cfg.engine.device)
+        if self.ctx.rank == 0 and prepare_data is not None:
+            prepare_data(cfg.data)
+        barrier()
         try:  # tokens_per_step / seq_len / world size / grad_accum must divide: fail before writing anything
             self.stream = TrainStream(cfg.data, self.ctx.rank, self.ctx.world_size, cfg.train.grad_accum,
                                       train_seed=cfg.train.seed)
@@ -93,10 +63,10 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)  # written only once the data plan is known to be valid
         if self.ctx.rank == 0:
             save_resolved(cfg, self.run_dir)
-        dist.barrier()
+        barrier()
         seed_everything(cfg.train.seed)
         model = CaduceusForMaskedLM(cfg.model)
-        self.engine = build_engine(cfg, model, self.ctx, self.stream.plan(0).micro_batch)
+        self.engine = build_engine(cfg, model, self.ctx, self.stream.plan(0).micro_batch, MaskedLMLoss())
         self.eval_loader = (
             build_eval_loader(cfg.data, cfg.train.eval_split, self.ctx.rank, self.ctx.world_size,
                               cfg.train.eval_batches, train_seed=cfg.train.seed)
@@ -105,12 +75,7 @@ class Trainer:
         self.manager = CheckpointManager(cfg, self.run_dir, self.engine)
         self.writer = MetricsWriter(cfg.logging, self.run_dir, self.ctx.rank)
         # Rank 0's measurement for everyone, so all ranks report the same MFU.
-        (self.peak_flops,) = self._broadcast([peak_flops(cfg.logging, self.ctx.device)])
-
-    def _broadcast(self, values: list[float]) -> list[float]:
-        buf = torch.tensor(values, dtype=torch.float64, device=self.ctx.device)
-        dist.broadcast(buf, src=0)
-        return buf.tolist()
+        self.peak_flops = broadcast_object(peak_flops(cfg.logging, self.ctx.device))
 
     def run(self) -> int:
         """Train to train.max_steps; EXIT_OK, or EXIT_PREEMPTED after a preemption checkpoint."""
@@ -123,8 +88,6 @@ class Trainer:
             raise
 
     def _train(self) -> int:
-        from caduceus_dist.checkpoint import EXIT_PREEMPTED
-
         cfg, engine = self.cfg, self.engine
         max_steps = cfg.train.max_steps
         eval_every = cfg.train.eval_every or max(1, max_steps // 5)
@@ -151,8 +114,8 @@ class Trainer:
                 raise FloatingPointError(f"training loss is {out['loss']} at step {step}; stopping "
                                          "(the last checkpoint is intact; lower optim.lr or use fp32/bf16)")
             elapsed = time.perf_counter() - start
-            step_time, data_wait, memory = _max_across_ranks(
-                [elapsed, data_wait, peak_memory_gib(self.ctx.device)], self.ctx.device)
+            step_time, data_wait, memory = all_reduce(
+                [elapsed, data_wait, peak_memory_gib(self.ctx.device)], self.ctx.device, op="max")
             metrics = self._train_metrics(out, lr, plan, batch.state, step_time, data_wait, memory, consumed)
             self.writer.scalars(step, metrics)
             if step % cfg.logging.log_every == 0 or step == 1 or step == max_steps:
@@ -204,7 +167,7 @@ class Trainer:
             loss_sum += batch_loss
             n_targets += batch_targets
             n_correct += batch_correct
-        loss_sum, n_targets, n_correct = all_reduce_sum([loss_sum, n_targets, n_correct], self.ctx.device)
+        loss_sum, n_targets, n_correct = all_reduce([loss_sum, n_targets, n_correct], self.ctx.device)
         loss = loss_sum / max(n_targets, 1.0)
         metrics = {"val/loss": loss, "val/perplexity": math.exp(loss), "val/bits_per_base": loss / math.log(2),
                    "val/accuracy": n_correct / max(n_targets, 1.0), "val/n_targets": n_targets}

@@ -6,11 +6,11 @@ import gzip
 from pathlib import Path
 
 import pytest
-from test_shard_pipeline import assert_round_trip, tree
+from test_prep_pipeline import assert_round_trip, tree
 
-from caduceus_dist.data.sharding import ShardConfig, shard_genome
-from caduceus_dist.data.tiling import REFERENCE_SPAN
-from caduceus_dist.data.verify import verify_dataset
+from caduceus_dist.prep.sharding import ShardConfig, shard_genome
+from caduceus_dist.prep.tiling import REFERENCE_SPAN
+from caduceus_dist.prep.verify import verify_dataset
 
 pytestmark = pytest.mark.shared_data
 

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from caduceus_dist.data.shard_format import (
+from caduceus_dist.fsio import file_mismatch, sha256_file
+from caduceus_dist.model.tokenizer import A_ID, N_ID
+from caduceus_dist.shard_format import (
     JSON_SUFFIX,
     TOKENS_SUFFIX,
     ShardFormatError,
@@ -22,9 +24,7 @@ from caduceus_dist.data.shard_format import (
     load_manifest,
     read_index,
     sample_key,
-    sha256_file,
 )
-from caduceus_dist.model.tokenizer import A_ID, N_ID
 
 MAX_LISTED = 20
 
@@ -96,7 +96,7 @@ def verify_dataset(root: str | Path) -> VerifyReport:
             if not tar.exists() or not idx.exists():
                 report.problems.append(f"{tar if not tar.exists() else idx} is missing")
                 continue
-            if tar.stat().st_size != entry["bytes"] or sha256_file(tar) != entry["sha256"]:
+            if file_mismatch(tar, entry["bytes"], entry["sha256"], "sha256") is not None:
                 report.problems.append(f"{tar}: size or sha256 differs from the manifest (corrupt or replaced)")
                 continue
             if sha256_file(idx) != entry["index_sha256"]:

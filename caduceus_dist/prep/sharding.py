@@ -28,8 +28,14 @@ import numpy as np
 import zstandard
 
 from caduceus_dist import __version__
-from caduceus_dist.data.fasta import FastaReader, FastaRecord, sha256_and_size
-from caduceus_dist.data.shard_format import (
+from caduceus_dist.fsio import file_digest
+from caduceus_dist.model.tokenizer import N_ID
+from caduceus_dist.prep.fasta import FastaReader, FastaRecord
+from caduceus_dist.prep.output import OutputDir, ShardingError, ShardSink, pack_members
+from caduceus_dist.prep.splits import make_split_plan
+from caduceus_dist.prep.tiling import resolve_tiling
+from caduceus_dist.prep.workers import ordered_map, worker_pool
+from caduceus_dist.shard_format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     JSON_SUFFIX,
@@ -37,11 +43,6 @@ from caduceus_dist.data.shard_format import (
     TOKENS_SUFFIX,
     sample_key,
 )
-from caduceus_dist.data.shard_output import OutputDir, ShardingError, ShardSink, pack_members
-from caduceus_dist.data.splits import make_split_plan
-from caduceus_dist.data.tiling import resolve_tiling
-from caduceus_dist.data.workers import ordered_map, worker_pool
-from caduceus_dist.model.tokenizer import N_ID
 
 BATCH_BASES = 1 << 22  # bases per worker task (a run of samples): small enough to spread one chromosome
 TARGET_SHARD_BASES = 1 << 27  # default shard size: 1024 windows of 131072 (~37 MB of compressed tokens)
@@ -92,6 +93,14 @@ def sample_config(**overrides) -> ShardConfig:
     )
     values.update({k: v for k, v in overrides.items() if v is not None})
     return ShardConfig(**values)
+
+
+def ensure_sample_shards(shards: str) -> None:
+    """The quickstart convenience: the default sample location is sharded on first use (rank 0 only)."""
+    target, default = Path(shards), Path(sample_config().out)
+    if target.resolve() == default.resolve() and not (target / MANIFEST_NAME).exists():
+        print(f"sharding the embedded sample genome into {target} (first run only)", flush=True)
+        shard_genome(sample_config(out=str(target)))
 
 
 # ---------------------------------------------------------------------------------------------- workers
@@ -271,8 +280,9 @@ def shard_genome(cfg: ShardConfig, progress: Callable[[int, int, int], None] | N
     tiling, tile = resolve_tiling(cfg.tiling, cfg.window, cfg.bed is not None)
     plan = make_split_plan(cfg.bed, cfg.split_map, cfg.valid_chroms, cfg.test_chroms, cfg.contigs)
     reader = FastaReader(cfg.fasta, strict=cfg.strict)
-    fasta_sha, fasta_size = sha256_and_size(cfg.fasta)
-    bed_sha = sha256_and_size(cfg.bed)[0] if cfg.bed else None
+    fasta_digest = file_digest(cfg.fasta)
+    fasta_sha, fasta_size = fasta_digest.sha256, fasta_digest.bytes
+    bed_sha = file_digest(cfg.bed).sha256 if cfg.bed else None
     identity = identity_of(cfg, fasta_sha, bed_sha, tiling)
     out = OutputDir(Path(cfg.out), identity)
     if not cfg.overwrite and (finished := out.finished_manifest()) is not None:

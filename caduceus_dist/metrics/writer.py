@@ -9,28 +9,17 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from caduceus_dist.metrics.config import LoggingConfig
 
 TENSORBOARD_DIR = "tensorboard"
 
 # Dense bf16 peak FLOP/s per device (vendor datasheets), matched against the CUDA device name.
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A6000": 155e12, "A5000": 111e12,
                   "L40": 181e12, "V100": 125e12, "4090": 165e12, "3090": 71e12}
-
-
-@dataclass
-class LoggingConfig:
-    """`log_every`: console line period in steps (TensorBoard gets every step).
-    `peak_flops_per_device`: denominator of MFU; 0 = the datasheet value of a known GPU, or on a
-    CPU a short fp32 matmul measurement taken at start-up.
-    """
-
-    log_every: int = 10
-    tensorboard: bool = True
-    peak_flops_per_device: float = 0.0
 
 
 def measure_cpu_flops(size: int = 512, repeats: int = 8) -> float:
@@ -78,10 +67,6 @@ class MetricsWriter:
         if self.writer is not None:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)
-
-    def text(self, tag: str, text: str) -> None:
-        if self.writer is not None:
-            self.writer.add_text(tag, text, 0)
 
     def print(self, line: str) -> None:
         if self.active:

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from caduceus_dist.data import fasta as fasta_mod
-from caduceus_dist.data.fasta import FastaError, FastaReader
-from caduceus_dist.data.splits import Interval, SplitError, make_split_plan, parse_split_map, read_bed
-from caduceus_dist.data.tiling import (
+from caduceus_dist.prep import fasta as fasta_mod
+from caduceus_dist.prep.fasta import FastaError, FastaReader
+from caduceus_dist.prep.splits import Interval, SplitError, make_split_plan, parse_split_map, read_bed
+from caduceus_dist.prep.tiling import (
     REFERENCE_SPAN,
     TilingError,
     reference_windows,

@@ -1,4 +1,5 @@
-"""The on-disk shard format shared by `data_prep/shard_genome.py` (writer) and the loader (reader).
+"""The on-disk shard format: the one contract between preparation (`caduceus_dist.prep`, the writer) and
+loading (`caduceus_dist.data`, the reader). docs/shard-format.md describes it for users.
 
 Layout of a dataset root (format version 1)::
 
@@ -21,10 +22,8 @@ function of its samples.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,66 +49,6 @@ def sample_key(split: str, sample_id: int) -> str:
 
 def shard_name(shard_number: int) -> str:
     return f"shard-{shard_number:06d}"
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-class ShardWriter:
-    """Writes one shard (tar + index) sample by sample; `close()` returns the index rows."""
-
-    def __init__(self, tar_path: str | os.PathLike, zstd_level: int = 3):
-        self.tar_path = Path(tar_path)
-        self._tar = tarfile.open(self.tar_path, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (open across add())
-        self._compressor = zstandard.ZstdCompressor(level=zstd_level)
-        self._rows: list[tuple[int, int, int, int]] = []
-
-    def _add_member(self, name: str, payload: bytes) -> tuple[int, int]:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(payload), 0, 0o644
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        data_offset = self._tar.offset + TAR_BLOCK  # ustar header is one block for names < 100 chars
-        self._tar.addfile(info, _BytesReader(payload))
-        return data_offset, len(payload)
-
-    def add(self, key: str, meta: dict, tokens: np.ndarray) -> None:
-        tokens = np.ascontiguousarray(tokens, dtype=np.uint8)
-        self.add_compressed(key, meta, self._compressor.compress(tokens.tobytes()))
-
-    def add_compressed(self, key: str, meta: dict, compressed_tokens: bytes) -> None:
-        """Like `add` for tokens already zstd-compressed (the sharder compresses in worker processes)."""
-        json_bytes = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
-        json_off, json_size = self._add_member(key + JSON_SUFFIX, json_bytes)
-        tok_off, tok_size = self._add_member(key + TOKENS_SUFFIX, compressed_tokens)
-        self._rows.append((json_off, json_size, tok_off, tok_size))
-
-    def close(self) -> np.ndarray:
-        """Finish the tar and return the index (n, 4) int64; the caller writes it with `write_index`."""
-        self._tar.close()
-        return np.asarray(self._rows, dtype="<i8").reshape(-1, INDEX_COLUMNS)
-
-    def abort(self) -> None:
-        """Close the file without finishing the tar (after a write error); the caller deletes it."""
-        self._tar.fileobj.close()
-        self._tar.closed = True
-
-
-class _BytesReader:
-    """Minimal file object for tarfile.addfile without copying payloads into BytesIO."""
-
-    def __init__(self, payload: bytes):
-        self._view, self._pos = memoryview(payload), 0
-
-    def read(self, size: int = -1) -> bytes:
-        end = len(self._view) if size < 0 else min(len(self._view), self._pos + size)
-        chunk, self._pos = self._view[self._pos:end], end
-        return bytes(chunk)
 
 
 def write_index(path: str | os.PathLike, rows: np.ndarray) -> None:

@@ -20,23 +20,18 @@ import numpy as np
 import pyfaidx
 import pytest
 import zstandard
-from test_shard_inputs import EXPECTED_ID, reference_spec_windows, write_bgzf
+from test_data_fixtures import ShardWriter
+from test_prep_inputs import EXPECTED_ID, reference_spec_windows, write_bgzf
 
-from caduceus_dist.data import fasta as fasta_mod
-from caduceus_dist.data import sharding
-from caduceus_dist.data.fasta import FastaError
-from caduceus_dist.data.shard_cli import main as cli_main
-from caduceus_dist.data.shard_format import (
-    ShardReader,
-    ShardWriter,
-    load_manifest,
-    read_index,
-    sample_key,
-    sha256_file,
-)
-from caduceus_dist.data.shard_output import STATE_DIR, ShardSink, pack_members
-from caduceus_dist.data.sharding import ShardConfig, ShardingError, sample_config, shard_genome
-from caduceus_dist.data.verify import verify_dataset
+from caduceus_dist.fsio import sha256_file
+from caduceus_dist.prep import fasta as fasta_mod
+from caduceus_dist.prep import sharding
+from caduceus_dist.prep.cli import main as cli_main
+from caduceus_dist.prep.fasta import FastaError
+from caduceus_dist.prep.output import STATE_DIR, ShardSink, pack_members
+from caduceus_dist.prep.sharding import ShardConfig, ShardingError, sample_config, shard_genome
+from caduceus_dist.prep.verify import verify_dataset
+from caduceus_dist.shard_format import ShardReader, load_manifest, read_index, sample_key
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "caduceus_dist" / "sample"
@@ -262,7 +257,7 @@ def test_webdataset_and_tar_read_the_shards(sample_shards):
 
 @pytest.mark.parametrize("samples", [1, 3, 21])  # archive ends at, before and across a 10240-byte tar record
 def test_worker_packed_shards_equal_the_tarfile_writer(tmp_path, samples):
-    """`ShardSink` appends tar members that workers pack by hand; `ShardWriter` (stdlib tarfile) is the reference."""
+    """`ShardSink` appends tar members that workers pack into blobs; `ShardWriter` (a stdlib tarfile archive) is the reference."""
     rng = np.random.default_rng(samples)
     split = "fold-\u00e9"  # a non-ASCII split name
     metas = [{"id": k, "split": split, "chrom": "chr1", "start": 10 * k, "end": 10 * k + 7, "n_fraction": k / 7}
@@ -462,7 +457,7 @@ def test_read_only_output_directory_as_unprivileged_user():
         base.chmod(0o755)
         out = base / "ro"
         out.mkdir(mode=0o555)
-        code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from caduceus_dist.data.sharding import *; "
+        code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from caduceus_dist.prep.sharding import *; "
                 f"shard_genome(sample_config(out={str(out)!r}, quiet=True))")
         proc = subprocess.run(
             ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-B", "-c", code],

@@ -7,7 +7,6 @@ and the base-to-id lookup in one C pass), so a record costs one byte per base an
 
 from __future__ import annotations
 
-import hashlib
 import os
 import zlib
 from collections.abc import Callable, Iterator
@@ -17,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from caduceus_dist.data.workers import ordered_map
 from caduceus_dist.model.tokenizer import BYTE_TO_ID, IUPAC_AMBIGUOUS, N_ID, UNK_ID
+from caduceus_dist.prep.workers import ordered_map
 
 CHUNK_BYTES = 1 << 22
 GZIP_MAGIC = b"\x1f\x8b"
@@ -86,15 +85,6 @@ class FastaRecord:
             self._buffer = grown
         self._buffer[self._length:end] = codes
         self._length = end
-
-
-def sha256_and_size(path: str | os.PathLike) -> tuple[str, int]:
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as fh:
-        while block := fh.read(CHUNK_BYTES):
-            digest.update(block)
-            size += len(block)
-    return digest.hexdigest(), size
 
 
 class _CountingReader:

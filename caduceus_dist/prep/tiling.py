@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from caduceus_dist.data.splits import Interval
+from caduceus_dist.prep.splits import Interval
 
 REFERENCE_SPAN = 1 << 20  # MAX_ALLOWED_LENGTH of the reference HG38Dataset
 

@@ -14,19 +14,13 @@ import contextlib
 import hashlib
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
 
-from caduceus_dist.data.shard_format import (
-    INDEX_COLUMNS,
-    MANIFEST_NAME,
-    TAR_BLOCK,
-    sha256_file,
-    shard_name,
-    write_index,
-)
-from caduceus_dist.fsio import fsync_path
+from caduceus_dist.fsio import atomic_write, fsync_path, sha256_file
+from caduceus_dist.shard_format import INDEX_COLUMNS, MANIFEST_NAME, TAR_BLOCK, shard_name, write_index
 
 STATE_DIR = ".shard_genome"
 PARTIAL_SUFFIX = ".partial"
@@ -37,39 +31,22 @@ class ShardingError(RuntimeError):
     """The run cannot go on (output directory, arguments, strict-mode findings); the message says what to do."""
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
-
-
 # ---------------------------------------------------------------------------------------------- tar members
-# Built here rather than with `tarfile` so that a worker packs a whole run of samples into one blob and
-# the main thread only appends blobs. The bytes equal what `shard_format.ShardWriter` writes (tarfile,
-# USTAR, mtime/uid/gid 0, mode 0644, no user names); the tests compare the two.
+# A worker packs a whole run of samples into one blob of tar members, so the main thread only appends
+# blobs; headers are stdlib `tarfile` headers with the deterministic fields of docs/shard-format.md.
 
 TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads a closed archive to a whole number of 20-block records
-TAR_NAME_BYTES = 100
-_HEADER_MODE_IDS = b"0000644\0" + b"0000000\0" * 2  # mode, uid, gid
-_HEADER_AFTER_SIZE = (  # mtime 0, checksum placeholder (8 spaces), regular file, no link name, ustar
-    b"00000000000\0" + b" " * 8 + b"0" + bytes(100) + b"ustar\x0000"  # magic; then empty user/group
-    + bytes(255 - 8)  # names, device numbers and name prefix, and the padding of the 512-byte block
-)
+TAR_NAME_BYTES = 100  # a name that fits the ustar name field: the header is exactly one block
 
 
 def tar_member(name: str, data) -> tuple[bytes, object, bytes]:
     """Header, data and zero padding of one ustar member (`data`: any bytes-like object)."""
-    encoded = name.encode()
-    if len(encoded) > TAR_NAME_BYTES:
+    if len(name.encode()) > TAR_NAME_BYTES:
         raise ShardingError(f"tar member name {name!r} is longer than {TAR_NAME_BYTES} bytes; use a shorter split name")
     size = memoryview(data).nbytes
-    header = encoded.ljust(TAR_NAME_BYTES, b"\0") + _HEADER_MODE_IDS + b"%011o\0" % size + _HEADER_AFTER_SIZE
-    header = header[:148] + b"%06o\0 " % sum(header) + header[156:]  # checksum over the placeholder spaces
-    return header, data, bytes(-size % TAR_BLOCK)
+    info = tarfile.TarInfo(name)  # mode 0644, uid/gid 0, mtime 0, no user or group names
+    info.size = size
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"), data, bytes(-size % TAR_BLOCK)
 
 
 def pack_members(members: list[tuple[str, object]]) -> tuple[bytes, np.ndarray]:
@@ -221,7 +198,7 @@ class OutputDir:
         try:
             self.state.mkdir(parents=True, exist_ok=True)
             if not (self.state / "args.json").exists():
-                write_atomic(self.state / "args.json", json.dumps(self.identity, sort_keys=True, indent=1))
+                atomic_write(self.state / "args.json", json.dumps(self.identity, sort_keys=True, indent=1))
         except OSError as exc:
             raise self.write_error(f"create the output directory {self.root}", exc) from None
         for partial in self.root.glob(f"*/.*{PARTIAL_SUFFIX}"):
@@ -288,7 +265,7 @@ class OutputDir:
         for split in manifest["splits"]:
             if (self.root / split).is_dir():
                 fsync_path(self.root / split)  # the shard renames are durable before the manifest names them
-        write_atomic(self.root / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        atomic_write(self.root / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         self.journal.unlink(missing_ok=True)
         (self.state / "args.json").unlink(missing_ok=True)
         self.state.rmdir()

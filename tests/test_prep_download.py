@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from caduceus_dist.data.download import DownloadError, download_file
-from caduceus_dist.data.shard_cli import main as cli_main
-from caduceus_dist.data.verify import verify_dataset
+from caduceus_dist.prep.cli import main as cli_main
+from caduceus_dist.prep.download import DownloadError, download_file
+from caduceus_dist.prep.verify import verify_dataset
 
 SAMPLE = Path(__file__).resolve().parents[1] / "caduceus_dist" / "sample"
 RANGE = re.compile(r"bytes=(\d+)-(\d*)$")

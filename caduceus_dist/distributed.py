@@ -1,0 +1,107 @@
+"""The process group and the few collectives everything else uses, in one place.
+
+Each helper is a no-op (identity) in a one-process run or before a group exists, so components can call
+them unconditionally: the training loop, the checkpoint manager and the engines have one code path for
+one rank and for many.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from caduceus_dist.errors import EXIT_OK, EXIT_PREEMPTED
+
+REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(device: str = "auto") -> DistContext:
+    """Join (or create) the process group; torchrun, the deepspeed launcher and plain python alike.
+
+    A plain `python` run gets a one-process group too, so the training loop has a single code path.
+    `device`: auto (CUDA when available) | cpu | cuda.
+    """
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        where = torch.device("cuda", local_rank)
+    else:
+        where = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+    return DistContext(rank, world, local_rank, where)
+
+
+def is_collective() -> bool:
+    """True when there are other ranks to talk to."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce(values: list, device: torch.device, op: str = "sum", dtype: torch.dtype = torch.float64) -> list:
+    """One collective for several scalars (float64 keeps token counts exact; int64 for flags and codes)."""
+    if not is_collective():
+        return torch.tensor(values, dtype=dtype).tolist()
+    buf = torch.tensor(values, dtype=dtype, device=device)
+    dist.all_reduce(buf, op=REDUCE_OPS[op])
+    return buf.tolist()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` on every rank (picklable objects)."""
+    if not is_collective():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not is_collective():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if is_collective():
+        dist.barrier()
+
+
+def exit_process(code: int) -> None:
+    """Leave without running interpreter finalisation: a gloo thread can abort a clean ZeRO-3 exit under
+    Python 3.11 (docs/environment.md §2), which would turn success into a crash code. After success or a
+    preemption every rank got here, so they meet at a barrier first; a failing rank must not wait."""
+    if dist.is_initialized():
+        if code in (EXIT_OK, EXIT_PREEMPTED):
+            dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

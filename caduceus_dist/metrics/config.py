@@ -1,0 +1,17 @@
+"""The `logging:` keys of a job."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class LoggingConfig:
+    """`log_every`: console line period in steps (TensorBoard gets every step).
+    `peak_flops_per_device`: denominator of MFU; 0 = the datasheet value of a known GPU, or on a
+    CPU a short fp32 matmul measurement taken at start-up.
+    """
+
+    log_every: int = 10
+    tensorboard: bool = True
+    peak_flops_per_device: float = 0.0

@@ -1,0 +1,20 @@
+"""The `train:` keys of a job."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainConfig:
+    """`eval_every` 0 = every max_steps/5 steps, as the reference; `eval_batches` per validation
+    (the same global batches at any world size); `deterministic` turns on torch's deterministic
+    algorithms (bitwise-reproducible CPU runs, at some speed cost)."""
+
+    max_steps: int = 1000
+    seed: int = 2222
+    grad_accum: int = 1
+    eval_every: int = 0
+    eval_batches: int = 8
+    eval_split: str = "valid"
+    deterministic: bool = False
