@@ -7,7 +7,7 @@ micro-batch read from disk, cropped, RC-augmented, masked and collated into int6
 where CUDA is available). Measured per worker (the batch builder a DataLoader worker runs, in this
 process) and end to end through a real DataLoader with 2 workers; also per worker with the NumPy
 masking fallback, and the CPU time of each stage (plan, window reads, crop + mask per backend).
-Baseline, same run, same windows: the reference pipeline (spec 3.2-3.5) re-implemented without its
+Baseline, same run, same windows: the reference pipeline (docs/reference-recipe.md §2, §3, §4) re-implemented without its
 framework overhead: pyfaidx random access into the FASTA per sample, per-character string reverse
 complement and tokenisation (a dict lookup per base, as the HF tokenizer does after its own
 overhead), EOS appended and dropped, N -> [PAD], `mlm_getitem` with torch.bernoulli masks, then
@@ -46,7 +46,7 @@ _COMPLEMENT = {"A": "T", "C": "G", "G": "C", "T": "A", "a": "t", "c": "g", "g": 
 
 
 class ReferenceDataset:
-    """HG38Dataset.__getitem__ + mlm_getitem of the reference, for windows of length L (spec 3.2-3.5)."""
+    """HG38Dataset.__getitem__ + mlm_getitem of the reference, for windows of length L (docs/reference-recipe.md §2, §3, §4)."""
 
     def __init__(self, fasta: Path, tiles: list[tuple[str, int]], length: int, rc_aug: bool, mlm_probability=0.15):
         import pyfaidx

@@ -46,7 +46,7 @@ REFERENCE_STYLE_MAX_LENGTH = 512  # quadratic backward: minutes already at 1k on
 
 
 def sequential_scan(u, delta, A, Bm, Cm, D, z, delta_bias, chunk_size=0):
-    """spec 1.4 one position at a time (grouped time-major layout), autograd through every step."""
+    """docs/reference-model.md §4 one position at a time (grouped time-major layout), autograd through every step."""
     dt = F.softplus(delta.float() + delta_bias[:, None, None, :].float())
     u, Bm, Cm = u.float(), Bm.float(), Cm.float()
     state = u.new_zeros(*u.shape[:2], *A.shape[1:])

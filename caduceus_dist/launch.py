@@ -4,6 +4,7 @@
         [--partition P --account A --time 24:00:00] [key=value ...]
     python -m caduceus_dist.launch --config recipes/cpu_demo.yaml --local --gpus-per-node 0 --tasks-per-node 2 --wait
     python -m caduceus_dist.launch torchrun [torchrun options] recipes/pretrain.py --config ...
+    eval "$(python -m caduceus_dist.launch rendezvous)"     # MASTER_ADDR / MASTER_PORT of a SLURM job
 
 Submitit runs one task per rank (tasks = nodes x GPUs per node); each task starts `recipes/pretrain.py`
 as a child with torch.distributed's environment derived from SLURM's. Preemption and the pre-timeout
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -63,6 +65,18 @@ def job_port(job_id: str) -> int:
         return int(os.environ["MASTER_PORT"])
     number = int(job_id) if job_id.isdigit() else zlib.crc32(job_id.encode())
     return 20000 + number % 20000
+
+
+def rendezvous_lines() -> str:
+    """`MASTER_ADDR=... MASTER_PORT=...` for the batch script of a SLURM job (the first node of the
+    allocation), so slurm/pretrain.sh and the Submitit launcher derive them the same way."""
+    try:
+        nodes = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+                               capture_output=True, text=True, check=True).stdout.split()
+    except (KeyError, OSError, subprocess.CalledProcessError) as err:
+        raise SystemExit(f"rendezvous: needs a SLURM job (SLURM_JOB_NODELIST, SLURM_JOB_ID) and scontrol: {err}") from None
+    return (f"MASTER_ADDR={shlex.quote(node_address(nodes[0]))} "
+            f"MASTER_PORT={job_port(os.environ['SLURM_JOB_ID'])}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -279,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["torchrun"]:
         return torchrun(argv[1:])
+    if argv[:1] == ["rendezvous"]:
+        print(rendezvous_lines())
+        return 0
     job, args = submit(argv)
     if not args.wait:
         return 0

@@ -66,12 +66,11 @@ else
   export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 fi
 
-# Rendezvous on the first node of the allocation, at the address SLURM itself uses to reach it
-# (NodeAddr), so node names that DNS does not know still work.
-FIRST_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-MASTER_ADDR=$(scontrol show node "$FIRST_NODE" -o 2>/dev/null | tr ' ' '\n' | sed -n 's/^NodeAddr=//p')
-MASTER_ADDR=${MASTER_ADDR:-$FIRST_NODE}
-MASTER_PORT=${MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}
+# Rendezvous on the first node of the allocation (an address that works even where DNS does not know
+# the node names; a port derived from the job id, so a requeued job finds the same one); the same rule
+# as the Submitit launcher's (caduceus_dist/launch.py).
+RENDEZVOUS=$("$PYTHON" -m caduceus_dist.launch rendezvous) || die "cannot derive the rendezvous address with $PYTHON (is caduceus-dist installed there? set CADUCEUS_PYTHON)"
+eval "$RENDEZVOUS"
 export MASTER_ADDR MASTER_PORT
 
 RESTARTS=${SLURM_RESTART_COUNT:-0}

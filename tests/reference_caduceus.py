@@ -1,6 +1,6 @@
-"""Test-only independent re-derivation of the Caduceus forward pass from the spec formulas.
+"""Test-only independent re-derivation of the Caduceus forward pass from the written formulas.
 
-Written directly from ../shared/spec/caduceus-reference.md sections 1.2-1.6 and 1.9 with none of the
+Written directly from docs/reference-model.md §2-§6 and §9 with none of the
 package's code: it works on a plain dict of tensors under the Hugging Face names, keeps the
 reference's channel-first Mamba layout, uses nn.functional.conv1d for the causal conv and a
 sequential per-position loop for the selective scan (selective_scan_ref semantics), and reads and
@@ -24,7 +24,7 @@ HUB_COMPLEMENT = {0: 0, 1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 6, 7: 10, 8: 9, 9: 8, 1
 
 
 def hub_config(d_model: int, n_layer: int, rcps: bool, fused_add_norm: bool = True) -> dict:
-    """A config.json like the hub's (spec 1.1 right column)."""
+    """A config.json like the hub's (docs/reference-model.md §1 right column)."""
     return {
         "_name_or_path": "reference", "architectures": ["CaduceusForMaskedLM"], "model_type": "caduceus",
         "d_model": d_model, "n_layer": n_layer, "vocab_size": VOCAB,
@@ -104,7 +104,7 @@ def _rms(x, w, eps=1e-5):
 
 
 def _selective_scan_sequential(u, delta, A, B, C, D, z, delta_bias):
-    """spec 1.4 literally: channel-first u (b, e, l), B/C (b, n, l), one position at a time."""
+    """docs/reference-model.md §4 literally: channel-first u (b, e, l), B/C (b, n, l), one position at a time."""
     delta = F.softplus(delta + delta_bias[:, None])
     state = torch.zeros(u.shape[0], u.shape[1], A.shape[1])
     ys = []
@@ -117,7 +117,7 @@ def _selective_scan_sequential(u, delta, A, B, C, D, z, delta_bias):
 
 
 def _mamba(sd, prefix, fwd_prefix, h):
-    """Mamba v1 on h (b, l, d) in the reference's channel-first layout (spec 1.3)."""
+    """Mamba v1 on h (b, l, d) in the reference's channel-first layout (docs/reference-model.md §3)."""
     def get(name):  # tied in/out_proj of mamba_rev live under mamba_fwd's names
         return sd[prefix + name] if prefix + name in sd else sd[fwd_prefix + name]
 

@@ -1,4 +1,4 @@
-"""MLM corruption (spec 3.3-3.5) and RC augmentation: statistics, semantics, independence of rank/worker."""
+"""MLM corruption (docs/reference-recipe.md §3, §4) and RC augmentation: statistics, semantics, independence of rank/worker."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def test_selection_and_80_10_10_frequencies():
     assert within(int((sel_in == sel_orig).sum()), k, 0.1 + 0.1 / VOCAB_SIZE)
     other = (sel_in != MASK_ID) & (sel_in != sel_orig)
     assert within(int(other.sum()), k, 0.1 * (VOCAB_SIZE - 2) / VOCAB_SIZE)
-    # random ids are uniform over all 12 ids, specials included (spec 3.5: no eligible_replacements)
+    # random ids are uniform over all 12 ids, specials included (docs/reference-recipe.md §4: no eligible_replacements)
     counts = np.bincount(sel_in[other], minlength=VOCAB_SIZE)
     for token in range(VOCAB_SIZE):
         if token == MASK_ID:

@@ -60,7 +60,7 @@ def test_ph_is_not_rc_equivariant():
 
 
 def test_fused_and_nonfused_ps_differ_with_the_same_weights():
-    """The fused RCPS path swaps channel halves at every block (spec 1.6); the non-fused one does not."""
+    """The fused RCPS path swaps channel halves at every block (docs/reference-model.md §6); the non-fused one does not."""
     fused, nonfused = build(rcps=True, fused_add_norm=True), build(rcps=True, fused_add_norm=False)
     state = {k.replace("norm.submodule.", "norm."): v for k, v in nonfused.state_dict().items()}
     state = {k.replace("norm_f.submodule.", "norm_f."): v for k, v in state.items()}
@@ -92,7 +92,7 @@ def test_unidirectional_model_is_causal():
 
 
 def expected_state_dict_shapes(d_model: int, n_layer: int, rcps: bool, fused: bool) -> dict[str, tuple]:
-    """spec 1.2, written out independently of the model code."""
+    """docs/reference-model.md §2, written out independently of the model code."""
     E, R = 2 * d_model, math.ceil(d_model / 16)
     dims = {"E": E, "2E": 2 * E, "D": d_model, "R": R, "R+32": R + 32}
     out = {}
@@ -142,7 +142,7 @@ def test_nonfused_ps_uses_wrapper_norm_names():
 
 
 def test_initialisation_statistics_match_the_reference():
-    """spec 1.3 / 1.7 for d_model 256, 16 layers."""
+    """docs/reference-model.md §3, §7 for d_model 256, 16 layers."""
     torch.manual_seed(0)
     model = CaduceusForMaskedLM(CaduceusConfig(d_model=256, n_layer=16, vocab_size=12, rcps=True))
     out_bound = 1 / math.sqrt(512) / math.sqrt(16)

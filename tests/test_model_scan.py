@@ -1,5 +1,5 @@
 """The selective scan and causal conv of the "torch" and "native" (C) backends against straightforward
-implementations of spec 1.3/1.4, and the backend registry."""
+implementations of docs/reference-model.md §3, §4, and the backend registry."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ INPUT_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
 def sequential_scan(u, delta, A, B, C, D, z, delta_bias):
-    """spec 1.4 one position at a time, on the grouped time-major layout of the package."""
+    """docs/reference-model.md §4 one position at a time, on the grouped time-major layout of the package."""
     dt = F.softplus(delta + delta_bias[:, None, None, :])
     state = u.new_zeros(*u.shape[:2], *A.shape[1:])  # (G, B, E, N)
     ys = []

@@ -135,7 +135,7 @@ def test_failures_are_clear_and_keep_the_partial_bytes(serve, tmp_path):
 
 
 def test_cli_download_hg38_from_a_mirror_then_shard(serve, tmp_path, capsys):
-    """The hg38 file names of spec 3.1, served locally (with the sample's content), then sharded."""
+    """The hg38 file names of docs/reference-recipe.md §1, served locally (with the sample's content), then sharded."""
     bed = "".join(f"chr22:16600000-16800000\t{s}\t{s + 32768}\t{sp}\n"
                   for s, sp in [(0, "train"), (32768, "train"), (65536, "valid"), (98304, "test")])
     server = serve({"hg38.ml.fa.gz": (SAMPLE / "hg38_sample.fa.gz").read_bytes(), "sequences_human.bed": bed.encode()},

@@ -22,7 +22,7 @@ from caduceus_dist.prep.tiling import (
 )
 
 SAMPLE = Path(__file__).resolve().parents[1] / "caduceus_dist" / "sample"
-# Independent of the tokenizer's table: the reference vocabulary (spec 1.8), IUPAC -> N.
+# Independent of the tokenizer's table: the reference vocabulary (docs/reference-model.md §8), IUPAC -> N.
 EXPECTED_ID = {**{b: i for b, i in zip("ACGTN", range(7, 12), strict=True)}, **dict.fromkeys("RYSWKMBDHVU", 11)}
 
 
@@ -65,7 +65,7 @@ def _records(text: str) -> dict[str, list[str]]:
 
 
 def write_bgzf(path: Path, data: bytes, block: int = 65280) -> None:
-    """Minimal BGZF writer (SAM spec 4.1): gzip members with a BC extra field, plus the EOF block."""
+    """Minimal BGZF writer (the BGZF block layout of the SAM/BAM format): gzip members with a BC extra field, plus the EOF block."""
     with open(path, "wb") as fh:
         for i in range(0, len(data), block):
             chunk = data[i:i + block]
@@ -249,7 +249,7 @@ def reference_spec_windows(rows: list[tuple[int, int]], contig_length: int, max_
 
 
 @pytest.mark.parametrize("window", [1 << 17, 1 << 15, 1 << 20])
-def test_reference_tiling_matches_spec(window):
+def test_reference_tiling_matches_the_reference_recipe(window):
     length = 5_000_000
     rows = [(0, 131072), (1_000_000, 1_131_072), (4_500_000, 4_631_072), (length - 1000, length)]
     got = [w for start, end in rows for w in reference_windows(Interval("c", start, end, "train", 0), length, window)]

@@ -50,7 +50,7 @@ def plain_fasta(src: Path, dest: Path) -> Path:
 
 
 def _expected_table() -> np.ndarray:
-    table = np.full(256, 255, dtype=np.uint8)  # 255: a letter the spec vocabulary has no id for
+    table = np.full(256, 255, dtype=np.uint8)  # 255: a letter the reference vocabulary has no id for
     for letter, token in EXPECTED_ID.items():
         table[ord(letter)] = table[ord(letter.lower())] = token
     return table

@@ -17,15 +17,12 @@ boundary where every node reports its copy finished (agreed in the same all-redu
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 import os
 import shutil
 import signal
 import socket
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,9 +47,10 @@ from caduceus_dist.checkpoint.manifest import (
     step_of,
 )
 from caduceus_dist.checkpoint.preemption import PreemptionFlag
+from caduceus_dist.checkpoint.staging import COPYING, DONE, FAILED, PendingSave, staging_dir
 from caduceus_dist.distributed import all_reduce, barrier, broadcast_object, gather_object
 from caduceus_dist.errors import EXIT_PREEMPTED
-from caduceus_dist.fsio import atomic_write, copy_hashed, file_digest, fsync_path
+from caduceus_dist.fsio import atomic_write, file_digest, fsync_path
 
 log = logging.getLogger("caduceus_dist.checkpoint")
 
@@ -64,26 +62,9 @@ except ImportError:  # pragma: no cover - very old torch
     CheckpointException = RuntimeError
 WRITE_ERRORS = (OSError, RuntimeError, CheckpointException)
 
-# all-reduce(MAX) codes of a background copy: wait while any node is still copying
-_DONE, _FAILED, _COPYING = 0, 1, 2
-
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written and `checkpoint.on_write_error=stop`."""
-
-
-@dataclasses.dataclass
-class _PendingSave:
-    """An asynchronous save between its blocking part and its finalisation."""
-
-    step: int
-    tmp: Path
-    staging: Path
-    started: float
-    blocking_s: float
-    thread: threading.Thread | None = None  # only on the rank that copies for its node
-    files: dict[str, dict] | None = None
-    error: str | None = None
 
 
 class CheckpointManager:
@@ -106,7 +87,7 @@ class CheckpointManager:
         self.config_yaml = OmegaConf.to_yaml(OmegaConf.create(self.resolved_config))
         self._device = getattr(engine, "device", torch.device("cpu"))
         self._last_step: int | None = None  # step of the newest checkpoint on disk (written or resumed)
-        self._pending: _PendingSave | None = None
+        self._pending: PendingSave | None = None
         self._stats: dict[str, float] = {}
         self._preempting = False
         if self.rank == 0:
@@ -125,15 +106,10 @@ class CheckpointManager:
     # ------------------------------------------------------------------ training-loop API
     def after_step(self, step: int, client_state_fn: Callable[[], dict]) -> bool:
         """Called by every rank after optimizer step `step`; True means "saved, now exit EXIT_PREEMPTED"."""
-        local_copy = _DONE
-        if self._pending is not None:
-            pending = self._pending
-            local_copy = _COPYING if pending.thread is not None and pending.thread.is_alive() else (
-                _FAILED if pending.error else _DONE
-            )
+        local_copy = DONE if self._pending is None else self._pending.state()
         preempt_flag, copy_state = self._all_reduce_max([int(self.preemption.requested), local_copy])
-        if self._pending is not None and copy_state != _COPYING:
-            self._finalize_pending(failed=copy_state == _FAILED)
+        if self._pending is not None and copy_state != COPYING:
+            self._finalize_pending(failed=copy_state == FAILED)
         preempted = preempt_flag > 0
         if preempted and self.preemption.requested:
             log.warning(
@@ -165,10 +141,9 @@ class CheckpointManager:
         """Collective: block until an asynchronous save in flight (if any) is sealed or has failed."""
         if self._pending is None:
             return
-        if self._pending.thread is not None:
-            self._pending.thread.join()
-        (copy_state,) = self._all_reduce_max([_FAILED if self._pending.error else _DONE])
-        self._finalize_pending(failed=copy_state == _FAILED)
+        self._pending.join()
+        (copy_state,) = self._all_reduce_max([self._pending.state()])
+        self._finalize_pending(failed=copy_state == FAILED)
 
     def close(self) -> None:
         """Collective: finish an asynchronous save and give the preemption signals back."""
@@ -326,8 +301,7 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ asynchronous saving
     def _staging_dir(self, step: int) -> Path:
-        run_id = hashlib.sha1(str(self.run_dir.resolve()).encode()).hexdigest()[:12]
-        return Path(self.cfg.async_staging_dir) / f"caduceus_dist-{run_id}" / step_dir_name(step)
+        return staging_dir(self.cfg.async_staging_dir, self.run_dir, step)
 
     def _save_async(self, step: int, state: dict) -> bool:
         started = time.perf_counter()
@@ -347,29 +321,12 @@ class CheckpointManager:
             if self._copies_for_node:
                 shutil.rmtree(staging, ignore_errors=True)
             return False
-        pending = _PendingSave(step, tmp, staging, started, blocking_s=time.perf_counter() - started)
+        pending = PendingSave(step, tmp, staging, started, blocking_s=time.perf_counter() - started)
         if self._copies_for_node:
-            pending.thread = threading.Thread(target=self._copy, args=(pending,), name="checkpoint-copy", daemon=True)
-            pending.thread.start()
+            pending.start_copy(self.rank)
         self._pending = pending
         self._stats = {"checkpoint/step": float(step), "checkpoint/blocking_s": pending.blocking_s}
         return True
-
-    def _copy(self, pending: _PendingSave) -> None:
-        """Background thread: staging -> step_N.tmp, hashing while copying, fsync, then free the staging memory."""
-        try:
-            files = {}
-            for name in relative_files(pending.staging):
-                source, target = pending.staging / name, pending.tmp / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                files[name] = copy_hashed(source, target).as_dict()
-            pending.files = files
-        except OSError as exc:
-            pending.error = (
-                f"rank {self.rank} on {socket.gethostname()} copying to {pending.tmp}: {type(exc).__name__}: {exc}"
-            )
-        finally:
-            shutil.rmtree(pending.staging, ignore_errors=True)
 
     def _finalize_pending(self, failed: bool) -> None:
         pending, self._pending = self._pending, None

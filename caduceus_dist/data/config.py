@@ -81,7 +81,7 @@ class DataConfig:
     seq_len: int = 1024  # the fixed length, or the final stage of a generated curriculum
     tokens_per_step: int = 1 << 20  # global tokens per optimizer step (reference: 2^20)
     seed: int | None = None  # None: use train.seed
-    mlm_probability: float = 0.15  # spec 3.5
+    mlm_probability: float = 0.15  # docs/reference-recipe.md §4
     mask_fraction: float = 0.8  # of the selected positions -> [MASK]
     random_fraction: float = 0.1  # of the selected positions -> uniform id in [0, 12); the rest stay
     rc_probability: float = 0.0  # reverse-complement augmentation (0.5 for Caduceus-Ph, 0 for PS)

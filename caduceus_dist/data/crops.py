@@ -1,4 +1,4 @@
-"""From stored windows to the (B, L) crops of a batch: reverse complement and N -> [PAD] (spec 3.2-3.3).
+"""From stored windows to the (B, L) crops of a batch: reverse complement and N -> [PAD] (docs/reference-recipe.md §2, §3).
 
 Each worker process keeps an arena of recently read windows, as stored (token ids). A crop is a
 run of the arena: the native masking kernel reads it in place (forwards, or backwards through the

@@ -41,7 +41,7 @@ from caduceus_dist.data.masking import MaskingPolicy, masked_crops
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-DEFAULT_SEED = 2222  # the reference's seed (spec 4.1)
+DEFAULT_SEED = 2222  # the reference's seed (docs/reference-recipe.md §5)
 
 
 @dataclass(frozen=True)

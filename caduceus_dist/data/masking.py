@@ -1,4 +1,4 @@
-"""Reference MLM corruption (spec 3.3 to 3.5), vectorised over whole batches.
+"""Reference MLM corruption (docs/reference-recipe.md §3, §4), vectorised over whole batches.
 
 Per position, independently: N becomes [PAD] first; then with probability `mlm_probability` the
 position is selected (no token type is excluded, so [PAD] positions can be selected, and keep

@@ -1,8 +1,8 @@
 """Caduceus backbone and CaduceusForMaskedLM (Ph: rcps=False, PS: rcps=True).
 
-Module names reproduce the Hugging Face state dict of the published checkpoints (spec 1.2), so
-`model.caduceus.backbone.layers` is also the per-layer unit for FSDP wrapping and activation
-checkpointing. Nothing here knows about parallelism.
+Module names reproduce the Hugging Face state dict of the published checkpoints
+(docs/reference-model.md §2). Nothing here knows about parallelism: `blocks()` hands engines the
+repeated units to wrap, compile and checkpoint.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from caduceus_dist.model.rcps import (
 
 
 class CaduceusBlock(nn.Module):
-    """residual += hidden; hidden = mixer(norm(residual)). PS+fused swaps the channel halves (spec 1.6)."""
+    """residual += hidden; hidden = mixer(norm(residual)). PS+fused swaps the channel halves (docs/reference-model.md §6)."""
 
     def __init__(self, config: CaduceusConfig) -> None:
         super().__init__()
@@ -121,7 +121,7 @@ class CaduceusForMaskedLM(nn.Module):
         head.weight = embedding.weight
 
     def _init_weights(self, module: nn.Module) -> None:
-        """spec 1.7: zero Linear biases (except dt_proj), N(0, 0.02) embeddings, out_proj / sqrt(n_layer)."""
+        """docs/reference-model.md §7: zero Linear biases (except dt_proj), N(0, 0.02) embeddings, out_proj / sqrt(n_layer)."""
         init = self.config.initializer
         if isinstance(module, nn.Linear) and module.bias is not None and not getattr(module.bias, "_no_reinit", False):
             nn.init.zeros_(module.bias)

@@ -1,4 +1,4 @@
-"""CaduceusConfig: the reference field names and defaults (spec 1.1) plus our runtime switches.
+"""CaduceusConfig: the reference field names and defaults (docs/reference-model.md §1) plus our runtime switches.
 
 It is a plain dataclass so that `OmegaConf.structured(CaduceusConfig)` types and validates recipe
 overrides. `to_hf_dict` / `from_hf_dict` read and write the `config.json` of the published
@@ -16,7 +16,7 @@ from caduceus_dist.model.tokenizer import COMPLEMENT_MAP
 
 MODEL_TYPE = "caduceus"
 
-# Mamba(d_model, **ssm_cfg) keyword defaults of mamba_ssm v1.2.0.post1 (spec 1.1, 1.3).
+# Mamba(d_model, **ssm_cfg) keyword defaults of mamba_ssm v1.2.0.post1 (docs/reference-model.md §1, §3).
 SSM_DEFAULTS: dict[str, Any] = {
     "d_state": 16,
     "d_conv": 4,
@@ -68,7 +68,7 @@ class CaduceusConfig:
     bidirectional_strategy: str = "add"
     bidirectional_weight_tie: bool = True
     rcps: bool = False
-    complement_map: dict[int, int] | None = None  # None: the tokenizer's map (spec 1.8)
+    complement_map: dict[int, int] | None = None  # None: the tokenizer's map (docs/reference-model.md §8)
     # Runtime switches (ours; not written to config.json).
     backend: str = "auto"  # auto | torch | native | cuda (kernels.KERNEL_BACKENDS; CADUCEUS_NATIVE=0 disables native)
     gradient_checkpointing: bool = False  # per-layer activation checkpointing
@@ -113,7 +113,7 @@ class CaduceusConfig:
         return math.ceil(self.d_model / 16) if rank == "auto" else int(rank)
 
     def padded_complement_map(self) -> list[int]:
-        """Complement of every padded vocab id; ids without an entry map to themselves (spec 1.1)."""
+        """Complement of every padded vocab id; ids without an entry map to themselves (docs/reference-model.md §1)."""
         base = COMPLEMENT_MAP if self.complement_map is None else {int(k): int(v) for k, v in self.complement_map.items()}
         return [base.get(i, i) for i in range(self.padded_vocab_size)]
 

@@ -1,7 +1,7 @@
 """Read and write the Hugging Face layout of the published Caduceus checkpoints.
 
 A directory holds `config.json` (CaduceusConfig.to_hf_dict) and `model.safetensors` with the names of
-spec 1.2; tensors that share storage (lm_head = embedding, mamba_rev in/out_proj = mamba_fwd's) are
+docs/reference-model.md §2; tensors that share storage (lm_head = embedding, mamba_rev in/out_proj = mamba_fwd's) are
 stored once under their first name, with metadata {"format": "pt"}, as transformers writes them.
 Loading also accepts Lightning training checkpoints (`.ckpt`, names prefixed "model.") and re-ties by
 construction. Any mismatch between the weights and the model built from config.json fails with the
@@ -11,7 +11,6 @@ list of missing, unexpected and mis-shaped keys instead of loading half a model.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from caduceus_dist.fsio import atomic_path, atomic_write
 from caduceus_dist.model.config import CaduceusConfig
 
 CONFIG_NAME = "config.json"
@@ -53,15 +53,12 @@ def _unique_tensors(model: nn.Module) -> dict[str, Tensor]:
 
 
 def save_pretrained(model: nn.Module, config: CaduceusConfig, directory: str | Path) -> Path:
-    """Write config.json and model.safetensors (each via a temporary file and rename)."""
+    """Write config.json and model.safetensors (each atomically: a reader never sees a torn file)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    weights_tmp = directory / (WEIGHTS_NAME + ".tmp")
-    save_file(_unique_tensors(model), str(weights_tmp), metadata={"format": "pt"})
-    os.replace(weights_tmp, directory / WEIGHTS_NAME)
-    config_tmp = directory / (CONFIG_NAME + ".tmp")
-    config_tmp.write_text(json.dumps(config.to_hf_dict(), indent=2, sort_keys=True) + "\n")
-    os.replace(config_tmp, directory / CONFIG_NAME)
+    with atomic_path(directory / WEIGHTS_NAME) as weights_tmp:
+        save_file(_unique_tensors(model), str(weights_tmp), metadata={"format": "pt"})
+    atomic_write(directory / CONFIG_NAME, json.dumps(config.to_hf_dict(), indent=2, sort_keys=True) + "\n")
     return directory
 
 

@@ -1,4 +1,4 @@
-"""Mamba v1 mixer (spec 1.3) and the BiMamba wrapper (spec 1.5).
+"""Mamba v1 mixer (docs/reference-model.md §3) and the BiMamba wrapper (docs/reference-model.md §5).
 
 Parameters, names and initialisation follow mamba_ssm v1.2.0.post1 so that the published state
 dicts load unchanged. The sequence ops go through a kernel backend (kernels.py). BiMamba runs its
@@ -54,7 +54,7 @@ class Mamba(nn.Module):
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         E, R, N = self.d_inner, self.dt_rank, d_state
 
-        # S4D-real A = -(1..N) per channel, D = 1; neither is decayed (spec 1.3, 4.1).
+        # S4D-real A = -(1..N) per channel, D = 1; neither is decayed (docs/reference-model.md §3; docs/reference-recipe.md §5).
         self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(E, 1))
         self.A_log._no_weight_decay = True
         self.D = nn.Parameter(torch.ones(E))

@@ -1,4 +1,4 @@
-"""Reference weight-decay groups (spec 4.1), kept with the model so no optimizer can get them wrong."""
+"""Reference weight-decay groups (docs/reference-recipe.md §5), kept with the model so no optimizer can get them wrong."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Norms, residual adds and the reverse-complement-equivariant (RCPS) modules of Caduceus-PS (spec 1.6).
+"""Norms, residual adds and the reverse-complement-equivariant (RCPS) modules of Caduceus-PS (docs/reference-model.md §6).
 
 RCPS hidden states are 2D wide: h = [h1 | h2]. flipLC (flip over length and channels) maps the
 second half into the frame of the first, so one set of weights serves both halves and

@@ -1,4 +1,4 @@
-"""Pure-PyTorch selective scan (spec 1.4) for CPUs and any device without the CUDA kernels.
+"""Pure-PyTorch selective scan (docs/reference-model.md §4) for CPUs and any device without the CUDA kernels.
 
 The recurrence x_t = a_t * x_{t-1} + b_t with a = exp(delta*A), b = delta*B*u runs over chunks of
 `chunk_size` positions; only the (batch, chunk, E, N) state tensors of one chunk exist at a time, and

@@ -1,4 +1,4 @@
-"""Character tokenizer with the reference Caduceus vocabulary (spec 1.8).
+"""Character tokenizer with the reference Caduceus vocabulary (docs/reference-model.md §8).
 
 Encoding goes through a 256-entry lookup table so that a 249 Mbp chromosome is tokenized by one
 numpy gather, never by a per-character Python loop.

@@ -1,5 +1,5 @@
 /* The two sequence ops of a Mamba mixer on the CPU, forward and backward, for caduceus_dist/model/native_ops.py:
- * the selective scan (spec 1.4) and, at the end of this file, the causal depthwise conv + SiLU that feeds
+ * the selective scan (docs/reference-model.md §4) and, at the end of this file, the causal depthwise conv + SiLU that feeds
  * it (one file because both use exp_approx and caduceus_dist.native keys its cache on one source).
  *
  *   h_t = exp(dt_t * A) * h_{t-1} + dt_t * u_t * B_t        (state (N, E) per sequence, h_{-1} = 0)

@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     win = parser.add_argument_group("windows and shards")
     win.add_argument("--window", type=int, help="bases per stored window (default 131072; 8192 for the sample)")
     win.add_argument("--tiling", choices=["reference", "tile"],
-                     help="reference: spec 3.2 (rows extended to 2^20, clamped); tile: non-overlapping "
+                     help="reference: docs/reference-recipe.md §2 (rows extended to 2^20, clamped); tile: non-overlapping "
                      "(default: reference with --bed, tile without; tile for the sample)")
     win.add_argument("--samples-per-shard", type=int, help="windows per shard (default: 2^27 bases / window)")
     win.add_argument("--zstd-level", type=int, default=3, help="zstd level of the token frames (default: 3)")
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     other = parser.add_argument_group("other modes")
     other.add_argument("--verify", metavar="DIR", help="reread every shard of DIR and check it against its manifest")
-    other.add_argument("--download", choices=sorted(DOWNLOADS), help="fetch the reference inputs (spec 3.1)")
+    other.add_argument("--download", choices=sorted(DOWNLOADS), help="fetch the reference inputs (docs/reference-recipe.md §1)")
     other.add_argument("--data-dir", default="data", help="--download: where to put the files, under NAME/ (default: data)")
     other.add_argument("--mirror", help="--download: base URL holding the same file names")
     return parser

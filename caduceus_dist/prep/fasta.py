@@ -103,7 +103,7 @@ class _CountingReader:
 
 
 def _bgzf_block_size(buf: bytes, pos: int) -> int:
-    """Total size of the BGZF block starting at `pos` (from its 'BC' extra subfield; SAM spec 4.1)."""
+    """Total size of the BGZF block starting at `pos`, from its 'BC' extra subfield (BGZF, as the SAM/BAM format defines it)."""
     if buf[pos:pos + 4] != BGZF_MAGIC:
         raise zlib.error(f"not a BGZF block at compressed byte offset {pos}")
     xlen = int.from_bytes(buf[pos + 10:pos + 12], "little")

@@ -9,7 +9,7 @@ Why it is shaped this way:
 - Scaling with threads. Everything per window that holds the GIL is either vectorised (N counts) or in
   the workers' one-task-per-run packing; zstd compresses a whole run in one GIL-free call, so the main
   thread and the workers seldom wait for each other (see benchmarks/bench_shard.py for the accounting).
-- Crash safety (`shard_output.py`). Finished shards are journaled with their sha256; a rerun with the
+- Crash safety (`output.py`). Finished shards are journaled with their sha256; a rerun with the
   same arguments keeps those that still match, skips their windows and writes the rest; the manifest is
   written last, atomically.
 """

@@ -1,6 +1,6 @@
 """Tiling modes: how a labelled interval becomes windows of exactly `window` bases.
 
-- `reference`: the Caduceus/HyenaDNA pretraining sampler (spec 3.2). Each BED row's end is replaced by
+- `reference`: the Caduceus/HyenaDNA pretraining sampler (docs/reference-recipe.md §2). Each BED row's end is replaced by
   start + 2^20 and that span is cut into 2^20 / window consecutive windows; a window past the contig end
   is moved left to end there (and right to start at 0). Consecutive rows overlap, as in the reference.
 - `tile`: plain non-overlapping tiles from the interval start; the interval is first clipped to the

@@ -1,0 +1,70 @@
+"""Files written by an earlier release keep working: shards and checkpoints made by caduceus-dist 0.1.0.
+
+`tests/compat/v0.1.0/` holds what the last commit before the prep/ + data/ split (ffb3e3a) wrote:
+the embedded sample sharded with `data_prep/shard_genome.py`, and the step-3 checkpoint of a 6-step run
+of a tiny Caduceus-PS with the DDP and the FSDP2 engine, with that run's per-step losses as TensorBoard
+recorded them. The command that made them is in tests/compat/README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_resume_exact import tensorboard_losses
+
+from caduceus_dist.data.dataset import ShardSplit
+from caduceus_dist.prep.sharding import sample_config, shard_genome
+
+REPO = Path(__file__).resolve().parents[1]
+COMPAT = REPO / "tests" / "compat" / "v0.1.0"
+RUN_OVERRIDES = [
+    "data.seq_len=64", "data.tokens_per_step=256", "data.num_workers=0", "data.verify=size",
+    "data.curriculum.start_seq_len=32", "data.curriculum.stage_steps=4", "model.d_model=16", "model.n_layer=2",
+    "train.max_steps=6", "train.eval_batches=0", "logging.log_every=1", "logging.peak_flops_per_device=1e9",
+    "checkpoint.every=3", "checkpoint.keep=0",
+]
+
+
+def test_shards_of_0_1_0_load_and_equal_what_the_sharder_writes_today(tmp_path):
+    old = load_manifest_splits(COMPAT / "shards")
+    shard_genome(sample_config(out=str(tmp_path / "today"), quiet=True))
+    assert load_manifest_splits(tmp_path / "today") == old  # every shard and index byte-identical (sha256)
+    for split in old["splits"]:
+        before = ShardSplit(COMPAT / "shards", split, verify="sha256")
+        now = ShardSplit(tmp_path / "today", split, verify="sha256")
+        assert len(before.sample_ids) == old["splits"][split]["windows"] > 0
+        for sample_id in before.sample_ids:
+            np.testing.assert_array_equal(before.read_window(int(sample_id)), now.read_window(int(sample_id)))
+
+
+def load_manifest_splits(root: Path) -> dict:
+    manifest = json.loads((root / "manifest.json").read_text())
+    return {"window": manifest["window"], "splits": manifest["splits"]}
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_checkpoints_of_0_1_0_resume_and_continue_the_same_losses(tmp_path, engine):
+    run_dir, shards = tmp_path / "run", tmp_path / "shards"
+    shutil.copytree(COMPAT / f"run_{engine}", run_dir)
+    shutil.copytree(COMPAT / "shards", shards)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("RANK", None)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "recipes" / "pretrain.py"), "--config", str(REPO / "recipes" / "cpu_demo.yaml"),
+         f"run_dir={run_dir}", f"data.shards={shards}", f"engine.name={engine}", *RUN_OVERRIDES],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resumed at step 3" in result.stdout
+    (resumed,) = tensorboard_losses(run_dir)
+    recorded = {int(step): loss for step, loss in json.loads((COMPAT / "losses.json").read_text())[engine].items()}
+    assert sorted(resumed) == [4, 5, 6]
+    for step, loss in resumed.items():  # same machine: bitwise; another CPU may round the C kernels differently
+        assert loss == pytest.approx(recorded[step], rel=1e-5), step
