@@ -48,15 +48,34 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
+def _first_line(err: OmegaConfBaseException) -> str:
+    """OmegaConf's own sentence, without its full_key / reference_type / object_type lines."""
+    return str(err.msg or err).split("\n")[0].strip()
+
+
 def _merge(base, layer, source: str):
     try:
         return OmegaConf.merge(base, layer)
     except ConfigKeyError as err:
-        raise ConfigError(f"{source}: unknown key '{err.full_key}' ({err.msg})") from None
+        raise ConfigError(f"{source}: unknown key '{err.full_key}' ({_first_line(err)})") from None
     except ValidationError as err:
-        raise ConfigError(f"{source}: wrong type or value for '{err.full_key}': {err.msg}") from None
+        if not err.full_key:  # a whole section given a plain value, e.g. engine=3
+            raise ConfigError(f"{source}: this is a section, not a value; set its keys (e.g. engine.name=fsdp2), "
+                              "or reset it to its defaults with SECTION={}") from None
+        raise ConfigError(f"{source}: wrong type or value for '{err.full_key}': {_first_line(err)}") from None
     except OmegaConfBaseException as err:
-        raise ConfigError(f"{source}: {err}") from None
+        raise ConfigError(f"{source}: {_first_line(err)}") from None
+
+
+def _reset_section(merged, key: str, source: str):
+    """`SECTION={}` on the command line: the section's defaults, not a merge that changes nothing
+    (e.g. 'data.curriculum={}' turns a recipe's curriculum off)."""
+    node = OmegaConf.select(merged, key, default=None)
+    section_type = OmegaConf.get_type(node) if OmegaConf.is_config(node) else None
+    if section_type is None or section_type is dict:
+        raise ConfigError(f"{source}: '{key}' is not a config section (SECTION={{}} resets a section to its defaults)")
+    OmegaConf.update(merged, key, OmegaConf.structured(section_type), merge=False)
+    return merged
 
 
 def load_job_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
@@ -73,6 +92,10 @@ def load_job_config(path: str | os.PathLike | None = None, overrides: list[str] 
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.max_steps=100)")
+        key, _, value = item.partition("=")
+        if value.strip() == "{}":
+            merged = _reset_section(merged, key.strip(), f"override '{item}'")
+            continue
         merged = _merge(merged, OmegaConf.from_dotlist([item]), f"override '{item}'")
     try:
         cfg = OmegaConf.to_object(merged)

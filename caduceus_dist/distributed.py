@@ -94,6 +94,22 @@ def barrier() -> None:
         dist.barrier()
 
 
+def ranks_on_this_host() -> int:
+    """Collective: how many ranks of the job run on this machine (any launcher, any host naming)."""
+    hosts = gather_object(socket.gethostname())
+    return hosts.count(socket.gethostname())
+
+
+def choose_cpu_threads(ranks_here: int) -> tuple[int, str]:
+    """Threads for this process's CPU work, and why: OMP_NUM_THREADS when the user set it, else the CPUs
+    this process may run on (its affinity mask, which SLURM and taskset narrow) shared by the ranks on
+    this host, so that ranks never oversubscribe the cores they were given."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"])), "OMP_NUM_THREADS"
+    cpus = len(os.sched_getaffinity(0))
+    return max(1, cpus // ranks_here), f"{cpus} CPU(s) available / {ranks_here} rank(s) on this host"
+
+
 def exit_process(code: int) -> None:
     """Leave without running interpreter finalisation: a gloo thread can abort a clean ZeRO-3 exit under
     Python 3.11 (docs/environment.md §2), which would turn success into a crash code. After success or a

@@ -27,6 +27,15 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def creation_mode() -> int:
+    """The mode `open()` gives a new file here: 0666 less the process umask (read without changing it)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    return 0o644
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; once the body has written it, fsync it and rename it over
@@ -35,6 +44,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
+        os.chmod(tmp, creation_mode())  # some writers (safetensors) create 0600: readable by the group, as usual
         fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:

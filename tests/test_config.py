@@ -154,6 +154,6 @@ def test_entry_point_rejects_indivisible_tokens_per_step(tmp_path):
 def test_entry_point_names_missing_shards_without_a_traceback(tmp_path):
     result = _pretrain("--config", str(REPO / "recipes" / "cpu_demo.yaml"), f"run_dir={tmp_path / 'run'}",
                        f"data.shards={tmp_path / 'nowhere'}", cwd=tmp_path)
-    assert result.returncode == 1
+    assert result.returncode == 2  # the one contract: what the run was given is wrong, fix it and rerun
     assert "data error:" in result.stderr and str(tmp_path / "nowhere") in result.stderr
     assert "Traceback" not in result.stderr

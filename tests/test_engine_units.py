@@ -193,6 +193,10 @@ def test_a_stale_deepspeed_build_lock_left_by_a_killed_process_does_not_hang_the
     lock = Path(subprocess.run([sys.executable, "-c", leave_lock], env=env, check=True, capture_output=True,
                                text=True).stdout.strip())
     load = "from caduceus_dist.engine.deepspeed_engine import load_cpu_comm_op; load_cpu_comm_op()"
-    subprocess.run([sys.executable, "-c", load], env=env, check=True, timeout=600)
+    first = subprocess.run([sys.executable, "-c", load], env=env, check=True, timeout=600, capture_output=True, text=True)
     assert not lock.exists()
     assert list(lock.parent.glob("deepspeed_shm_comm*.so"))
+    # the build is announced before its silent minutes, and only when it really happens
+    assert "DeepSpeed: compiling its CPU communication op once for this machine" in first.stderr
+    again = subprocess.run([sys.executable, "-c", load], env=env, check=True, timeout=600, capture_output=True, text=True)
+    assert "compiling" not in again.stderr

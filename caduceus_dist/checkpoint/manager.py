@@ -46,7 +46,7 @@ from caduceus_dist.checkpoint.manifest import (
     step_dir_name,
     step_of,
 )
-from caduceus_dist.checkpoint.preemption import PreemptionFlag
+from caduceus_dist.checkpoint.preemption import INTERRUPT, NONE, PreemptionFlag
 from caduceus_dist.checkpoint.staging import COPYING, DONE, FAILED, PendingSave, staging_dir
 from caduceus_dist.distributed import all_reduce, barrier, broadcast_object, gather_object
 from caduceus_dist.errors import EXIT_PREEMPTED
@@ -90,6 +90,7 @@ class CheckpointManager:
         self._pending: PendingSave | None = None
         self._stats: dict[str, float] = {}
         self._preempting = False
+        self.interrupted = False  # the agreed preemption was a Ctrl-C (exit EXIT_INTERRUPTED, do not requeue)
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
         self._copies_for_node = self._is_first_rank_of_node() if self.cfg.async_save else False
@@ -107,10 +108,11 @@ class CheckpointManager:
     def after_step(self, step: int, client_state_fn: Callable[[], dict]) -> bool:
         """Called by every rank after optimizer step `step`; True means "saved, now exit EXIT_PREEMPTED"."""
         local_copy = DONE if self._pending is None else self._pending.state()
-        preempt_flag, copy_state = self._all_reduce_max([int(self.preemption.requested), local_copy])
+        preempt_flag, copy_state = self._all_reduce_max([self.preemption.code, local_copy])
         if self._pending is not None and copy_state != COPYING:
             self._finalize_pending(failed=copy_state == FAILED)
-        preempted = preempt_flag > 0
+        preempted = preempt_flag > NONE
+        self.interrupted = preempt_flag == INTERRUPT
         if preempted and self.preemption.requested:
             log.warning(
                 "rank %d received %s; all ranks save at step %d and exit",

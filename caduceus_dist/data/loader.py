@@ -21,15 +21,13 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-import queue
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from caduceus_dist.data.config import DataConfig
 from caduceus_dist.data.crops import CropSource
@@ -37,6 +35,7 @@ from caduceus_dist.data.curriculum import DataPlanError, Schedule, StepPlan
 from caduceus_dist.data.cursor import TAG_MASK, TAG_STRAND, EpochOrder, derive_key, uniform_float
 from caduceus_dist.data.dataset import ShardSplit
 from caduceus_dist.data.masking import MaskingPolicy, masked_crops
+from caduceus_dist.data.transfer import converted, worker_loader
 
 log = logging.getLogger(__name__)
 
@@ -111,66 +110,6 @@ class _BatchBuilder:
                 "strand": rows.strand, "epoch": rows.epoch}
 
 
-def to_torch(batch: dict, pin: bool) -> dict:
-    """numpy batch -> torch: tokens widened to int64 (numpy's cast: ~5x torch's here), pinned if asked."""
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, np.ndarray):
-            value = torch.from_numpy(value.astype(np.int64, copy=value.dtype != np.int64))
-            if pin:
-                value = value.pin_memory()
-        out[key] = value
-    return out
-
-
-_END = object()
-
-
-def converted(batches, pin: bool, depth: int) -> Iterator[dict]:
-    """to_torch(batch) for each batch, done `depth` batches ahead in a background thread.
-
-    Receiving from the workers, widening to int64 and pinning happen off the training thread (as
-    DataLoader's own pin-memory thread would); numpy and pinning release the GIL. Errors raised
-    while loading (e.g. a corrupt shard) are re-raised here, in order.
-    """
-    ready: queue.Queue = queue.Queue(maxsize=max(1, depth))
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce():
-        try:
-            for batch in batches:
-                if not put(to_torch(batch, pin)):
-                    return
-        except BaseException as err:  # handed to the consumer, which re-raises it
-            put(err)
-        else:
-            put(_END)
-
-    thread = threading.Thread(target=produce, name="caduceus-data-convert", daemon=True)
-    thread.start()
-    try:
-        while (item := ready.get()) is not _END:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-
-
-def _keep(item):
-    """collate_fn of our loaders: items are already whole batches, kept as numpy for the pipe."""
-    return item
-
-
 def resolve_seed(cfg: DataConfig, train_seed: int | None = None) -> int:
     if cfg.seed is not None:
         return cfg.seed
@@ -183,10 +122,6 @@ def masking_policy(cfg: DataConfig) -> MaskingPolicy:
 
 def open_split(cfg: DataConfig, split: str) -> ShardSplit:
     return ShardSplit(cfg.shards, split, verify=cfg.verify, on_corrupt=cfg.on_corrupt)
-
-
-def _pin(cfg: DataConfig) -> bool:
-    return cfg.pin_memory and torch.cuda.is_available()
 
 
 @dataclass
@@ -270,18 +205,20 @@ class TrainStream:
     def iterate(self, start_step: int | None = None, stop_step: int | None = None) -> Iterator[StepBatch]:
         """StepBatches from `start_step` (default: where the state says) to `stop_step` (exclusive; None = forever)."""
         start = self._next_step if start_step is None else start_step
-        workers = self.cfg.num_workers
-        loader = DataLoader(_TrainItems(self), batch_size=None, sampler=_StepSampler(start, stop_step, self.grad_accum),
-                            num_workers=workers, collate_fn=_keep, generator=self._private_generator(),
-                            prefetch_factor=self.cfg.prefetch_factor if workers else None)
+        loader = worker_loader(_TrainItems(self), _StepSampler(start, stop_step, self.grad_accum), self.cfg,
+                               self.cfg.num_workers, self._private_generator())
         micro_batches: list[dict] = []
-        for batch in converted(loader, _pin(self.cfg), depth=2 * self.grad_accum):
-            micro_batches.append(batch)
-            if len(micro_batches) == self.grad_accum:
-                step = batch["step"]
-                self._next_step = step + 1
-                yield StepBatch(step, self.plan(step), micro_batches, self.state_dict())
-                micro_batches = []
+        batches = converted(loader, self.cfg, depth=2 * self.grad_accum)
+        try:
+            for batch in batches:
+                micro_batches.append(batch)
+                if len(micro_batches) == self.grad_accum:
+                    step = batch["step"]
+                    self._next_step = step + 1
+                    yield StepBatch(step, self.plan(step), micro_batches, self.state_dict())
+                    micro_batches = []
+        finally:  # closing this generator stops the workers now, not whenever it is collected
+            batches.close()
 
     def _private_generator(self) -> torch.Generator:
         """DataLoader draws its worker base seed from this, never from the global torch RNG (whose state
@@ -385,11 +322,9 @@ class EvalStream:
         return self.batches
 
     def __iter__(self) -> Iterator[dict]:
-        workers = min(self.cfg.num_workers, self.batches)
-        loader = DataLoader(_EvalItems(self._builder, self.rows), batch_size=None, sampler=range(self.batches),
-                            num_workers=workers, collate_fn=_keep, generator=torch.Generator().manual_seed(0),
-                            prefetch_factor=self.cfg.prefetch_factor if workers else None)
-        return converted(loader, _pin(self.cfg), depth=2)
+        loader = worker_loader(_EvalItems(self._builder, self.rows), range(self.batches), self.cfg,
+                               min(self.cfg.num_workers, self.batches), torch.Generator().manual_seed(0))
+        return converted(loader, self.cfg, depth=2)
 
 
 def build_eval_loader(cfg: DataConfig, split: str = "valid", rank: int = 0, world_size: int = 1,

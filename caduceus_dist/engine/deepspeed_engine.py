@@ -108,6 +108,9 @@ def load_cpu_comm_op() -> None:
     with open(build_dir.parent / f"{builder.NAME}.flock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         (build_dir / "lock").unlink(missing_ok=True)
+        if not (build_dir / f"{builder.NAME}.so").exists():
+            print(f"DeepSpeed: compiling its CPU communication op once for this machine (about 20 s on an idle "
+                  f"machine, minutes on a busy one; cached in {build_dir})", file=sys.stderr, flush=True)
         builder.load(verbose=False)
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 class LoggingConfig:
     """`log_every`: console line period in steps (TensorBoard gets every step).
     `peak_flops_per_device`: denominator of MFU; 0 = the datasheet value of a known GPU, or on a
-    CPU a short fp32 matmul measurement taken at start-up.
+    CPU the stated peak threads x clock x FLOP/cycle (metrics.writer.cpu_peak_flops), printed at start.
     """
 
     log_every: int = 10

@@ -6,9 +6,9 @@ every rank computed; nothing in this module talks to other processes.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,26 +22,44 @@ GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A6000": 155e1
                   "L40": 181e12, "V100": 125e12, "4090": 165e12, "3090": 71e12}
 
 
-def measure_cpu_flops(size: int = 512, repeats: int = 8) -> float:
-    """Achievable fp32 matmul FLOP/s of this process's CPU threads (the MFU denominator on a CPU)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * size**3 * repeats / (time.perf_counter() - start)
+def cpu_peak_flops(threads: int, cpuinfo: str | None = None) -> tuple[float, str]:
+    """A stated fp32 peak for `threads` CPU threads: threads x clock x FLOP per cycle.
+
+    32 FLOP per cycle for CPUs with AVX2 and FMA (two 8-wide FMA units), 8 otherwise; the clock is the
+    highest the kernel reports. A stated figure, not a probe: a probe taken while other jobs run reads
+    low and inflates MFU past 100%. Set logging.peak_flops_per_device for another figure.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    flags, mhz = set(), 0.0
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags" and not flags:
+            flags = set(value.split())
+        elif key.strip() == "cpu MHz":
+            mhz = max(mhz, float(value or 0))
+    with contextlib.suppress(OSError, ValueError):
+        mhz = max(mhz, int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) / 1000)
+    ghz = mhz / 1000 or 2.0  # no clock reported: assume 2 GHz, and say so
+    per_cycle = 32 if {"avx2", "fma"} <= flags else 8
+    clock = f"{ghz:.2f} GHz" if mhz else "2.00 GHz (assumed: no clock reported)"
+    return threads * ghz * 1e9 * per_cycle, f"{threads} thread(s) x {clock} x {per_cycle} fp32 FLOP/cycle"
 
 
-def peak_flops(cfg: LoggingConfig, device: torch.device) -> float:
+def peak_flops(cfg: LoggingConfig, device: torch.device) -> tuple[float, str]:
+    """The MFU denominator per device, and how it was obtained."""
     if cfg.peak_flops_per_device > 0:
-        return cfg.peak_flops_per_device
+        return cfg.peak_flops_per_device, "logging.peak_flops_per_device"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, value in GPU_PEAK_FLOPS.items():
             if key in name:
-                return value
+                return value, f"{key} dense bf16 datasheet"
         raise ValueError(f"logging.peak_flops_per_device: unknown GPU '{name}'; set the peak FLOP/s explicitly")
-    return measure_cpu_flops()
+    return cpu_peak_flops(torch.get_num_threads())
 
 
 def peak_memory_gib(device: torch.device) -> float:

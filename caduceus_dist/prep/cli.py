@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--split-map", help="fold label -> split, e.g. fold3=test,fold4=valid,*=train")
     io.add_argument("--valid-chroms", type=_chrom_list, default=[], help="without --bed: comma-separated valid contigs")
     io.add_argument("--test-chroms", type=_chrom_list, default=[], help="without --bed: comma-separated test contigs")
+    io.add_argument("--valid-fraction", type=float, default=0.0,
+                    help="without --bed: hold out this fraction of windows (chosen at random, seeded) as valid, "
+                    "for genomes with too few contigs to hold whole ones out (e.g. 0.02)")
+    io.add_argument("--test-fraction", type=float, default=0.0, help="without --bed: the same for test")
+    io.add_argument("--split-seed", type=int, default=0, help="seed of the windows --*-fraction holds out (default: 0)")
     io.add_argument("--contigs", default="primary",
                     help=f"without --bed: contigs to keep for train: {' | '.join(CONTIG_FILTERS)} | a regex (default: primary)")
     io.add_argument("--out", help="output directory (default: ./data/shards/sample for the sample)")
@@ -54,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     win.add_argument("--zstd-level", type=int, default=3, help="zstd level of the token frames (default: 3)")
     run = parser.add_argument_group("behaviour")
     run.add_argument("--workers", type=int, default=1,
-                     help="parallel decompression (BGZF) and compression workers (default: 1); the output is identical for any")
+                     help="parallel decompression (BGZF) and compression workers (default: 1); the output is "
+                     "byte-identical for any number of workers")
     run.add_argument("--worker-kind", choices=sorted(WORKER_KINDS), default="threads",
                      help="threads (default; zlib/zstd release the GIL, no copying) or processes")
     run.add_argument("--strict", action="store_true", help="IUPAC codes and contigs missing from the FASTA are errors")
@@ -71,14 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> ShardConfig:
     common = dict(
         out=args.out, bed=args.bed, split_map=args.split_map, valid_chroms=args.valid_chroms,
-        test_chroms=args.test_chroms, contigs=args.contigs, window=args.window, tiling=args.tiling,
+        test_chroms=args.test_chroms, contigs=args.contigs, valid_fraction=args.valid_fraction,
+        test_fraction=args.test_fraction, split_seed=args.split_seed, window=args.window, tiling=args.tiling,
         samples_per_shard=args.samples_per_shard, zstd_level=args.zstd_level, assembly=args.assembly,
         strict=args.strict, workers=args.workers, worker_kind=args.worker_kind, overwrite=args.overwrite,
         quiet=args.quiet,
     )
     if args.fasta is None:
-        if args.bed or args.split_map or args.valid_chroms or args.test_chroms:
-            raise ShardingError("--bed/--split-map/--*-chroms need --fasta (run without them to shard the sample)")
+        if args.bed or args.split_map or args.valid_chroms or args.test_chroms or args.valid_fraction or args.test_fraction:
+            raise ShardingError("--bed/--split-map/--*-chroms/--*-fraction need --fasta "
+                                "(run without them to shard the sample)")
         return sample_config(**common)
     if args.out is None:
         raise ShardingError("--out is required with --fasta (the directory to write the shards to)")
@@ -90,10 +98,12 @@ class Progress:
 
     def __init__(self, quiet: bool):
         self.bar = None
+        self.bases = 0  # written by this run (0: every shard was already there)
         self.enabled = not quiet and sys.stderr.isatty()
         self.start = time.perf_counter()
 
     def __call__(self, bases: int, consumed: int, total: int) -> None:
+        self.bases = bases
         if not self.enabled:
             return
         if self.bar is None:
@@ -109,16 +119,36 @@ class Progress:
             self.bar.close()
 
 
-def summary(manifest: dict, out: str, seconds: float) -> str:
+LOW_BED_COVERAGE = 0.5  # warn when the windows hold less than this fraction of a BED's bases
+
+
+def summary(manifest: dict, out: str, seconds: float, bases_written: int) -> str:
+    """What the run did, per split, and what the user may want to change (one line each)."""
     lines = []
-    total_bases = 0
     for split, info in manifest["splits"].items():
-        total_bases += info["bases"]
         lines.append(f"  {split}: {info['windows']} windows in {len(info['shards'])} shard(s), "
                      f"{info['n_bases']} N bases, {info['dropped_windows']} all-N windows dropped")
-    head = (f"wrote {out} ({manifest['window']}-base windows, {manifest['tiling']} tiling) in {seconds:.1f} s, "
-            f"{total_bases / seconds / 1e6:.1f} Mbp/s")
-    notes = []
+    layout = f"{manifest['window']}-base windows, {manifest['tiling']} tiling"
+    if bases_written:
+        head = f"wrote {out} ({layout}) in {seconds:.1f} s, {bases_written / seconds / 1e6:.1f} Mbp/s"
+    else:
+        head = f"{out} is already complete ({layout}): same arguments and input, every shard intact; nothing written"
+    args, notes = manifest["args"], []
+    held = [f"{args[f'{split}_fraction']:g} of the windows as {split}" for split in ("valid", "test")
+            if args.get(f"{split}_fraction")]
+    if held:
+        notes.append(f"note: held out {' and '.join(held)} at random (--split-seed {args['split_seed']})")
+    if not manifest["splits"].get("valid", {}).get("windows"):
+        notes.append("warning: no 'valid' windows: training will run without validation. Hold out windows with "
+                     "--valid-fraction 0.02 (or whole contigs with --valid-chroms) to measure it")
+    if "bed" in manifest:
+        bed, stored = manifest["bed"]["bases"], manifest["bed"]["bases_in_windows"]
+        lines.append(f"  BED intervals: {bed / 1e6:.2f} Mbp, of which {stored / 1e6:.2f} Mbp "
+                     f"({100 * stored / max(bed, 1):.1f}%) are in stored windows")
+        if manifest["tiling"] == "reference" and stored < LOW_BED_COVERAGE * bed:
+            notes.append(f"warning: the reference tiling keeps only the first 2^20 bases of each BED row "
+                         f"({stored / 1e6:.2f} of {bed / 1e6:.2f} Mbp here), as the Caduceus recipe does for its "
+                         "hg38 rows; --tiling tile covers whole rows")
     if manifest["fasta"]["iupac_to_n"]:
         notes.append(f"note: {manifest['fasta']['iupac_to_n']} IUPAC ambiguity bases were stored as N (--strict forbids)")
     missing = manifest["skipped"]["missing_contigs"]
@@ -151,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             progress.close()
         if not cfg.quiet:
-            print(summary(manifest, cfg.out, max(time.perf_counter() - start, 1e-9)), file=sys.stderr)
+            print(summary(manifest, cfg.out, max(time.perf_counter() - start, 1e-9), progress.bases), file=sys.stderr)
         return 0
     except USER_ERRORS as exc:
         print(f"shard_genome.py: error: {exc}", file=sys.stderr)

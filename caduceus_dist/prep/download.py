@@ -91,10 +91,11 @@ def download_file(url: str, dest: Path, retries: int = 5, timeout: float = 60.0,
             last_error = exc
             if attempt < retries:
                 time.sleep(backoff * (attempt + 1))
+    received = part.stat().st_size if part.exists() else 0
+    kept = f"{part} keeps the bytes received so far; rerun to resume ({received:,} bytes). " if received else ""
     raise DownloadError(
-        f"{url}: download failed after {retries + 1} attempts ({last_error}). "
-        f"{part} keeps the bytes received so far; rerun to resume. Without network, download the file "
-        f"elsewhere, place it at {dest}, and run the sharder with --fasta/--bed"
+        f"{url}: download failed after {retries + 1} attempts ({last_error}). {kept}Without network, download "
+        f"the file elsewhere, place it at {dest}, and run the sharder with --fasta/--bed"
     )
 
 

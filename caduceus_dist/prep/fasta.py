@@ -87,6 +87,14 @@ class FastaRecord:
         self._length = end
 
 
+def _not_fasta_hint(body: bytes) -> str:
+    """Name the file type a user most likely passed as --fasta by mistake, from its first line."""
+    first = body.lstrip().split(b"\n", 1)[0].decode("utf-8", "replace").split()
+    if len(first) >= 3 and first[1].isdigit() and first[2].isdigit():
+        return "It looks like a BED file (contig, start, end): pass it with --bed, and the genome with --fasta. "
+    return ""
+
+
 class _CountingReader:
     """Raw file wrapper that counts the (compressed) bytes consumed, for the progress bar."""
 
@@ -303,7 +311,7 @@ class FastaReader:
                     elif body.strip():
                         raise FastaError(
                             f"{self.path}, line {line}: sequence before the first '>' header. "
-                            "A FASTA file must start with a '>name' line"
+                            + _not_fasta_hint(body) + "A FASTA file must start with a '>name' line"
                         )
                     line += np.count_nonzero(np.frombuffer(body, dtype=np.uint8) == NEWLINE)  # 10x bytes.count
                     at_line_start = body.endswith(b"\n")

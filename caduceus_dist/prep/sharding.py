@@ -32,7 +32,7 @@ from caduceus_dist.fsio import file_digest
 from caduceus_dist.model.tokenizer import N_ID
 from caduceus_dist.prep.fasta import FastaReader, FastaRecord
 from caduceus_dist.prep.output import OutputDir, ShardingError, ShardSink, pack_members
-from caduceus_dist.prep.splits import make_split_plan
+from caduceus_dist.prep.splits import CONTIG_END, make_split_plan
 from caduceus_dist.prep.tiling import resolve_tiling
 from caduceus_dist.prep.workers import ordered_map, worker_pool
 from caduceus_dist.shard_format import (
@@ -60,6 +60,9 @@ class ShardConfig:
     valid_chroms: list[str] = field(default_factory=list)
     test_chroms: list[str] = field(default_factory=list)
     contigs: str = "primary"
+    valid_fraction: float = 0.0  # whole contigs: windows held out at random as valid (seeded by split_seed)
+    test_fraction: float = 0.0
+    split_seed: int = 0
     window: int = 131072
     tiling: str | None = None  # reference with a BED, tile without
     samples_per_shard: int | None = None  # default: TARGET_SHARD_BASES // window
@@ -72,6 +75,7 @@ class ShardConfig:
     quiet: bool = False
 
     RUN_ONLY = ("workers", "worker_kind", "overwrite", "quiet")  # do not change the bytes written
+    HOLDOUT = ("valid_fraction", "test_fraction", "split_seed")  # recorded only when a fraction is held out
 
     def resolved_samples_per_shard(self) -> int:
         return self.samples_per_shard or max(1, TARGET_SHARD_BASES // self.window)
@@ -164,6 +168,8 @@ class RunStats:
     records: int = 0
     fasta_bases: int = 0
     iupac_to_n: int = 0
+    bed_bases: int = 0  # bases inside the BED intervals of the contigs the FASTA has
+    bed_bases_stored: int = 0  # of those, the bases inside a stored window
 
 
 class WindowCursor:
@@ -205,11 +211,11 @@ class WindowCursor:
 class RunCutter:
     """Cuts a record's windows into `SampleRun`s: N counts, drops, sample ids, finished shards skipped."""
 
-    def __init__(self, cfg: ShardConfig, fasta_sha: str, finished: set[tuple[str, int]], stats: RunStats):
+    def __init__(self, cfg: ShardConfig, fasta_sha: str, finished: set[tuple[str, int]], stats: RunStats, plan):
         self.window, self.level, self.per_shard = cfg.window, cfg.zstd_level, cfg.resolved_samples_per_shard()
         self.common = {"assembly": cfg.resolved_assembly(), "fasta_sha256": fasta_sha, "length": cfg.window,
                        "strand": "+"}
-        self.finished, self.stats = finished, stats
+        self.finished, self.stats, self.plan = finished, stats, plan
         self.open: dict[str, SampleRun] = {}  # the run being filled, per split
 
     def cut(self, record: FastaRecord, windows: list[tuple[object, int, int]]) -> list[SampleRun]:
@@ -217,12 +223,14 @@ class RunCutter:
         full, bases = [], record.bases
         for interval, start, end in windows:
             n_count = int(np.count_nonzero(bases[start:end] == N_ID))
-            split = interval.split
+            split = self.plan.window_split(interval, start)
             totals = self.stats.totals.setdefault(split, SplitTotals())
             if n_count == self.window:
                 totals.dropped_windows += 1
                 continue
             sample_id = totals.windows
+            if interval.end != CONTIG_END:  # a window's share of its BED interval (windows of one never overlap)
+                self.stats.bed_bases_stored += max(0, min(end, interval.end) - max(start, interval.start))
             totals.windows += 1
             totals.bases += self.window
             totals.n_bases += n_count
@@ -247,11 +255,13 @@ class RunCutter:
 def plan_runs(cfg: ShardConfig, reader: FastaReader, plan, tile, fasta_sha: str,
               finished: set[tuple[str, int]], stats: RunStats) -> Iterator[SampleRun]:
     """Stream the FASTA and yield runs of samples still to be written (finished shards are skipped)."""
-    cutter = RunCutter(cfg, fasta_sha, finished, stats)
+    cutter = RunCutter(cfg, fasta_sha, finished, stats, plan)
     cursor, current = None, None
     for record in reader.stream():
         if record is not current:
-            current, cursor = record, WindowCursor(plan.intervals(record.name), tile, cfg.window)
+            intervals = plan.intervals(record.name)
+            stats.bed_bases += sum(i.end - i.start for i in intervals if i.end != CONTIG_END)
+            current, cursor = record, WindowCursor(intervals, tile, cfg.window)
         length = len(record) if record.complete else None
         yield from cutter.cut(record, list(cursor.advance(len(record), length)))
         if record.complete:
@@ -264,7 +274,9 @@ def plan_runs(cfg: ShardConfig, reader: FastaReader, plan, tile, fasta_sha: str,
 # ---------------------------------------------------------------------------------------------- entry point
 
 def identity_of(cfg: ShardConfig, fasta_sha: str, bed_sha: str | None, tiling: str) -> dict:
-    args = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ShardConfig.RUN_ONLY}
+    holdout = cfg.valid_fraction or cfg.test_fraction
+    args = {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k not in ShardConfig.RUN_ONLY and (holdout or k not in ShardConfig.HOLDOUT)}
     args.update(tiling=tiling, samples_per_shard=cfg.resolved_samples_per_shard(),
                 assembly=cfg.resolved_assembly(), fasta_sha256=fasta_sha, bed_sha256=bed_sha)
     args.pop("out")
@@ -278,7 +290,8 @@ def shard_genome(cfg: ShardConfig, progress: Callable[[int, int, int], None] | N
     if cfg.samples_per_shard is not None and cfg.samples_per_shard < 1:
         raise ShardingError(f"--samples-per-shard must be >= 1, got {cfg.samples_per_shard}")
     tiling, tile = resolve_tiling(cfg.tiling, cfg.window, cfg.bed is not None)
-    plan = make_split_plan(cfg.bed, cfg.split_map, cfg.valid_chroms, cfg.test_chroms, cfg.contigs)
+    plan = make_split_plan(cfg.bed, cfg.split_map, cfg.valid_chroms, cfg.test_chroms, cfg.contigs,
+                           cfg.valid_fraction, cfg.test_fraction, cfg.split_seed)
     reader = FastaReader(cfg.fasta, strict=cfg.strict)
     fasta_digest = file_digest(cfg.fasta)
     fasta_sha, fasta_size = fasta_digest.sha256, fasta_digest.bytes
@@ -317,6 +330,7 @@ def shard_genome(cfg: ShardConfig, progress: Callable[[int, int, int], None] | N
             f"no windows were produced from {cfg.fasta}: every interval is on a contig the FASTA lacks, "
             f"shorter than --window {cfg.window}, or all N{filtered}. Check the contig names and --window"
         )
+    check_requested_splits(cfg, plan, stats)
     missing = plan.missing()
     if missing and cfg.strict:
         raise ShardingError(
@@ -329,6 +343,23 @@ def shard_genome(cfg: ShardConfig, progress: Callable[[int, int, int], None] | N
     except OSError as exc:
         raise out.write_error(f"write {out.root / MANIFEST_NAME}", exc) from None
     return manifest
+
+
+def check_requested_splits(cfg: ShardConfig, plan, stats: RunStats) -> None:
+    """A split the user asked for (train, --valid-chroms, --*-fraction) that came out empty is an error."""
+    for split, option in plan.requested().items():
+        if split in stats.totals and stats.totals[split].windows:
+            continue
+        seen = sorted(plan.seen)
+        contigs = f"{len(seen)} contig(s): {', '.join(seen[:8])}{', ...' if len(seen) > 8 else ''}"
+        if split == "train":
+            raise ShardingError(
+                f"the train split is empty: every window of {cfg.fasta} ({contigs}) went to another split. "
+                "With too few contigs to hold whole ones out, hold out a fraction of windows instead: "
+                "--valid-fraction 0.02 --test-fraction 0.02")
+        raise ShardingError(
+            f"split '{split}' is empty: {option} selected no window of {cfg.fasta} ({contigs}); name contigs "
+            "the FASTA has (with or without the 'chr' prefix), or raise the fraction")
 
 
 def build_manifest(cfg: ShardConfig, identity: dict, stats: RunStats, shards: dict, plan, fasta_sha: str) -> dict:
@@ -351,4 +382,5 @@ def build_manifest(cfg: ShardConfig, identity: dict, stats: RunStats, shards: di
         "window": cfg.window, "samples_per_shard": per_shard, "tiling": identity["tiling"],
         "splits": splits,
         "skipped": {"missing_contigs": missing, "filtered_contigs": len(plan.skipped_contigs)},
+        **({"bed": {"bases": stats.bed_bases, "bases_in_windows": stats.bed_bases_stored}} if cfg.bed else {}),
     }

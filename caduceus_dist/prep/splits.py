@@ -8,6 +8,7 @@ the end reports what the FASTA never provided. Modes live in `SPLIT_MODES`; `mak
 from __future__ import annotations
 
 import gzip
+import hashlib
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -124,6 +125,15 @@ class SplitPlan:
         """Every split the plan can produce (listed in the manifest even when it ends up empty)."""
         raise NotImplementedError
 
+    def window_split(self, interval: Interval, start: int) -> str:
+        """The split of the window starting at `start` in `interval` (its interval's, unless a mode holds
+        out single windows)."""
+        return interval.split
+
+    def requested(self) -> dict[str, str]:
+        """Splits the user asked for by an option (split -> the option), which must not come out empty."""
+        return {}
+
 
 @dataclass
 class BedSplitPlan(SplitPlan):
@@ -174,16 +184,28 @@ def _fold_plan(bed: Path, split_map: str, **_) -> SplitPlan:
     return BedSplitPlan.from_rows(read_bed(bed, need_label=True), label_to_split)
 
 
+def bare_contig(name: str) -> str:
+    """A contig name without a leading "chr" (so chr20 and 20 name the same contig)."""
+    return name[3:] if name[:3].lower() == "chr" else name
+
+
 @dataclass
 class ContigSplitPlan(SplitPlan):
-    """Whole contigs: listed valid/test contigs, every other contig that passes the filter is train."""
+    """Whole contigs: listed valid/test contigs, every other contig that passes the filter is train, except
+    the windows a seeded fraction holds out (for genomes with too few contigs to hold whole ones out)."""
 
-    chrom_to_split: dict[str, str] = field(default_factory=dict)
+    chrom_to_split: dict[str, str] = field(default_factory=dict)  # the user's contig names
     contig_filter: re.Pattern = re.compile(".*")
+    fractions: dict[str, float] = field(default_factory=dict)  # split -> fraction of train windows held out
+    seed: int = 0
+    options: dict[str, str] = field(default_factory=dict)  # split -> the option that asked for it
+
+    def __post_init__(self) -> None:
+        self._by_bare = {bare_contig(c): split for c, split in self.chrom_to_split.items()}
 
     def intervals(self, chrom: str) -> list[Interval]:
         self.seen.add(chrom)
-        split = self.chrom_to_split.get(chrom)
+        split = self._by_bare.get(bare_contig(chrom))
         if split is None:
             if not self.contig_filter.match(chrom):
                 self.skipped_contigs.append(chrom)
@@ -191,19 +213,45 @@ class ContigSplitPlan(SplitPlan):
             split = "train"
         return [Interval(chrom, 0, CONTIG_END, split, 0)]
 
+    def window_split(self, interval: Interval, start: int) -> str:
+        if interval.split != "train" or not self.fractions:
+            return interval.split
+        digest = hashlib.blake2b(f"{self.seed}:{interval.chrom}:{start}".encode(), digest_size=8).digest()
+        draw, bound = int.from_bytes(digest, "little") / 2**64, 0.0
+        for split, fraction in self.fractions.items():
+            bound += fraction
+            if draw < bound:
+                return split
+        return "train"
+
     def missing(self) -> dict[str, int]:
-        return {c: 1 for c in self.chrom_to_split if c not in self.seen}
+        seen = {bare_contig(c) for c in self.seen}
+        return {c: 1 for c in self.chrom_to_split if bare_contig(c) not in seen}
 
     def split_names(self) -> set[str]:
-        return {"train", *self.chrom_to_split.values()}
+        return {"train", *self.chrom_to_split.values(), *self.fractions}
+
+    def requested(self) -> dict[str, str]:
+        return {"train": "--contigs", **self.options}
 
 
-def _contig_plan(valid_chroms: list[str], test_chroms: list[str], contigs: str, **_) -> SplitPlan:
+def _contig_plan(valid_chroms: list[str], test_chroms: list[str], contigs: str, valid_fraction: float = 0.0,
+                 test_fraction: float = 0.0, split_seed: int = 0, **_) -> SplitPlan:
     chrom_to_split = {c: "valid" for c in valid_chroms}
     for chrom in test_chroms:
-        if chrom in chrom_to_split:
+        if bare_contig(chrom) in {bare_contig(c) for c in chrom_to_split}:
             raise SplitError(f"contig {chrom!r} is in both --valid-chroms and --test-chroms")
         chrom_to_split[chrom] = "test"
+    fractions = {split: f for split, f in (("valid", valid_fraction), ("test", test_fraction)) if f}
+    for split, fraction in fractions.items():
+        if not 0 < fraction < 1:
+            raise SplitError(f"--{split}-fraction must be between 0 and 1, got {fraction}")
+    if sum(fractions.values()) >= 1:
+        raise SplitError(f"--valid-fraction + --test-fraction must be < 1, got {sum(fractions.values())}")
+    options = {"valid": f"--valid-chroms {','.join(valid_chroms)}" if valid_chroms else None,
+               "test": f"--test-chroms {','.join(test_chroms)}" if test_chroms else None}
+    for split, fraction in fractions.items():
+        options[split] = f"--{split}-fraction {fraction}" + (f" and {options[split]}" if options[split] else "")
     pattern = CONTIG_FILTERS.get(contigs, contigs)
     try:
         compiled = re.compile(pattern)
@@ -211,7 +259,8 @@ def _contig_plan(valid_chroms: list[str], test_chroms: list[str], contigs: str, 
         raise SplitError(
             f"--contigs {contigs!r} is neither {' nor '.join(CONTIG_FILTERS)} nor a valid regular expression ({exc})"
         ) from None
-    return ContigSplitPlan(chrom_to_split=chrom_to_split, contig_filter=compiled)
+    return ContigSplitPlan(chrom_to_split=chrom_to_split, contig_filter=compiled, fractions=fractions,
+                           seed=split_seed, options={k: v for k, v in options.items() if v})
 
 
 SPLIT_MODES = {
@@ -230,12 +279,15 @@ def split_mode_for(bed: str | None, split_map: str | None) -> str:
 
 
 def make_split_plan(
-    bed: str | None, split_map: str | None, valid_chroms: list[str], test_chroms: list[str], contigs: str
+    bed: str | None, split_map: str | None, valid_chroms: list[str], test_chroms: list[str], contigs: str,
+    valid_fraction: float = 0.0, test_fraction: float = 0.0, split_seed: int = 0,
 ) -> SplitPlan:
     mode = split_mode_for(bed, split_map)
-    if bed is not None and (valid_chroms or test_chroms):
-        raise SplitError("--valid-chroms/--test-chroms apply only without --bed (the BED already assigns splits)")
+    if bed is not None and (valid_chroms or test_chroms or valid_fraction or test_fraction):
+        raise SplitError("--valid-chroms/--test-chroms/--*-fraction apply only without --bed "
+                         "(the BED already assigns splits)")
     return SPLIT_MODES[mode](
         bed=Path(bed) if bed else None, split_map=split_map, valid_chroms=valid_chroms,
-        test_chroms=test_chroms, contigs=contigs,
+        test_chroms=test_chroms, contigs=contigs, valid_fraction=valid_fraction, test_fraction=test_fraction,
+        split_seed=split_seed,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,15 +21,34 @@ import torch
 from caduceus_dist.checkpoint.manager import CheckpointManager
 from caduceus_dist.config import save_resolved
 from caduceus_dist.data import DataPlanError, TrainStream, build_eval_loader
-from caduceus_dist.distributed import all_reduce, barrier, broadcast_object, init_distributed
+from caduceus_dist.distributed import (
+    all_reduce,
+    barrier,
+    broadcast_object,
+    choose_cpu_threads,
+    init_distributed,
+    ranks_on_this_host,
+)
 from caduceus_dist.engine import build_engine
-from caduceus_dist.errors import EXIT_OK, EXIT_PREEMPTED, ConfigError
+from caduceus_dist.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED, ConfigError
 from caduceus_dist.loss import MaskedLMLoss
 from caduceus_dist.metrics.writer import MetricsWriter, eval_line, peak_flops, peak_memory_gib, train_line
 from caduceus_dist.model import CaduceusForMaskedLM, flops_per_token
 from caduceus_dist.optim.schedule import lr_at
+from caduceus_dist.shard_format import load_manifest
 
 CURSOR_KEYS = ("tokens", "epoch", "position")  # the loader's global cursor, logged every step
+
+
+def _check_writable(run_dir: Path) -> None:
+    """Fail at start-up, naming the key, if the run directory cannot be created or written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"run_dir: cannot write to {run_dir} ({err.strerror or err}); set run_dir= to a "
+                          "directory you can write") from None
 
 
 def seed_everything(seed: int) -> None:
@@ -52,6 +72,8 @@ class Trainer:
             # DeepSpeed steps on CPU, and no result changes.
             torch.utils.deterministic.fill_uninitialized_memory = False
         self.ctx = init_distributed(cfg.engine.device)
+        self.threads, self.threads_reason = choose_cpu_threads(ranks_on_this_host())
+        torch.set_num_threads(self.threads)
         if self.ctx.rank == 0 and prepare_data is not None:
             prepare_data(cfg.data)
         barrier()
@@ -60,22 +82,33 @@ class Trainer:
                                       train_seed=cfg.train.seed)
         except DataPlanError as err:
             raise ConfigError(str(err) if str(err).startswith("data") else f"data: {err}") from None
-        self.run_dir = Path(cfg.run_dir)  # written only once the data plan is known to be valid
-        if self.ctx.rank == 0:
-            save_resolved(cfg, self.run_dir)
-        barrier()
+        self.run_dir = Path(cfg.run_dir)  # created only once the data plan is known to be valid
+        _check_writable(self.run_dir)  # every rank: a failure on rank 0 alone would leave the others waiting
         seed_everything(cfg.train.seed)
         model = CaduceusForMaskedLM(cfg.model)
         self.engine = build_engine(cfg, model, self.ctx, self.stream.plan(0).micro_batch, MaskedLMLoss())
-        self.eval_loader = (
-            build_eval_loader(cfg.data, cfg.train.eval_split, self.ctx.rank, self.ctx.world_size,
-                              cfg.train.eval_batches, train_seed=cfg.train.seed)
-            if cfg.train.eval_batches > 0 else None
-        )
+        self.eval_loader = self._eval_loader()
+        self._batches = (batch for batch in ())  # the training stream once _train starts; closed on every way out
         self.manager = CheckpointManager(cfg, self.run_dir, self.engine)
         self.writer = MetricsWriter(cfg.logging, self.run_dir, self.ctx.rank)
-        # Rank 0's measurement for everyone, so all ranks report the same MFU.
-        self.peak_flops = broadcast_object(peak_flops(cfg.logging, self.ctx.device))
+        # Rank 0's figure for everyone, so all ranks report the same MFU.
+        self.peak_flops, self.peak_reason = broadcast_object(peak_flops(cfg.logging, self.ctx.device))
+
+    def _eval_loader(self):
+        """The validation stream, or None: evaluation off (train.eval_batches=0), or a shard set without the
+        split (sharded without held-out windows), which gets one warning line instead of stopping the run."""
+        cfg = self.cfg
+        if cfg.train.eval_batches <= 0:
+            return None
+        windows = load_manifest(cfg.data.shards)["splits"].get(cfg.train.eval_split, {}).get("windows", 0)
+        if not windows:
+            if self.ctx.rank == 0:
+                print(f"warning: {cfg.data.shards} has no '{cfg.train.eval_split}' windows, so this run does not "
+                      "validate (reshard with --valid-fraction 0.02 to hold some out, or set train.eval_split; "
+                      "train.eval_batches=0 silences this)", flush=True)
+            return None
+        return build_eval_loader(cfg.data, cfg.train.eval_split, self.ctx.rank, self.ctx.world_size,
+                                 cfg.train.eval_batches, train_seed=cfg.train.seed)
 
     def run(self) -> int:
         """Train to train.max_steps; EXIT_OK, or EXIT_PREEMPTED after a preemption checkpoint."""
@@ -83,8 +116,9 @@ class Trainer:
             return self._train()
         except BaseException:
             # Give the preemption signals back (in-process callers: tests, notebooks), but not close():
-            # it is collective, and the other ranks may not reach it.
+            # it is collective, and the other ranks may not reach it. Stop the data workers.
             self.manager.preemption.close()
+            self._batches.close()
             raise
 
     def _train(self) -> int:
@@ -92,13 +126,21 @@ class Trainer:
         max_steps = cfg.train.max_steps
         eval_every = cfg.train.eval_every or max(1, max_steps // 5)
         client = self.manager.resume()
+        if self.ctx.rank == 0:  # every check passed: this config can continue the run
+            save_resolved(cfg, self.run_dir)
         step, consumed = 0, 0
         if client is not None:
             step, consumed = int(client["step"]), int(client["consumed_tokens"])
             self.stream.load_state_dict(client["data"])
+            if step >= max_steps:
+                self.writer.print(f"{self.run_dir} already finished: its checkpoint is at step {step} and "
+                                  f"train.max_steps is {max_steps}, so there is nothing to do. Raise train.max_steps "
+                                  "to train further, or set run_dir= for a new run")
+                self.close()
+                return EXIT_OK
             self.writer.print(f"resumed at step {step} from {self.run_dir}")
         self.writer.print(self._banner(step))
-        batches = self.stream.iterate(step)
+        self._batches = batches = self.stream.iterate(step)
         while step < max_steps:
             start = time.perf_counter()
             batch = next(batches)
@@ -127,8 +169,12 @@ class Trainer:
                 return {"step": step, "data": data, "consumed_tokens": consumed}
 
             if self.manager.after_step(step, client_state):
-                self.writer.print(f"preempted: checkpoint saved at step {step}; exiting with {EXIT_PREEMPTED}")
                 self.close()
+                if self.manager.interrupted:
+                    self.writer.print(f"stopped (Ctrl-C): checkpoint saved at step {step}; run the same command "
+                                      "again to resume from it")
+                    return EXIT_INTERRUPTED
+                self.writer.print(f"preempted: checkpoint saved at step {step}; exiting with {EXIT_PREEMPTED}")
                 return EXIT_PREEMPTED
             self.writer.scalars(step, self.manager.stats())  # non-empty at the steps that saved
         self.close()
@@ -183,8 +229,11 @@ class Trainer:
                 f" | world {self.ctx.world_size} on {self.ctx.device.type} | model {n_params:,} params (local)"
                 f" | L {plan.seq_len} x global batch {plan.global_batch} = {plan.tokens_per_step:,} tokens/step"
                 f" (micro {plan.micro_batch} x accum {cfg.train.grad_accum} x {self.ctx.world_size} ranks)"
-                f" | steps {step}->{cfg.train.max_steps} | run_dir {self.run_dir}")
+                f" | steps {step}->{cfg.train.max_steps} | run_dir {self.run_dir}\n"
+                f"  {self.threads} CPU thread(s) per rank ({self.threads_reason}); MFU against "
+                f"{self.peak_flops / 1e9:,.0f} GFLOP/s per device ({self.peak_reason})")
 
     def close(self) -> None:
+        self._batches.close()
         self.manager.close()
         self.writer.close()
