@@ -9,7 +9,7 @@ setup(
     packages=find_packages(include=["caduceus_dist", "caduceus_dist.*"]),
     package_data={"caduceus_dist": ["sample/*", "native/*.c"]},
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.9",  # public torch.distributed.fsdp.fully_shard (2.6), torchrun --signals-to-handle (2.9)
         "deepspeed>=0.16",
         "webdataset>=0.2.100",
         "omegaconf>=2.3",

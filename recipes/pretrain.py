@@ -21,7 +21,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from caduceus_dist.errors import EXIT_CONFIG_ERROR, EXIT_FAILURE, EXIT_INTERRUPTED, ConfigError
+from caduceus_dist.errors import (
+    EXIT_CONFIG_ERROR,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_PREEMPTED,
+    ConfigError,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,7 +49,7 @@ def user_message(err: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from caduceus_dist.checkpoint.manager import CheckpointWriteError
+    from caduceus_dist.checkpoint.manager import CheckpointSavesKeepFailing, CheckpointWriteError
     from caduceus_dist.checkpoint.restore import CheckpointError
     from caduceus_dist.config import load_job_config
     from caduceus_dist.prep.sharding import ensure_sample_shards
@@ -64,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         return EXIT_CONFIG_ERROR
+    except CheckpointSavesKeepFailing as err:  # training on without checkpoints would waste the allocation
+        print(f"checkpoint write failed: {err}", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
     except CheckpointWriteError as err:
         print(f"checkpoint write failed: {err}", file=sys.stderr, flush=True)
         return EXIT_FAILURE

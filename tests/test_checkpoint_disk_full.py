@@ -140,3 +140,49 @@ def test_full_disk_during_a_two_rank_deepspeed_save_neither_hangs_nor_loses_the_
     assert "checkpoint step_000008 could not be written" in output and "This was the final save" in output
     assert "The previous checkpoint (step_000003) and `latest` are unchanged" in output
     assert "step      8/8" in output  # training went on to the end
+
+
+@pytest.mark.parametrize("kind", ["tmpfs", "rlimit"])
+def test_saves_that_keep_failing_stop_the_run_for_a_requeue(tmp_path, kind):
+    """With on_write_error=retry a run must not train for hours without a checkpoint: after
+    max_failed_saves failures in a row it stops with the error the entry point turns into exit 75."""
+    from caduceus_dist.checkpoint import CheckpointSavesKeepFailing
+
+    footprint = checkpoint_footprint(tmp_path)
+    run_dir = tmp_path / "run"
+    with full_disk(kind, run_dir, footprint) as fill:
+        run = Run(run_dir, make_cfg(max_steps=20, keep=1, max_failed_saves=3))
+        run.train(2)
+        fill()
+        with pytest.raises(CheckpointSavesKeepFailing) as err:
+            run.train(20)
+        run.close()
+        assert run.step == 8  # saves at 4, 6 and 8 failed: the third stops the run, long before step 20
+        assert_previous_intact(run_dir)
+    message = str(err.value)
+    assert "3 saves in a row failed (checkpoint.max_failed_saves=3)" in message
+    assert "stopping with exit 75" in message and "resumes from step_000002" in message
+
+
+def test_a_full_staging_dir_is_named_as_the_cause(tmp_path, caplog):
+    """An asynchronous save stages in node-local memory; when that is what is full, the message says so
+    (free space of the staging dir), not only 'free disk space'."""
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(staging)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        run = Run(tmp_path / "run", make_cfg(max_steps=4, async_save=True, async_staging_dir=str(staging)))
+        with caplog.at_level(logging.ERROR, logger=CKPT_LOG):
+            try:
+                run.train(2)  # the asynchronous save of step 2 does not fit in the staging dir
+                run.manager.wait()
+            finally:
+                run.close()
+    finally:
+        subprocess.run(["umount", "-l", str(staging)], check=False)
+    (message,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert "checkpoint step_000002 could not be written" in message and f"staging in {staging}" in message
+    assert f"MB free in checkpoint.async_staging_dir {staging} (node-local memory" in message

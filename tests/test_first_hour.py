@@ -355,3 +355,49 @@ def test_ci_runs_exactly_the_readmes_test_command():
     readme = (REPO / "README.md").read_text()
     command = next(line.strip() for line in readme.splitlines() if line.startswith("bash scripts/setup.sh --test"))
     assert command.split("#")[0].strip() in (REPO / ".ci" / "run").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- 13, 14
+def test_the_readme_leads_from_install_to_a_trained_checkpoint():
+    readme = (REPO / "README.md").read_text()
+    sections = [line[3:] for line in readme.splitlines() if line.startswith("## ")]
+    wanted = ["Quickstart", "Train on your own genome", "GPU install", "Recipes", "Launching on SLURM",
+              "Resuming, preemption and Ctrl-C", "Results"]
+    assert [s for s in sections if s in wanted] == wanted  # in the order a researcher needs them
+    assert "source .venv/bin/activate" in readme  # later sections use bare python / torchrun / tensorboard
+    assert "--index-url https://download.pytorch.org/whl/cpu" in readme  # PyPI's torch is the CUDA build
+    assert "1.365" in readme and "python -m caduceus_dist.export" in readme
+    for command in ("--valid-fraction", "--valid-chroms", "--tiling tile", "--contigs all"):
+        assert command in readme.split("## GPU install")[0], command
+
+
+# ---------------------------------------------------------------------------------------------- cluster issue, item 8
+@pytest.mark.parametrize(("name", "key"), [("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA A100-SXM4-80GB", "A100"),
+                                           ("NVIDIA GeForce RTX 4090", "4090"), ("NVIDIA L40", "L40"),
+                                           ("NVIDIA L40S", None), ("NVIDIA B200", None), ("AMD Instinct MI300X", None)])
+def test_gpu_peaks_match_whole_device_names_and_unknown_gpus_report_no_mfu(name, key):
+    from caduceus_dist.metrics.writer import GPU_PEAK_FLOPS, gpu_peak_flops, train_line
+
+    peak, how = gpu_peak_flops(name)
+    assert peak == (GPU_PEAK_FLOPS[key] if key else None)
+    if key is None:  # no guess and no crash at start-up: the console says MFU is not available
+        assert "MFU not reported" in how
+        line = train_line(1, 2, {"train/loss": 1.0, "train/accuracy": 0.5, "train/lr": 1e-3, "train/grad_norm": 1.0,
+                                 "perf/tokens_per_s": 1.0, "perf/tokens_per_s_per_device": 1.0, "data/seq_len": 8,
+                                 "data/stage": 0, "perf/peak_memory_gib": 0.1, "perf/step_time_s": 0.1,
+                                 "perf/data_wait_fraction": 0.0, "data/consumed_tokens": 8})
+        assert "| mfu n/a |" in line
+
+
+def test_evaluation_runs_the_model_in_eval_mode_and_training_resumes_in_train_mode(tmp_path, sample_shards):
+    from caduceus_dist.train.trainer import Trainer
+
+    cfg = load_job_config(DEMO, [f"run_dir={tmp_path / 'run'}", f"data.shards={sample_shards}", *QUICK])
+    trainer = Trainer(cfg)
+    try:
+        modes: list[bool] = []
+        trainer.engine.module.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+        trainer.evaluate(0)
+        assert modes and not any(modes) and trainer.engine.module.training
+    finally:
+        trainer.close()

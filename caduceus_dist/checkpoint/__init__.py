@@ -15,6 +15,7 @@ _EXPORTS = {
     "CheckpointConfig": "config",
     "CheckpointManager": "manager",
     "CheckpointWriteError": "manager",
+    "CheckpointSavesKeepFailing": "manager",
     "CheckpointError": "restore",
 }
 __all__ = sorted(_EXPORTS)

@@ -25,6 +25,8 @@ class CheckpointConfig:
       its checksums and the manifest happen in the background.
     - on_write_error: `retry` (log it, keep training, try again at the next interval) or `stop`
       (stop the run with the error). Either way the previous checkpoint and `latest` stay untouched.
+    - max_failed_saves: with `retry`, after this many failed saves in a row the run stops with exit 75
+      (requeue me) instead of training on for hours without a checkpoint (0: never).
     - preemption_signals: signals that mean "save and exit 75 (requeue me)". SIGUSR1 is left out on
       purpose: NCCL may claim it.
     - verify: what `resume` checks before trusting a checkpoint: `sha256` (every byte) or `size`
@@ -38,12 +40,13 @@ class CheckpointConfig:
     async_save: bool = False
     async_staging_dir: str = "/dev/shm"
     on_write_error: str = "retry"
+    max_failed_saves: int = 3
     preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR2"])
     verify: str = "sha256"
 
     def validate(self) -> None:
         """Fail at start-up, naming the key, rather than at the first save hours later."""
-        for key in ("every", "keep", "keep_every"):
+        for key in ("every", "keep", "keep_every", "max_failed_saves"):
             if getattr(self, key) < 0:
                 raise ValueError(f"checkpoint.{key} must be >= 0, got {getattr(self, key)}")
         if self.on_write_error not in WRITE_ERROR_POLICIES:

@@ -67,6 +67,10 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written and `checkpoint.on_write_error=stop`."""
 
 
+class CheckpointSavesKeepFailing(CheckpointWriteError):
+    """`checkpoint.max_failed_saves` saves in a row failed: stop, and let the scheduler requeue the job."""
+
+
 class CheckpointManager:
     """Saves, retains and restores checkpoints of one run directory (see the module docstring)."""
 
@@ -84,12 +88,14 @@ class CheckpointManager:
         model = job_cfg.model
         self.model_config = model.to_hf_dict() if hasattr(model, "to_hf_dict") else restore.plain_config(model)
         self.config_hash = restore.hash_config(self.resolved_config)
+        self.engine_config = restore.engine_settings(job_cfg.engine)
         self.config_yaml = OmegaConf.to_yaml(OmegaConf.create(self.resolved_config))
         self._device = getattr(engine, "device", torch.device("cpu"))
         self._last_step: int | None = None  # step of the newest checkpoint on disk (written or resumed)
         self._pending: PendingSave | None = None
         self._stats: dict[str, float] = {}
         self._preempting = False
+        self._failed_in_a_row = 0  # consecutive failed saves (checkpoint.max_failed_saves)
         self.interrupted = False  # the agreed preemption was a Ctrl-C (exit EXIT_INTERRUPTED, do not requeue)
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -215,7 +221,7 @@ class CheckpointManager:
             final = self.root / step_dir_name(step)
             try:
                 manifest = build_manifest(
-                    step=step, world_size=self.world_size, engine=self.engine.name, files=files,
+                    step=step, world_size=self.world_size, engine=self.engine_config, files=files,
                     config_hash=self.config_hash, model_config=self.model_config,
                 )
                 with open(tmp / MANIFEST, "w") as handle:
@@ -245,20 +251,38 @@ class CheckpointManager:
             self._apply_retention()
         return True
 
+    def _free_space(self) -> str:
+        """How much room there is where a save writes: torch.save reports a full disk as "unexpected pos"."""
+        places = [(self.root, "on the filesystem of " + str(self.root))]
+        if self.cfg.async_save:
+            staging = Path(self.cfg.async_staging_dir)
+            places.append((staging, f"in checkpoint.async_staging_dir {staging} (node-local memory: it must hold "
+                                    "this node's share of a checkpoint; point it elsewhere or set async_save=false)"))
+        parts = []
+        for where, label in places:
+            try:
+                parts.append(f"{shutil.disk_usage(where).free / 1e6:.1f} MB free {label}")
+            except OSError:
+                parts.append(f"{where} unreachable")
+        return "; ".join(parts)
+
     def _write_failed(self, step: int, errors: list[str]) -> None:
         latest = read_latest(self.root)
-        try:  # torch.save reports a full disk as "unexpected pos": say how much room there is
-            space = f"{shutil.disk_usage(self.root).free / 1e6:.1f} MB free on the filesystem of {self.root}"
-        except OSError:
-            space = f"{self.root} unreachable"
+        self._failed_in_a_row += 1
         message = (
             f"checkpoint {step_dir_name(step)} could not be written under {self.root}: {'; '.join(errors)} "
-            f"({space}). The previous checkpoint ({latest or 'none'}) and `latest` are unchanged. "
+            f"({self._free_space()}). The previous checkpoint ({latest or 'none'}) and `latest` are unchanged. "
             "Free disk space (or move run_dir) before the next save."
         )
         if self.cfg.on_write_error == "stop":
             raise CheckpointWriteError(message + " Stopping (checkpoint.on_write_error=stop); rerun the same "
                                        "command to resume from the previous checkpoint.")
+        limit = self.cfg.max_failed_saves
+        if limit and self._failed_in_a_row >= limit and not self._preempting:
+            raise CheckpointSavesKeepFailing(
+                message + f" {self._failed_in_a_row} saves in a row failed (checkpoint.max_failed_saves={limit}): "
+                f"stopping with exit {EXIT_PREEMPTED} so that the job is requeued (after space is freed, or on a "
+                f"healthy node) and resumes from {latest or 'the start'}.")
         if step >= self.max_steps:  # nothing later to retry with: succeeding now would lose the run's end
             raise CheckpointWriteError(message + " This was the final save, so there is no later one to retry: "
                                        "stopping with an error; rerun the same command to redo the steps since "
@@ -273,6 +297,7 @@ class CheckpointManager:
                       message)
 
     def _record(self, step: int, files: dict[str, dict], blocking_s: float, total_s: float) -> None:
+        self._failed_in_a_row = 0
         total = sum(entry["bytes"] for entry in files.values())
         self._stats = {
             "checkpoint/step": float(step),
@@ -355,7 +380,8 @@ class CheckpointManager:
         if chosen is None:
             return None
         path, manifest = chosen
-        restore.check_compatible(path, manifest, self.model_config, self.resolved_config, self.config_hash, self.rank)
+        restore.check_compatible(path, manifest, self.model_config, self.resolved_config, self.config_hash, self.rank,
+                                 self.engine_config)
         saved_world = int(manifest["world_size"])
         self.engine.load_checkpoint(path, saved_world)
         restore.restore_rng(path, manifest, self.rank, self.world_size, self.seed)

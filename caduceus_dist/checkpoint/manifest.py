@@ -95,8 +95,9 @@ def remove_tree(path: Path) -> None:
 
 
 def build_manifest(
-    *, step: int, world_size: int, engine: str, files: dict[str, dict], config_hash: str, model_config: dict
+    *, step: int, world_size: int, engine: dict, files: dict[str, dict], config_hash: str, model_config: dict
 ) -> dict:
+    """`engine`: the settings that decide the stored format (name, precision, ZeRO stage; see engine_settings)."""
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -104,7 +105,8 @@ def build_manifest(
         "created_unix": time.time(),
         "step": step,
         "world_size": world_size,
-        "engine": engine,
+        "engine": engine["name"],
+        "engine_config": engine,
         "config_hash": config_hash,
         "model_config": model_config,
         "total_bytes": sum(entry["bytes"] for entry in files.values()),

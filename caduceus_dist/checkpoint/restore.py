@@ -150,9 +150,44 @@ def select_checkpoint(root: Path, mode: str, rank: int, world_size: int, verify_
     return path, manifest
 
 
+def engine_settings(engine_cfg) -> dict:
+    """The engine settings that decide a checkpoint's format, as the manifest records them."""
+    settings = {"name": engine_cfg.name, "precision": engine_cfg.precision}
+    if engine_cfg.name == "deepspeed":
+        settings["zero_stage"] = engine_cfg.zero_stage
+    return settings
+
+
+# What may change between the run that saved a checkpoint and the run that resumes it (docs/resume.md §5):
+# the number of ranks always; the precision where the stored state does not depend on it.
+PRECISION_CHANGES_OK = {"fsdp2": {"fp32", "bf16", "fp16"}, "ddp": {"fp32", "bf16"}}
+SUPPORTED_CHANGES = ("any number of ranks (every engine); engine.precision between fp32 and bf16 with fsdp2 or "
+                     "ddp (and fp16 with fsdp2)")
+
+
+def engine_mismatches(saved: dict, current: dict) -> list[str]:
+    """Settings of `current` that cannot resume a checkpoint saved with `saved` (old manifests: the name only)."""
+    if saved.get("name") != current["name"]:
+        return [f"engine.name (checkpoint {saved.get('name')!r}, this run {current['name']!r})"]
+    found = []
+    if "zero_stage" in saved and saved["zero_stage"] != current.get("zero_stage"):
+        found.append(f"engine.zero_stage (checkpoint {saved['zero_stage']}, this run {current.get('zero_stage')})")
+    if "precision" in saved and saved["precision"] != current["precision"]:
+        allowed = PRECISION_CHANGES_OK.get(current["name"], set())
+        if not {saved["precision"], current["precision"]} <= allowed:
+            found.append(f"engine.precision (checkpoint {saved['precision']!r}, this run {current['precision']!r})")
+    return found
+
+
 def check_compatible(path: Path, manifest: dict, model_config: dict, resolved_config: dict, config_hash: str,
-                     rank: int) -> None:
-    """Refuse a checkpoint of another architecture; log the other settings that changed."""
+                     rank: int, engine: dict) -> None:
+    """Refuse a checkpoint of another architecture or engine format; log the other settings that changed."""
+    saved_engine = manifest.get("engine_config") or {"name": manifest.get("engine")}
+    mismatched_engine = engine_mismatches(saved_engine, engine)
+    if mismatched_engine:
+        raise CheckpointError(
+            f"checkpoint {path} was saved in another engine format: {'; '.join(mismatched_engine)}. Supported on "
+            f"resume: {SUPPORTED_CHANGES}. Resume with the checkpoint's engine settings, or start a new run_dir.")
     mismatched = differences(manifest.get("model_config", {}), model_config, "model")
     if mismatched:
         raise CheckpointError(

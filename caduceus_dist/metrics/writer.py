@@ -7,6 +7,7 @@ every rank computed; nothing in this module talks to other processes.
 from __future__ import annotations
 
 import contextlib
+import re
 import resource
 import sys
 from pathlib import Path
@@ -17,7 +18,8 @@ from caduceus_dist.metrics.config import LoggingConfig
 
 TENSORBOARD_DIR = "tensorboard"
 
-# Dense bf16 peak FLOP/s per device (vendor datasheets), matched against the CUDA device name.
+# Dense bf16 peak FLOP/s per device (vendor datasheets), matched against a whole word of the CUDA device
+# name (so an L40S is not taken for an L40).
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A6000": 155e12, "A5000": 111e12,
                   "L40": 181e12, "V100": 125e12, "4090": 165e12, "3090": 71e12}
 
@@ -49,16 +51,21 @@ def cpu_peak_flops(threads: int, cpuinfo: str | None = None) -> tuple[float, str
     return threads * ghz * 1e9 * per_cycle, f"{threads} thread(s) x {clock} x {per_cycle} fp32 FLOP/cycle"
 
 
-def peak_flops(cfg: LoggingConfig, device: torch.device) -> tuple[float, str]:
-    """The MFU denominator per device, and how it was obtained."""
+def gpu_peak_flops(name: str) -> tuple[float | None, str]:
+    """The datasheet peak of the GPU called `name` (torch.cuda.get_device_name), or None if it is not known."""
+    words = set(re.split(r"[\s\-_/]+", name.upper()))
+    for key, value in GPU_PEAK_FLOPS.items():
+        if key in words:
+            return value, f"{key} dense bf16 datasheet"
+    return None, f"unknown GPU '{name}': MFU not reported (set logging.peak_flops_per_device to get it)"
+
+
+def peak_flops(cfg: LoggingConfig, device: torch.device) -> tuple[float | None, str]:
+    """The MFU denominator per device (None: not known, MFU is not reported), and how it was obtained."""
     if cfg.peak_flops_per_device > 0:
         return cfg.peak_flops_per_device, "logging.peak_flops_per_device"
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return value, f"{key} dense bf16 datasheet"
-        raise ValueError(f"logging.peak_flops_per_device: unknown GPU '{name}'; set the peak FLOP/s explicitly")
+        return gpu_peak_flops(torch.cuda.get_device_name(device))
     return cpu_peak_flops(torch.get_num_threads())
 
 
@@ -96,12 +103,17 @@ class MetricsWriter:
             self.writer.close()
 
 
+def _mfu(m: dict[str, float]) -> str:
+    return f"{100 * m['perf/mfu']:.2f}%" if "perf/mfu" in m else "n/a"
+
+
 def train_line(step: int, max_steps: int, m: dict[str, float]) -> str:
     return (
         f"step {step:>6}/{max_steps} | loss {m['train/loss']:.4f} | acc {m['train/accuracy']:.3f}"
         f" | lr {m['train/lr']:.2e} | gnorm {m['train/grad_norm']:.3f}"
         f" | tok/s {m['perf/tokens_per_s']:,.0f} ({m['perf/tokens_per_s_per_device']:,.0f}/dev)"
-        f" | mfu {100 * m['perf/mfu']:.2f}% | L {m['data/seq_len']:.0f} stage {m['data/stage']:.0f}"
+        f" | mfu {_mfu(m)}"
+        f" | L {m['data/seq_len']:.0f} stage {m['data/stage']:.0f}"
         f" | mem {m['perf/peak_memory_gib']:.2f} GiB | {1000 * m['perf/step_time_s']:.0f} ms/step"
         f" | data wait {100 * m['perf/data_wait_fraction']:.1f}% | tokens {m['data/consumed_tokens']:,.0f}"
     )

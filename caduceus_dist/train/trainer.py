@@ -192,7 +192,6 @@ class Trainer:
             "train/n_targets": out["n_targets"],
             "perf/tokens_per_s": tokens_per_s,
             "perf/tokens_per_s_per_device": per_device,
-            "perf/mfu": flops * per_device / self.peak_flops,
             "perf/step_time_s": step_time,
             "perf/data_wait_fraction": data_wait / step_time,
             "perf/peak_memory_gib": memory,
@@ -201,6 +200,8 @@ class Trainer:
             "data/global_batch": plan.global_batch,
             "data/consumed_tokens": consumed,
         }
+        if self.peak_flops is not None:  # an unknown GPU: MFU is not reported rather than guessed
+            metrics["perf/mfu"] = flops * per_device / self.peak_flops
         for key in CURSOR_KEYS:
             metrics[f"data/cursor_{key}"] = cursor[key]
         return metrics
@@ -208,11 +209,15 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
         loss_sum = n_targets = n_correct = 0.0
-        for batch in self.eval_loader:
-            batch_loss, batch_targets, batch_correct = self.engine.eval_step(batch)
-            loss_sum += batch_loss
-            n_targets += batch_targets
-            n_correct += batch_correct
+        self.engine.module.eval()  # no layer of Caduceus behaves differently today; a future one (dropout) must not
+        try:
+            for batch in self.eval_loader:
+                batch_loss, batch_targets, batch_correct = self.engine.eval_step(batch)
+                loss_sum += batch_loss
+                n_targets += batch_targets
+                n_correct += batch_correct
+        finally:
+            self.engine.module.train()
         loss_sum, n_targets, n_correct = all_reduce([loss_sum, n_targets, n_correct], self.ctx.device)
         loss = loss_sum / max(n_targets, 1.0)
         metrics = {"val/loss": loss, "val/perplexity": math.exp(loss), "val/bits_per_base": loss / math.log(2),
@@ -230,8 +235,9 @@ class Trainer:
                 f" | L {plan.seq_len} x global batch {plan.global_batch} = {plan.tokens_per_step:,} tokens/step"
                 f" (micro {plan.micro_batch} x accum {cfg.train.grad_accum} x {self.ctx.world_size} ranks)"
                 f" | steps {step}->{cfg.train.max_steps} | run_dir {self.run_dir}\n"
-                f"  {self.threads} CPU thread(s) per rank ({self.threads_reason}); MFU against "
-                f"{self.peak_flops / 1e9:,.0f} GFLOP/s per device ({self.peak_reason})")
+                f"  {self.threads} CPU thread(s) per rank ({self.threads_reason}); "
+                + (f"MFU against {self.peak_flops / 1e9:,.0f} GFLOP/s per device ({self.peak_reason})"
+                   if self.peak_flops is not None else self.peak_reason))
 
     def close(self) -> None:
         self._batches.close()
