@@ -205,6 +205,28 @@ def test_generated_curriculum_hold_batch_mode(shards):
     assert_each_base_once(flat, windows=40)
 
 
+def test_hold_batch_resume_with_another_global_batch_reaches_later_stages(shards):
+    """Saved at step 1 (stage 0, 256) with global batch 4, resumed with 2: the resumed stream reaches the
+    1024 stage at token 3584, not a whole 1024 row; that stage must start at the next row, not crash."""
+    def hold_batch(global_batch: int) -> DataConfig:
+        cur = CurriculumConfig(start_seq_len=256, stage_steps=2, hold="batch", global_batch=global_batch)
+        return config(shards, seq_len=1024, curriculum=cur)
+
+    stream = TrainStream(hold_batch(4), 0, 1, 1)
+    list(stream.iterate(0, 1))
+    state = stream.state_dict()
+    per_step, _ = global_crops(hold_batch(2), 1, 1, 1, 8, state=state)
+    assert [crop[3] for step in per_step for crop in step] == [256] * 2 + [512] * 4 + [1024] * 8
+    assert all(offset % length == 0 for step in per_step for _, _, offset, length in step)
+    resumed = TrainStream(hold_batch(2), 0, 1, 1)
+    resumed.load_state_dict(state)
+    assert resumed.plan(1).position * 256 == state["tokens"] == 4 * 256
+    assert resumed.plan(4).position * 256 == 4096  # 3584 rounded up to a 1024 row: less than one row skipped
+    before, _ = global_crops(hold_batch(4), 1, 1, 0, 1)
+    seen = [c for s in before + per_step for c in s]
+    assert len(seen) == len(set(seen))  # nothing repeated across the resume
+
+
 def test_tokens_per_step_change_rebases_the_cursor(shards):
     cfg = config(shards)
     stream = TrainStream(cfg, 0, 1, 1)

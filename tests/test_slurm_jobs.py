@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.distributed]
 
 REPO = Path(__file__).resolve().parents[1]
 SBATCH_SCRIPT = REPO / "slurm" / "pretrain.sh"
-MAX_STEPS = 40
+MAX_STEPS = 150  # long enough (seconds) that a forwarded signal repeated every second lands in training
 TINY = ["model.d_model=32", "model.n_layer=1", "data.seq_len=128", "data.curriculum.start_seq_len=null",
         "data.tokens_per_step=512", "data.num_workers=0",
         "train.eval_batches=0", "train.deterministic=true", "checkpoint.every=0", "checkpoint.keep=3",

@@ -129,6 +129,22 @@ class Schedule:
         stage = self.stage_at(step)
         return stage.start_unit + (step - stage.start_step) * stage.global_batch * (stage.seq_len // self.unit)
 
+    def advance(self, step: int, position: int, to_step: int) -> int:
+        """The unit position at the start of `to_step`, continuing from `position` at the start of `step`.
+
+        Every stage starts at a multiple of its row length. From step 0 that holds by construction (the
+        constructor refuses other schedules); a stream resumed with another batch size may reach a stage
+        boundary mid-row, and then skips to the next row start (less than one row of data).
+        """
+        while True:
+            stage = self.stage_at(step)
+            row = stage.seq_len // self.unit
+            position = -(-position // row) * row
+            if stage.end_step is None or to_step < stage.end_step:
+                return position + (to_step - step) * stage.global_batch * row
+            position += (stage.end_step - step) * stage.global_batch * row
+            step = stage.end_step
+
     def plan(self, step: int, position: int) -> StepPlan:
         stage = self.stage_at(step)
         return StepPlan(step=step, stage=stage.index, seq_len=stage.seq_len, global_batch=stage.global_batch,

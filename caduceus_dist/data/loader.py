@@ -186,7 +186,7 @@ class TrainStream:
         if step < anchor_step:
             raise DataPlanError(f"step {step} precedes step {anchor_step}, where this stream was resumed with a "
                                 f"different tokens_per_step / curriculum; earlier steps followed the old plan")
-        return anchor_pos + self.schedule.natural_position(step) - self.schedule.natural_position(anchor_step)
+        return self.schedule.advance(anchor_step, anchor_pos, step)
 
     def plan(self, step: int) -> StepPlan:
         return self.schedule.plan(step, self.position(step))
