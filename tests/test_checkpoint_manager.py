@@ -308,3 +308,22 @@ def test_rng_round_trip_through_a_file(tmp_path):
 def test_bad_checkpoint_config_names_the_key(override, message):
     with pytest.raises(ValueError, match=message):
         CheckpointConfig(**override).validate()
+
+
+def test_hashing_is_shared_by_bytes_not_by_file_name():
+    """A real checkpoint's shape: one big engine file and many small per-rank ones. Round-robin by name
+    can give one rank the big file and half the small ones; sharing by bytes gives it the big file alone."""
+    from caduceus_dist.checkpoint.manifest import balanced_shares
+
+    sizes = {"model_optim.pt": 900, **{f"rng/rank_{r:05d}.pt": 16 for r in range(8)}, "trainer_state.pt": 2}
+    for parts in (1, 2, 3, 8):
+        shares = balanced_shares(sizes, parts)
+        assert sorted(n for share in shares for n in share) == sorted(sizes)  # every file exactly once
+        loads = [sum(sizes[n] for n in share) for share in shares]
+        assert max(loads) <= max(max(sizes.values()), -(-sum(sizes.values()) // parts)) + max(
+            s for s in sizes.values() if s < 900)  # the greedy bound: never more than one small file past even
+        assert shares == balanced_shares(dict(reversed(list(sizes.items()))), parts)  # same split on every rank
+    big = next(share for share in balanced_shares(sizes, 2) if "model_optim.pt" in share)
+    assert big == ["model_optim.pt"]
+    by_name = sorted(sizes)[0::2]  # the old rule on rank 0 of 2
+    assert "model_optim.pt" in by_name and len(by_name) > 1

@@ -37,6 +37,7 @@ from caduceus_dist.checkpoint.manifest import (
     LATEST,
     MANIFEST,
     TMP_SUFFIX,
+    balanced_shares,
     build_manifest,
     fsync_dirs,
     list_checkpoints,
@@ -207,8 +208,9 @@ class CheckpointManager:
 
     def _hash_shared(self, tmp: Path) -> dict[str, dict]:
         """Hash and fsync every file of the new checkpoint, the ranks splitting the work."""
-        names = broadcast_object(relative_files(tmp) if self.rank == 0 else None)
-        mine = {name: file_digest(tmp / name, fsync=True).as_dict() for name in names[self.rank :: self.world_size]}
+        sizes = broadcast_object({n: (tmp / n).stat().st_size for n in relative_files(tmp)} if self.rank == 0 else None)
+        share = balanced_shares(sizes, self.world_size)[self.rank]
+        mine = {name: file_digest(tmp / name, fsync=True).as_dict() for name in share}
         files: dict[str, dict] = {}
         for part in gather_object(mine):
             files.update(part)

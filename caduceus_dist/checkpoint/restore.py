@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from caduceus_dist.checkpoint import rng
 from caduceus_dist.checkpoint.manifest import (
+    balanced_shares,
     check_files,
     list_checkpoints,
     list_leftovers,
@@ -103,8 +104,8 @@ def verify(path: Path, rank: int, world_size: int, mode: str) -> tuple[dict | No
     problems = broadcast_object(problems)
     if problems:
         return None, problems
-    names = sorted(manifest["files"])
-    mine = check_files(path, manifest["files"], names[rank::world_size], mode)
+    sizes = {name: int(entry["bytes"]) for name, entry in manifest["files"].items()}
+    mine = check_files(path, manifest["files"], balanced_shares(sizes, world_size)[rank], mode)
     problems = [problem for part in gather_object(mine) for problem in part]
     return manifest, problems
 
