@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -327,3 +328,26 @@ def test_hashing_is_shared_by_bytes_not_by_file_name():
     assert big == ["model_optim.pt"]
     by_name = sorted(sizes)[0::2]  # the old rule on rank 0 of 2
     assert "model_optim.pt" in by_name and len(by_name) > 1
+
+
+def test_retention_deletes_in_the_background_and_close_waits_for_it(tmp_path, monkeypatch):
+    """Rank 0 applies retention while the other ranks wait: the rename that retires a checkpoint is
+    immediate, the deletion of its bytes runs on another thread, and close() finishes it."""
+    from caduceus_dist.checkpoint import retention
+
+    deleted_on = []
+    real = retention.shutil.rmtree
+
+    def recording_rmtree(path, *args, **kwargs):
+        if Path(path).exists():  # real deletions (move_to_trash also clears a stale, absent .trash path)
+            deleted_on.append((Path(path).name, threading.current_thread().name))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(retention.shutil, "rmtree", recording_rmtree)
+    run = Run(tmp_path, make_cfg(max_steps=6, every=1, keep=2))
+    run.train(6)
+    run.close()
+    assert ckpts(tmp_path) == ["step_000005", "step_000006"]  # nothing left behind, no .trash
+    retired = [name for name, _ in deleted_on]
+    assert retired == [f"step_{s:06d}.trash" for s in (1, 2, 3, 4)]
+    assert {thread for _, thread in deleted_on} == {"checkpoint-retention"}

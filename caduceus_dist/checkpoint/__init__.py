@@ -2,7 +2,8 @@
 
     config.py      CheckpointConfig (the `checkpoint:` keys; no torch)
     manifest.py    the on-disk layout and the manifest that vouches for a checkpoint
-    manager.py     CheckpointManager: when to save, atomic saves, retention
+    manager.py     CheckpointManager: when to save, atomic saves
+    retention.py   which checkpoints to keep; deleting the others in the background
     staging.py     asynchronous saves: node-local staging and the background copy
     restore.py     which checkpoint a run resumes from, verification, compatibility, RNG streams
     preemption.py  the signal flag the manager acts on at a step boundary

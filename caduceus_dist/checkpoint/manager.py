@@ -40,14 +40,13 @@ from caduceus_dist.checkpoint.manifest import (
     balanced_shares,
     build_manifest,
     fsync_dirs,
-    list_checkpoints,
     read_latest,
     relative_files,
     remove_tree,
     step_dir_name,
-    step_of,
 )
 from caduceus_dist.checkpoint.preemption import INTERRUPT, NONE, PreemptionFlag
+from caduceus_dist.checkpoint.retention import Retention
 from caduceus_dist.checkpoint.staging import COPYING, DONE, FAILED, PendingSave, staging_dir
 from caduceus_dist.distributed import all_reduce, barrier, broadcast_object, gather_object
 from caduceus_dist.errors import EXIT_PREEMPTED
@@ -97,6 +96,7 @@ class CheckpointManager:
         self._stats: dict[str, float] = {}
         self._preempting = False
         self._failed_in_a_row = 0  # consecutive failed saves (checkpoint.max_failed_saves)
+        self.retention = Retention(self.root, self.cfg.keep, self.cfg.keep_every)
         self.interrupted = False  # the agreed preemption was a Ctrl-C (exit EXIT_INTERRUPTED, do not requeue)
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -155,8 +155,9 @@ class CheckpointManager:
         self._finalize_pending(failed=copy_state == FAILED)
 
     def close(self) -> None:
-        """Collective: finish an asynchronous save and give the preemption signals back."""
+        """Collective: finish an asynchronous save and any deletion, and give the preemption signals back."""
         self.wait()
+        self.retention.join()
         self.preemption.close()
 
     # ------------------------------------------------------------------ saving
@@ -250,7 +251,7 @@ class CheckpointManager:
             return False
         self._last_step = step
         if self.rank == 0:
-            self._apply_retention()
+            self.retention.apply()
         return True
 
     def _free_space(self) -> str:
@@ -312,21 +313,6 @@ class CheckpointManager:
                 "saved checkpoint %s (%.1f MB, %d files) in %.2f s, training blocked %.2f s",
                 self.root / step_dir_name(step), total / 1e6, len(files), total_s, blocking_s,
             )
-
-    def _apply_retention(self) -> None:
-        """Keep the newest `keep` plus every multiple of `keep_every`; later steps than `latest` are left alone."""
-        latest = read_latest(self.root)
-        limit = step_of(Path(latest)) if latest else None
-        ours = [(step, path) for step, path in list_checkpoints(self.root) if limit is None or step <= limit]
-        keep = {step for step, _ in ours[-self.cfg.keep :]} if self.cfg.keep else {step for step, _ in ours}
-        if self.cfg.keep_every:
-            keep |= {step for step, _ in ours if step % self.cfg.keep_every == 0}
-        for step, path in ours:
-            if step not in keep and step != limit:
-                try:
-                    remove_tree(path)
-                except OSError as exc:
-                    log.warning("retention could not delete %s: %s", path, exc)
 
     # ------------------------------------------------------------------ asynchronous saving
     def _staging_dir(self, step: int) -> Path:
