@@ -62,6 +62,11 @@ def is_collective() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(this rank, number of ranks) of the job; (0, 1) without a process group of several ranks."""
+    return (dist.get_rank(), dist.get_world_size()) if is_collective() else (0, 1)
+
+
 def all_reduce(values: list, device: torch.device, op: str = "sum", dtype: torch.dtype = torch.float64) -> list:
     """One collective for several scalars (float64 keeps token counts exact; int64 for flags and codes)."""
     if not is_collective():

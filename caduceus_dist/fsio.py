@@ -96,6 +96,18 @@ def copy_hashed(source: str | os.PathLike, target: str | os.PathLike) -> FileDig
         return FileDigest(dst.tell(), digest.hexdigest())
 
 
+def balanced_shares(sizes: dict[str, int], parts: int) -> list[list[str]]:
+    """Split files among `parts` ranks by bytes (largest first, each to the least-loaded rank), so one big
+    file never shares a rank with the rest while others idle; the same split on every rank."""
+    shares: list[list[str]] = [[] for _ in range(parts)]
+    loads = [0] * parts
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        rank = loads.index(min(loads))
+        shares[rank].append(name)
+        loads[rank] += sizes[name]
+    return shares
+
+
 def file_mismatch(path: Path, expected_bytes: int, expected_sha256: str, verify: str) -> tuple[str, int] | None:
     """None when `path` matches its recorded size (and, with verify="sha256", its sha256); otherwise
     (what, size): what is "missing", "size" or "sha256". Callers word the message for their files."""

@@ -314,7 +314,7 @@ def test_bad_checkpoint_config_names_the_key(override, message):
 def test_hashing_is_shared_by_bytes_not_by_file_name():
     """A real checkpoint's shape: one big engine file and many small per-rank ones. Round-robin by name
     can give one rank the big file and half the small ones; sharing by bytes gives it the big file alone."""
-    from caduceus_dist.checkpoint.manifest import balanced_shares
+    from caduceus_dist.fsio import balanced_shares
 
     sizes = {"model_optim.pt": 900, **{f"rng/rank_{r:05d}.pt": 16 for r in range(8)}, "trainer_state.pt": 2}
     for parts in (1, 2, 3, 8):

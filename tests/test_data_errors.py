@@ -144,3 +144,56 @@ def test_bad_data_config_values():
                                 ("mask_fraction", 0.95, r"data\.mask_fraction \+ data\.random_fraction must be <= 1")]:
         with pytest.raises(ValueError, match=message):
             DataConfig(**{key: value}).validate()
+
+
+RANK_SCRIPT = """
+import json, os, sys
+import torch.distributed as dist
+from caduceus_dist.data import dataset
+checked = []
+real = dataset._check_shard
+dataset._check_shard = lambda root, entry, verify: (checked.append(entry["tar"]), real(root, entry, verify))[1]
+dist.init_process_group("gloo")
+try:
+    split = dataset.ShardSplit(sys.argv[1], "train", verify="sha256", on_corrupt=sys.argv[2])
+    result = {"skipped": [tar for tar, _ in split.skipped], "windows": len(split.sample_ids)}
+except Exception as err:
+    result = {"error": f"{type(err).__name__}: {err}"}
+result["checked"] = checked
+print("RESULT " + json.dumps(result), flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("on_corrupt", ["skip", "error"])
+def test_ranks_share_the_verification_and_agree_on_bad_shards(shards, free_port, on_corrupt):
+    """Every rank hashing every shard at every start costs the whole dataset per rank: each checks a share
+    (by bytes), and one gather gives all ranks the same verdict, so skipping is consistent and an error
+    stops every rank (none waits for a rank that already failed)."""
+    import subprocess
+    import sys
+
+    flip_byte(shards / "train" / "shard-000002.tar", 700)  # inside a sample: only sha256 sees it
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(shards), on_corrupt],
+                              env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": str(free_port)}, stdout=subprocess.PIPE, text=True)
+             for rank in range(2)]
+    try:
+        outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    results = [json.loads(line[len("RESULT "):]) for out in outputs for line in out.splitlines()
+               if line.startswith("RESULT ")]
+    assert len(results) == 2, outputs
+    checked = [set(r["checked"]) for r in results]
+    manifest = json.loads((shards / "manifest.json").read_text())
+    all_tars = {s["tar"] for s in manifest["splits"]["train"]["shards"]}
+    assert checked[0] | checked[1] == all_tars and not checked[0] & checked[1]  # a share each, all covered
+    if on_corrupt == "skip":
+        assert results[0]["skipped"] == results[1]["skipped"] == ["train/shard-000002.tar"]
+        assert results[0]["windows"] == results[1]["windows"]
+    else:
+        assert results[0]["error"] == results[1]["error"]
+        assert "shard-000002.tar: sha256 does not match the manifest" in results[0]["error"]

@@ -37,7 +37,6 @@ from caduceus_dist.checkpoint.manifest import (
     LATEST,
     MANIFEST,
     TMP_SUFFIX,
-    balanced_shares,
     build_manifest,
     fsync_dirs,
     read_latest,
@@ -50,7 +49,7 @@ from caduceus_dist.checkpoint.retention import Retention
 from caduceus_dist.checkpoint.staging import COPYING, DONE, FAILED, PendingSave, staging_dir
 from caduceus_dist.distributed import all_reduce, barrier, broadcast_object, gather_object
 from caduceus_dist.errors import EXIT_PREEMPTED
-from caduceus_dist.fsio import atomic_write, file_digest, fsync_path
+from caduceus_dist.fsio import atomic_write, balanced_shares, file_digest, fsync_path
 
 log = logging.getLogger("caduceus_dist.checkpoint")
 

@@ -77,18 +77,6 @@ def relative_files(directory: Path) -> list[str]:
     return sorted(files)
 
 
-def balanced_shares(sizes: dict[str, int], parts: int) -> list[list[str]]:
-    """Split files among `parts` ranks by bytes (largest first, each to the least-loaded rank), so the one
-    big file of a checkpoint never shares a rank with the rest while others idle. Deterministic."""
-    shares: list[list[str]] = [[] for _ in range(parts)]
-    loads = [0] * parts
-    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
-        rank = loads.index(min(loads))
-        shares[rank].append(name)
-        loads[rank] += sizes[name]
-    return shares
-
-
 def fsync_dirs(root: Path) -> None:
     for dirpath, _, _ in os.walk(root):
         fsync_path(Path(dirpath))

@@ -19,7 +19,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from caduceus_dist.checkpoint import rng
 from caduceus_dist.checkpoint.manifest import (
-    balanced_shares,
     check_files,
     list_checkpoints,
     list_leftovers,
@@ -28,6 +27,7 @@ from caduceus_dist.checkpoint.manifest import (
     step_of,
 )
 from caduceus_dist.distributed import barrier, broadcast_object, gather_object
+from caduceus_dist.fsio import balanced_shares
 
 log = logging.getLogger("caduceus_dist.checkpoint")
 

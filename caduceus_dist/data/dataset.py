@@ -1,11 +1,12 @@
 """One split of a shard directory: start-up verification, sample id -> window tokens.
 
-Every rank checks every shard of the split when the split is opened (before step 0), so that a bad
-file stops the job at once with its name, and so that `on_corrupt: skip` drops the *same* shards
-on every rank (the data order is computed from the surviving windows; ranks that disagreed would
-train on different orders). `verify: sha256` hashes each shard (about 1 s per GB); `verify: size`
-checks sizes and the (small) member indexes only. Decoding errors found later (a shard changed
-under a running job) always raise, naming the shard and sample.
+The shards of the split are checked when it is opened (before step 0), so that a bad file stops the job
+at once with its name. In a job of several ranks each rank checks an equal share of the bytes and one
+gather tells every rank every problem, so `on_corrupt: skip` drops the *same* shards everywhere (the data
+order is computed from the surviving windows) and an error is raised by all ranks together, never by one
+while the others wait. `verify: sha256` hashes each shard (about 1 s per GB, divided among the ranks);
+`verify: size` checks sizes and the (small) member indexes only. Decoding errors found later (a shard
+changed under a running job) always raise, naming the shard and sample.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from caduceus_dist.fsio import file_mismatch, sha256_file
+from caduceus_dist.distributed import gather_object, rank_and_world
+from caduceus_dist.fsio import balanced_shares, file_mismatch, sha256_file
 from caduceus_dist.shard_format import ShardFormatError, ShardReader, load_manifest, read_index
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,26 @@ def _check_shard(root: Path, entry: dict, verify: str) -> None:
                                f"restore it or rerun data_prep/shard_genome.py")
 
 
+def _agreed_problems(root: Path, split: str, entries: list[dict], verify: str) -> dict[int, str]:
+    """Shard index -> what is wrong with it, the same on every rank: each rank checks its share (by bytes)
+    and one gather merges them (without other ranks, this process checks every shard)."""
+    rank, world = rank_and_world()
+    sizes = {str(i): int(entry.get("bytes", 0)) for i, entry in enumerate(entries)}
+    share = [int(i) for i in balanced_shares(sizes, world)[rank]]
+    mine = {}
+    for i in share:
+        entry = entries[i]
+        try:
+            missing = [k for k in ("tar", "index", "samples", "bytes", "sha256", "index_sha256", "first_id")
+                       if k not in entry]
+            if missing:
+                raise ShardFormatError(f"{root}/manifest.json: splits.{split}.shards[{i}] lacks key(s) {missing}")
+            _check_shard(root, entry, verify)
+        except ShardFormatError as err:
+            mine[i] = str(err)
+    return {i: problem for part in gather_object(mine) for i, problem in sorted(part.items())}
+
+
 class ShardSplit:
     """The surviving shards of one split and O(1) access to any window by its sample id."""
 
@@ -66,20 +88,16 @@ class ShardSplit:
             raise ShardFormatError(f"{self.root}/manifest.json: key 'window' is {self.manifest.get('window')!r}, "
                                    f"expected a positive integer")
         self.split, self.window = split, int(self.manifest["window"])
+        entries = splits[split].get("shards", [])
+        problems = _agreed_problems(self.root, split, entries, verify)
         self.shards: list[ShardEntry] = []
         self.skipped: list[tuple[str, str]] = []  # (tar path, reason)
-        for i, entry in enumerate(splits[split].get("shards", [])):
-            try:
-                missing = [k for k in ("tar", "index", "samples", "bytes", "sha256", "index_sha256", "first_id")
-                           if k not in entry]
-                if missing:
-                    raise ShardFormatError(f"{self.root}/manifest.json: splits.{split}.shards[{i}] lacks key(s) {missing}")
-                _check_shard(self.root, entry, verify)
-            except ShardFormatError as err:
+        for i, entry in enumerate(entries):
+            if i in problems:
                 if on_corrupt != "skip":
-                    raise
-                log.warning("data.on_corrupt=skip: skipping %s (%s)", entry.get("tar"), err)
-                self.skipped.append((str(entry.get("tar")), str(err)))
+                    raise ShardFormatError(problems[i])
+                log.warning("data.on_corrupt=skip: skipping %s (%s)", entry.get("tar"), problems[i])
+                self.skipped.append((str(entry.get("tar")), problems[i]))
                 continue
             self.shards.append(ShardEntry(self.root / entry["tar"], self.root / entry["index"],
                                           int(entry["first_id"]), int(entry["samples"])))
