@@ -10,6 +10,8 @@ from __future__ import annotations
 import gzip
 import json
 import multiprocessing
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -421,3 +423,45 @@ def test_closing_the_stream_stops_its_thread_and_workers(shards):
     it.close()
     assert gone(lambda: any(t.name == "caduceus-data-convert" for t in threading.enumerate()))
     assert gone(multiprocessing.active_children)
+
+
+def _data_workers() -> list[int]:
+    """Pids of this process's DataLoader workers, from /proc (children other than multiprocessing's
+    resource tracker, which spawn starts too)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and b"resource_tracker" not in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _ignores(pid: int, signum: int) -> bool:
+    """Whether process `pid` has `signum` set to SIG_IGN (its /proc status SigIgn mask)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    ignored = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16)
+    return bool(ignored >> (signum - 1) & 1)
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_workers_ignore_the_jobs_signals(shards, start_method):
+    """Ctrl-C, scancel --signal and SLURM's SIGTERM reach the whole job, workers included; only the trainer
+    acts on them, so a worker keeps delivering batches (with any start method: spawned workers do not
+    inherit the trainer's handlers)."""
+    stream = TrainStream(config(shards, num_workers=2, worker_start_method=start_method), 0, 1, 1)
+    batches = stream.iterate(0, 8)
+    assert next(batches).step == 0
+    workers = _data_workers()
+    assert len(workers) >= 2
+    deadline = time.monotonic() + 60  # spawned workers finish starting (their bootstrap unblocks SIGTERM) first
+    while time.monotonic() < deadline and not all(_ignores(pid, signal.SIGTERM) for pid in workers):
+        time.sleep(0.05)
+    for pid in workers:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+            os.kill(pid, signum)
+    time.sleep(0.5)
+    assert [batch.step for batch in batches] == list(range(1, 8))

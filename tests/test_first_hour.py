@@ -185,6 +185,22 @@ def _read_until(proc: subprocess.Popen, needle: str, seen: list[str], timeout: f
     raise AssertionError(f"never printed {needle!r}:\n{''.join(seen)[-3000:]}")
 
 
+def _ctrl_c(tmp_path: Path, shards: Path, run_dir: Path, presses: int) -> tuple[int, str]:
+    """Press Ctrl-C once training runs (what a terminal does: SIGINT to the whole foreground group, data
+    workers included), and again once the trainer has acknowledged the first press; (exit code, output)."""
+    proc, seen = _start_long_run(tmp_path, shards, run_dir), []
+    try:
+        _read_until(proc, "step      1/50", seen)
+        os.killpg(proc.pid, signal.SIGINT)
+        if presses == 2:
+            _read_until(proc, "Ctrl-C: saving a checkpoint at the end of this step", seen)
+            os.killpg(proc.pid, signal.SIGINT)
+        rest, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    return proc.returncode, "".join(seen) + rest
+
+
 @pytest.fixture(scope="module")
 def sample_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sample") / "shards"
@@ -194,16 +210,9 @@ def sample_shards(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_ctrl_c_saves_at_the_step_boundary_and_the_same_command_resumes(tmp_path, sample_shards):
-    run_dir, seen = tmp_path / "run", []
-    proc = _start_long_run(tmp_path, sample_shards, run_dir)
-    try:
-        _read_until(proc, "step      1/50", seen)
-        os.killpg(proc.pid, signal.SIGINT)  # what a terminal does: the whole foreground group, workers included
-        rest, _ = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
-    output = "".join(seen) + rest
-    assert proc.returncode == 130, output[-3000:]
+    run_dir = tmp_path / "run"
+    returncode, output = _ctrl_c(tmp_path, sample_shards, run_dir, presses=1)
+    assert returncode == 130, output[-3000:]
     assert "Traceback" not in output and "[rank0]" not in output
     saved = [line for line in output.splitlines() if line.startswith("stopped (Ctrl-C): checkpoint saved at step")]
     assert len(saved) == 1 and "run the same command again to resume" in saved[0]
@@ -217,18 +226,9 @@ def test_ctrl_c_saves_at_the_step_boundary_and_the_same_command_resumes(tmp_path
 
 @pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path, sample_shards):
-    run_dir, seen = tmp_path / "run", []
-    proc = _start_long_run(tmp_path, sample_shards, run_dir)
-    try:
-        _read_until(proc, "step      1/50", seen)
-        os.killpg(proc.pid, signal.SIGINT)
-        _read_until(proc, "Ctrl-C: saving a checkpoint at the end of this step", seen)
-        os.killpg(proc.pid, signal.SIGINT)
-        rest, _ = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    output = "".join(seen) + rest
-    assert proc.returncode == 130, output[-3000:]
+    run_dir = tmp_path / "run"
+    returncode, output = _ctrl_c(tmp_path, sample_shards, run_dir, presses=2)
+    assert returncode == 130, output[-3000:]
     assert "stopped at once (Ctrl-C): nothing saved since the last checkpoint" in output
     assert "Traceback" not in output and not list((run_dir / "checkpoints").glob("step_*"))
 
@@ -389,9 +389,16 @@ def test_gpu_peaks_match_whole_device_names_and_unknown_gpus_report_no_mfu(name,
         assert "| mfu n/a |" in line
 
 
-def test_evaluation_runs_the_model_in_eval_mode_and_training_resumes_in_train_mode(tmp_path, sample_shards):
+def test_evaluation_runs_the_model_in_eval_mode_and_training_resumes_in_train_mode(tmp_path, sample_shards,
+                                                                                   monkeypatch, free_port):
+    import torch.distributed as dist
+
     from caduceus_dist.train.trainer import Trainer
 
+    # the in-process trainer's one-rank group must leave nothing behind for tests that start processes
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(free_port)}.items():
+        monkeypatch.setenv(key, value)
     cfg = load_job_config(DEMO, [f"run_dir={tmp_path / 'run'}", f"data.shards={sample_shards}", *QUICK])
     trainer = Trainer(cfg)
     try:
@@ -401,3 +408,32 @@ def test_evaluation_runs_the_model_in_eval_mode_and_training_resumes_in_train_mo
         assert modes and not any(modes) and trainer.engine.module.training
     finally:
         trainer.close()
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------- cluster issue, item 4
+@pytest.mark.slow
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_a_preemption_signal_to_the_whole_job_saves_with_any_worker_start_method(tmp_path, sample_shards,
+                                                                                   start_method):
+    """SLURM's SIGTERM (and scancel --signal) reaches the DataLoader workers too. Forked workers used to
+    survive only by inheriting the trainer's handler; spawned ones (forkserver: Python 3.14's default)
+    died, and the run exited 1 instead of saving and exiting 75. Workers now ignore the job's signals."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, str(PRETRAIN), "--config", str(DEMO), f"run_dir={run_dir}", f"data.shards={sample_shards}",
+         "data.curriculum={}", "data.tokens_per_step=32768", "train.max_steps=50", "train.eval_batches=0",
+         "logging.log_every=1", "checkpoint.every=1000", "data.verify=size", "data.num_workers=2",
+         f"data.worker_start_method={start_method}"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen: list[str] = []
+    try:
+        _read_until(proc, "step      1/50", seen)
+        os.killpg(proc.pid, signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    output = "".join(seen) + rest
+    assert proc.returncode == 75, output[-3000:]
+    assert "preempted: checkpoint saved at step" in output and "Traceback" not in output

@@ -14,6 +14,7 @@ from caduceus_dist.fsio import VERIFY_MODES  # what is checked for every shard o
 
 ON_CORRUPT_MODES = ("error", "skip")
 HOLD_MODES = ("tokens", "batch")  # what a curriculum keeps constant across stages
+START_METHODS = ("fork", "forkserver", "spawn")  # how DataLoader workers start (Python 3.14's default: forkserver)
 
 
 @dataclass
@@ -87,6 +88,7 @@ class DataConfig:
     rc_probability: float = 0.0  # reverse-complement augmentation (0.5 for Caduceus-Ph, 0 for PS)
     shuffle_windows: int = 64  # windows per shuffle group (crops are shuffled within a group)
     num_workers: int = 2
+    worker_start_method: str = "fork"  # fork | forkserver | spawn
     prefetch_factor: int = 2
     pin_memory: bool = True  # only takes effect where CUDA is available
     on_corrupt: str = "error"  # error | skip (drop a bad shard with a warning, counted)
@@ -103,6 +105,8 @@ class DataConfig:
                 raise ValueError(f"data.{key} must be > 0, got {value}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.worker_start_method not in START_METHODS:
+            raise ValueError(f"data.worker_start_method: '{self.worker_start_method}' is not one of {list(START_METHODS)}")
         for key in ("mlm_probability", "mask_fraction", "random_fraction", "rc_probability"):
             value = getattr(self, key)
             if not 0.0 <= value <= 1.0:

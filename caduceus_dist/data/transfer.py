@@ -8,6 +8,7 @@ ignore the job's signals (the trainer alone acts on Ctrl-C and preemption) and d
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import queue
 import signal
 import sys
@@ -21,14 +22,16 @@ from torch.utils.data import DataLoader, Dataset
 from caduceus_dist.data.config import DataConfig
 
 PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent dies
+JOB_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2}  # Ctrl-C, preemption, NCCL's
 
 
 def worker_init(_worker_id: int) -> None:
     """Ctrl-C and preemption signals reach every process of a job, DataLoader workers included; only the
     trainer acts on them (it saves at the next step boundary), so a worker must not die of one. In
     return a worker must not outlive the trainer (which leaves with os._exit): Linux kills it then."""
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+    for signum in JOB_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, JOB_SIGNALS)  # blocked from birth (see converted): now ignored
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
@@ -38,7 +41,8 @@ def worker_loader(dataset: Dataset, sampler: Iterable, cfg: DataConfig, workers:
     """The DataLoader both streams use: whole batches per item, `workers` processes set up by worker_init."""
     return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=workers, collate_fn=_keep,
                       generator=generator, prefetch_factor=cfg.prefetch_factor if workers else None,
-                      worker_init_fn=worker_init)
+                      worker_init_fn=worker_init,
+                      multiprocessing_context=multiprocessing.get_context(cfg.worker_start_method) if workers else None)
 
 
 def to_torch(batch: dict, pin: bool) -> dict:
@@ -76,6 +80,10 @@ def converted(batches, cfg: DataConfig, depth: int) -> Iterator[dict]:
         return False
 
     def produce():
+        # Workers start from this thread and inherit its signal mask (through fork and exec alike), so a
+        # signal that arrives before worker_init has run waits instead of killing a worker; the training
+        # thread still receives every signal.
+        signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
         try:
             for batch in batches:
                 if not put(to_torch(batch, pin)):
