@@ -224,3 +224,26 @@ def test_forcing_the_native_masker_without_its_kernel_fails_naming_the_fix(monke
     with pytest.raises(RuntimeError, match=r"masking backend 'native' is unavailable.*'numpy' backend"):
         masked_crops(*args, backend="native")
     assert masked_crops(*args)[0].shape == (1, 8)
+
+
+def test_a_failed_window_read_never_lets_a_slot_in_use_be_overwritten():
+    """A full arena evicts the oldest window before reading the new one; when that read fails, the freed
+    slot must not be handed out again while another window still occupies it (wrong bases, silently)."""
+    window = 64
+    windows = {sample: np.full(window, 7 + sample % 4, dtype=np.uint8) for sample in range(6)}
+    failing = {2}
+
+    def read(sample: int) -> np.ndarray:
+        if sample in failing:
+            raise OSError(f"window {sample}: transient read error")
+        return windows[sample]
+
+    source = CropSource(read, window, capacity=2)
+    ids, offsets, strands = np.array([0, 1]), np.zeros(2, dtype=np.int64), np.zeros(2, dtype=np.int64)
+    np.testing.assert_array_equal(source.gather(ids, offsets, strands, window), np.stack([windows[0], windows[1]]))
+    with pytest.raises(OSError, match="window 2"):
+        source.gather(np.array([2]), np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64), window)
+    failing.clear()
+    for sample in (3, 1, 2, 1):  # sample 1 is still resident: its bases must be its own
+        got = source.gather(np.array([sample]), np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64), window)
+        np.testing.assert_array_equal(got[0], windows[sample])

@@ -413,12 +413,14 @@ def test_evaluation_runs_the_model_in_eval_mode_and_training_resumes_in_train_mo
 
 # ---------------------------------------------------------------------------------------------- cluster issue, item 4
 @pytest.mark.slow
-@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+@pytest.mark.parametrize(("start_method", "signum"), [("fork", signal.SIGUSR2), ("spawn", signal.SIGUSR2),
+                                                       ("spawn", signal.SIGTERM)])
 def test_a_preemption_signal_to_the_whole_job_saves_with_any_worker_start_method(tmp_path, sample_shards,
-                                                                                   start_method):
-    """SLURM's SIGTERM (and scancel --signal) reaches the DataLoader workers too. Forked workers used to
-    survive only by inheriting the trainer's handler; spawned ones (forkserver: Python 3.14's default)
-    died, and the run exited 1 instead of saving and exiting 75. Workers now ignore the job's signals."""
+                                                                                   start_method, signum):
+    """SLURM's SIGTERM and the forwarded USR2 (scancel --signal) reach the DataLoader workers too, whatever
+    starts them (spawn and forkserver workers do not inherit the trainer's handlers). Workers ignore USR2
+    and die of SIGTERM (multiprocessing needs it to stop them); either way the trainer saves at the step
+    boundary and exits 75 (requeue me), never 1."""
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, str(PRETRAIN), "--config", str(DEMO), f"run_dir={run_dir}", f"data.shards={sample_shards}",
@@ -430,7 +432,7 @@ def test_a_preemption_signal_to_the_whole_job_saves_with_any_worker_start_method
     seen: list[str] = []
     try:
         _read_until(proc, "step      1/50", seen)
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signum)
         rest, _ = proc.communicate(timeout=300)
     finally:
         proc.kill()

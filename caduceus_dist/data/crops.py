@@ -33,10 +33,12 @@ class CropSource:
         self.read_window, self.window, self.capacity = read_window, window, max(1, capacity)
         self._arena: np.ndarray | None = None  # (capacity, window): allocated in the process that reads
         self._slots: OrderedDict[int, int] = OrderedDict()  # sample id -> arena slot, least recent first
+        self._free = list(range(self.capacity - 1, -1, -1))  # slots holding no window
 
     def __getstate__(self):  # a DataLoader worker starts with an empty arena of its own
         state = self.__dict__.copy()
         state["_arena"], state["_slots"] = None, OrderedDict()
+        state["_free"] = list(range(self.capacity - 1, -1, -1))
         return state
 
     @property
@@ -54,8 +56,12 @@ class CropSource:
             slot = self._slots.get(sample)
             if slot is None:
                 # the evicted window is older than every sample already placed by this call
-                slot = len(self._slots) if len(self._slots) < self.capacity else self._slots.popitem(last=False)[1]
-                arena[slot] = self.read_window(sample)
+                slot = self._free.pop() if self._free else self._slots.popitem(last=False)[1]
+                try:
+                    arena[slot] = self.read_window(sample)
+                except BaseException:
+                    self._free.append(slot)  # it holds no window now: never hand out a slot still in use
+                    raise
             else:
                 self._slots.move_to_end(sample)
             self._slots[sample] = slots[i] = slot

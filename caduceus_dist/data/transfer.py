@@ -22,13 +22,17 @@ from torch.utils.data import DataLoader, Dataset
 from caduceus_dist.data.config import DataConfig
 
 PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent dies
-JOB_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2}  # Ctrl-C, preemption, NCCL's
+# Ctrl-C, SLURM's forwarded USR2 and NCCL's USR1 reach every process of a job. SIGTERM is not among them:
+# multiprocessing stops daemon workers with it at interpreter exit, and a worker that ignored it would hang
+# that exit. A preemption by SIGTERM still saves: the trainer saves at the step boundary before it asks for
+# another batch, so workers that die of it are never waited on.
+JOB_SIGNALS = {signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2}
 
 
 def worker_init(_worker_id: int) -> None:
-    """Ctrl-C and preemption signals reach every process of a job, DataLoader workers included; only the
-    trainer acts on them (it saves at the next step boundary), so a worker must not die of one. In
-    return a worker must not outlive the trainer (which leaves with os._exit): Linux kills it then."""
+    """The job's signals (JOB_SIGNALS) reach DataLoader workers too; only the trainer acts on them (it saves
+    at the next step boundary), so a worker must not die of one. In return a worker must not outlive the
+    trainer (which leaves with os._exit): Linux kills it then."""
     for signum in JOB_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, JOB_SIGNALS)  # blocked from birth (see converted): now ignored
