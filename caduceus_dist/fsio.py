@@ -68,16 +68,23 @@ class FileDigest:
         return {"bytes": self.bytes, "sha256": self.sha256}
 
 
+def _hash_stream(source, sink=None) -> FileDigest:
+    """Read `source` to its end in chunks, hashing them (and writing them to `sink`, if given)."""
+    digest, size = hashlib.sha256(), 0
+    while chunk := source.read(HASH_CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+        if sink is not None:
+            sink.write(chunk)
+    return FileDigest(size, digest.hexdigest())
+
+
 def file_digest(path: str | os.PathLike, fsync: bool = False) -> FileDigest:
     """Size and sha256 of one file; with `fsync`, also force it to stable storage first."""
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
         if fsync:
             os.fsync(handle.fileno())
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-        size = handle.tell()
-    return FileDigest(size, digest.hexdigest())
+        return _hash_stream(handle)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -86,14 +93,11 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def copy_hashed(source: str | os.PathLike, target: str | os.PathLike) -> FileDigest:
     """Copy a file, hashing the bytes on the way (one read), and fsync the copy."""
-    digest = hashlib.sha256()
     with open(source, "rb") as src, open(target, "wb") as dst:
-        while chunk := src.read(HASH_CHUNK):
-            digest.update(chunk)
-            dst.write(chunk)
+        copied = _hash_stream(src, dst)
         dst.flush()
         os.fsync(dst.fileno())
-        return FileDigest(dst.tell(), digest.hexdigest())
+    return copied
 
 
 def balanced_shares(sizes: dict[str, int], parts: int) -> list[list[str]]:

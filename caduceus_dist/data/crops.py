@@ -31,15 +31,17 @@ class CropSource:
 
     def __init__(self, read_window: Callable[[int], np.ndarray], window: int, capacity: int):
         self.read_window, self.window, self.capacity = read_window, window, max(1, capacity)
-        self._arena: np.ndarray | None = None  # (capacity, window): allocated in the process that reads
-        self._slots: OrderedDict[int, int] = OrderedDict()  # sample id -> arena slot, least recent first
-        self._free = list(range(self.capacity - 1, -1, -1))  # slots holding no window
+        self.__dict__.update(self._empty_arena())
+
+    def _empty_arena(self) -> dict:
+        return {
+            "_arena": None,  # (capacity, window): allocated in the process that reads
+            "_slots": OrderedDict(),  # sample id -> arena slot, least recent first
+            "_free": list(range(self.capacity - 1, -1, -1)),  # slots holding no window
+        }
 
     def __getstate__(self):  # a DataLoader worker starts with an empty arena of its own
-        state = self.__dict__.copy()
-        state["_arena"], state["_slots"] = None, OrderedDict()
-        state["_free"] = list(range(self.capacity - 1, -1, -1))
-        return state
+        return {**self.__dict__, **self._empty_arena()}
 
     @property
     def arena(self) -> np.ndarray:

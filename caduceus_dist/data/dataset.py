@@ -49,7 +49,7 @@ def _check_shard(root: Path, entry: dict, verify: str) -> None:
     rows = read_index(index)
     if len(rows) != entry["samples"]:
         raise ShardFormatError(f"shard index {index} has {len(rows)} rows but the manifest says {entry['samples']} samples")
-    if verify == "sha256" and file_mismatch(tar, entry["bytes"], entry["sha256"], "sha256") is not None:
+    if verify == "sha256" and sha256_file(tar) != entry["sha256"]:
         raise ShardFormatError(f"shard {tar}: sha256 does not match the manifest (corrupted on disk or in transfer); "
                                f"restore it or rerun data_prep/shard_genome.py")
 

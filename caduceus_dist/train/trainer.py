@@ -35,7 +35,6 @@ from caduceus_dist.loss import MaskedLMLoss
 from caduceus_dist.metrics.writer import MetricsWriter, eval_line, peak_flops, peak_memory_gib, train_line
 from caduceus_dist.model import CaduceusForMaskedLM, flops_per_token
 from caduceus_dist.optim.schedule import lr_at
-from caduceus_dist.shard_format import load_manifest
 
 CURSOR_KEYS = ("tokens", "epoch", "position")  # the loader's global cursor, logged every step
 
@@ -100,7 +99,7 @@ class Trainer:
         cfg = self.cfg
         if cfg.train.eval_batches <= 0:
             return None
-        windows = load_manifest(cfg.data.shards)["splits"].get(cfg.train.eval_split, {}).get("windows", 0)
+        windows = self.stream.split.manifest["splits"].get(cfg.train.eval_split, {}).get("windows", 0)
         if not windows:
             if self.ctx.rank == 0:
                 print(f"warning: {cfg.data.shards} has no '{cfg.train.eval_split}' windows, so this run does not "
