@@ -244,6 +244,26 @@ def test_interrupted_save_is_ignored_and_cleaned(tmp_path, caplog):
     assert "step_000008.tmp, left by a save or deletion that was interrupted" in caplog.text
 
 
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_second_ctrl_c_mid_save_leaves_no_half_written_directory(tmp_path, monkeypatch, async_save):
+    staging = tmp_path / "staging"
+    run = Run(tmp_path, make_cfg(every=2, async_save=async_save, async_staging_dir=str(staging)))
+    run.train(2)
+    run.manager.wait()
+    save_model = run.engine.save_checkpoint
+
+    def pressed_midway(directory):  # the engine's files are on disk when the second press arrives
+        save_model(directory)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run.engine, "save_checkpoint", pressed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        run.train(4)
+    run.manager.preemption.close()
+    assert ckpts(tmp_path) == ["step_000002"]  # no step_000004.tmp
+    assert not (staging.exists() and list(staging.rglob("*.pt")))
+
+
 @pytest.mark.parametrize(("name", "other"), [("SIGTERM", "SIGUSR2"), ("SIGUSR2", "SIGTERM")])
 def test_preemption_signal_saves_and_requests_exit(tmp_path, name, other):
     sig, untouched = signal.Signals[name], signal.Signals[other]

@@ -136,9 +136,20 @@ class CheckpointManager:
         state = {**client_state, "step": step}
         if blocking is None:
             blocking = not self.cfg.async_save
-        if self.cfg.async_save and not blocking:
-            return self._save_async(step, state)
-        return self._save_sync(step, state)
+        try:
+            if self.cfg.async_save and not blocking:
+                return self._save_async(step, state)
+            return self._save_sync(step, state)
+        except KeyboardInterrupt:  # a second Ctrl-C mid-save: stop at once, leaving no half-written directory
+            self._abandon(step)
+            raise
+
+    def _abandon(self, step: int) -> None:
+        """Not collective: this rank removes what it owns of an unfinished save (the next start would too)."""
+        if self.rank == 0:
+            remove_tree(self._tmp_dir(step))
+        if self._copies_for_node:
+            shutil.rmtree(self._staging_dir(step), ignore_errors=True)
 
     def stats(self) -> dict[str, float]:
         """Figures of the newest save (for the metrics), returned once."""
@@ -170,8 +181,11 @@ class CheckpointManager:
             torch.save(state, directory / "trainer_state.pt")
             (directory / "config.yaml").write_text(self.config_yaml)
 
+    def _tmp_dir(self, step: int) -> Path:
+        return self.root / (step_dir_name(step) + TMP_SUFFIX)
+
     def _prepare_tmp(self, step: int) -> Path:
-        tmp = self.root / (step_dir_name(step) + TMP_SUFFIX)
+        tmp = self._tmp_dir(step)
         if self.rank == 0:
             remove_tree(tmp)
             tmp.mkdir(parents=True)
