@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from caduceus_dist.checkpoint.manifest import (
+    CHECKPOINTS,
     MANIFEST,
     check_files,
     list_checkpoints,
@@ -37,7 +38,7 @@ def find_checkpoint(run: Path, step: int | None) -> Path:
         if step is not None:
             raise ExportError(f"{run} is a single checkpoint directory; --step only applies to a run directory")
         return run
-    root = run / "checkpoints"
+    root = run / CHECKPOINTS
     available = [path.name for _, path in list_checkpoints(root)]
     if not available:
         raise ExportError(f"no checkpoints under {root} (is {run} a run directory of caduceus-dist?)")

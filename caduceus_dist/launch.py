@@ -5,6 +5,7 @@
     python -m caduceus_dist.launch --config recipes/cpu_demo.yaml --local --gpus-per-node 0 --tasks-per-node 2 --wait
     python -m caduceus_dist.launch torchrun [torchrun options] recipes/pretrain.py --config ...
     eval "$(python -m caduceus_dist.launch rendezvous)"     # MASTER_ADDR / MASTER_PORT of a SLURM job
+    python -m caduceus_dist.launch preempted --config ...    # exit 0: this attempt stopped for a requeue
 
 Submitit runs one task per rank (tasks = nodes x GPUs per node); each task starts `recipes/pretrain.py`
 as a child with torch.distributed's environment derived from SLURM's. Preemption and the pre-timeout
@@ -67,16 +68,16 @@ def job_port(job_id: str) -> int:
     return 20000 + number % 20000
 
 
-def rendezvous_lines() -> str:
-    """`MASTER_ADDR=... MASTER_PORT=...` for the batch script of a SLURM job (the first node of the
+def rendezvous(argv: list[str]) -> int:
+    """Print `MASTER_ADDR=... MASTER_PORT=...` for the batch script of a SLURM job (the first node of the
     allocation), so slurm/pretrain.sh and the Submitit launcher derive them the same way."""
     try:
         nodes = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
                                capture_output=True, text=True, check=True).stdout.split()
     except (KeyError, OSError, subprocess.CalledProcessError) as err:
         raise SystemExit(f"rendezvous: needs a SLURM job (SLURM_JOB_NODELIST, SLURM_JOB_ID) and scontrol: {err}") from None
-    return (f"MASTER_ADDR={shlex.quote(node_address(nodes[0]))} "
-            f"MASTER_PORT={job_port(os.environ['SLURM_JOB_ID'])}")
+    print(f"MASTER_ADDR={shlex.quote(node_address(nodes[0]))} MASTER_PORT={job_port(os.environ['SLURM_JOB_ID'])}")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -289,13 +290,34 @@ def submit(argv: list[str]):
     return job, args
 
 
+def preempted(argv: list[str]) -> int:
+    """Exit 0 when the run's own files say that this job attempt stopped for a requeue (see
+    manifest.preemption_verdict), 1 otherwise; one line saying why either way."""
+    from caduceus_dist.checkpoint.manifest import CHECKPOINTS, preemption_verdict
+    from caduceus_dist.config import ConfigError, load_job_config
+
+    parser = argparse.ArgumentParser(prog="python -m caduceus_dist.launch preempted")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    try:
+        run_dir = Path(load_job_config(args.config, args.overrides).run_dir)
+    except ConfigError as err:
+        print(f"cannot read the run's config: {err}", flush=True)
+        return 1
+    requeue, why = preemption_verdict(run_dir / CHECKPOINTS)
+    print(why, flush=True)
+    return 0 if requeue else 1
+
+
+# helpers of slurm/pretrain.sh, by first argument; anything else submits a Submitit job
+SUBCOMMANDS = {"torchrun": torchrun, "rendezvous": rendezvous, "preempted": preempted}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["torchrun"]:
-        return torchrun(argv[1:])
-    if argv[:1] == ["rendezvous"]:
-        print(rendezvous_lines())
-        return 0
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:])
     job, args = submit(argv)
     if not args.wait:
         return 0

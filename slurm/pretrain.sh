@@ -8,9 +8,10 @@
 #
 # Preemption: SLURM sends USR2 to this shell GRACE seconds before the time limit (--signal=B:USR2@GRACE,
 # or `scancel --batch --signal=USR2 JOB`); the shell forwards it to the training processes, which agree
-# at the next step boundary, save a checkpoint together and exit 75. Only then does the shell requeue
-# the job (`scontrol requeue`); the requeued run resumes from RUN/checkpoints/latest. Any other exit
-# code is a real failure: the job fails once, with the error in this log, and is not requeued.
+# at the next step boundary, save a checkpoint together, record the preemption (RUN/checkpoints/
+# preempted.json) and exit 75. Only then does the shell requeue the job (`scontrol requeue`), deciding
+# from that record rather than srun's exit code; the requeued run resumes from RUN/checkpoints/latest.
+# Anything else is a real failure: the job fails once, with the error in this log, and is not requeued.
 #
 # Environment knobs: CPU=1 (force CPU mode), PROCS_PER_NODE (training processes per node; default: GPUs
 # on the node, or 1 on CPU nodes), CADUCEUS_HOME (the checkout; default: the submit directory),
@@ -111,22 +112,31 @@ done
 wait "$STEP_PID"
 RC=$?
 
-case $RC in
-  0)
-    log "training finished"
-    exit 0 ;;
-  75)
-    if [ "$RESTARTS" -ge "$MAX_REQUEUES" ]; then
-      log "checkpoint saved, but the job was already requeued $RESTARTS times (MAX_REQUEUES=$MAX_REQUEUES): not requeueing; resubmit to resume"
-      exit 75
-    fi
-    log "checkpoint saved (exit 75): requeueing job $SLURM_JOB_ID; the next run resumes from latest"
-    if scontrol requeue "$SLURM_JOB_ID"; then
-      exit 0
-    fi
-    log "SLURM refused the requeue (job cancelled or past its time limit?): resubmit the same command to resume from latest"
-    exit 75 ;;
-  *)
-    log "training failed with exit code $RC${SIGNALLED:+ after SIG$SIGNALLED}: not a preemption, so the job is not requeued (errors above)"
-    exit "$RC" ;;
-esac
+if [ "$RC" = 0 ]; then
+  log "training finished"
+  exit 0
+fi
+
+# Requeue on the run's own record, not on srun's code: on several nodes the first to exit 75 gets the
+# others' tasks killed (--kill-on-bad-exit), and srun then reports their code. The record names this
+# job attempt and the checkpoint `latest` named when the ranks agreed to stop (docs/resume.md §7).
+VERDICT=$("$PYTHON" -m caduceus_dist.launch preempted --config "$CONFIG" "$@" 2>&1)
+if [ $? != 0 ]; then
+  log "training failed with exit code $RC${SIGNALLED:+ after SIG$SIGNALLED}: not a preemption ($VERDICT), so the job is not requeued (errors above)"
+  exit "$RC"
+fi
+if [ "$RC" = 75 ]; then
+  log "checkpoint saved (exit 75): $VERDICT"
+else
+  log "srun exited with $RC, but $VERDICT (a node that exited later was killed by srun)"
+fi
+if [ "$RESTARTS" -ge "$MAX_REQUEUES" ]; then
+  log "the job was already requeued $RESTARTS times (MAX_REQUEUES=$MAX_REQUEUES): not requeueing; resubmit to resume"
+  exit 75
+fi
+log "requeueing job $SLURM_JOB_ID; the next run resumes from latest"
+if scontrol requeue "$SLURM_JOB_ID"; then
+  exit 0
+fi
+log "SLURM refused the requeue (job cancelled or past its time limit?): resubmit the same command to resume from latest"
+exit 75

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from caduceus_dist.checkpoint import CheckpointConfig, CheckpointError, CheckpointManager, rng
-from caduceus_dist.checkpoint.manifest import read_latest, relative_files
+from caduceus_dist.checkpoint.manifest import preemption_verdict, read_latest, relative_files
 from caduceus_dist.config import JobConfig
 from caduceus_dist.distributed import DistContext
 from caduceus_dist.engine import build_engine
@@ -279,6 +279,37 @@ def test_preemption_signal_saves_and_requests_exit(tmp_path, name, other):
     assert ckpts(tmp_path) == ["step_000003"] and read_latest(tmp_path / "checkpoints") == "step_000003"
     run.close()
     assert (signal.getsignal(sig), signal.getsignal(untouched)) == previous
+
+
+@pytest.mark.parametrize("signame", ["SIGUSR2", "SIGINT"])
+def test_a_preemption_leaves_the_record_a_batch_script_requeues_on(tmp_path, monkeypatch, signame):
+    """slurm/pretrain.sh requeues on this record, not on srun's exit code (docs/resume.md §7)."""
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    root = tmp_path / "checkpoints"
+    run = Run(tmp_path, make_cfg(every=100, preemption_signals=["SIGUSR2"]))
+    run.train(2)
+    assert preemption_verdict(root)[0] is False
+    os.kill(os.getpid(), signal.Signals[signame])
+    run.train(6)
+    run.close()
+    requeue, why = preemption_verdict(root)
+    if signame == "SIGINT":  # Ctrl-C saves too, but is never requeued
+        assert not requeue and "did not stop for a requeue" in why
+        return
+    assert requeue and why == ("the ranks stopped at step 3 (preemption signal); the requeued job resumes "
+                               "from step_000003")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert "belongs to another job attempt" in preemption_verdict(root)[1]
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    (root / "latest").write_text("step_000001\n")
+    assert preemption_verdict(root) == (False, "`latest` names step_000001, not step_000003 as at the preemption")
+    (root / "latest").write_text("step_000003\n")
+    (root / "step_000003" / "manifest.json").rename(root / "manifest.json.away")
+    assert preemption_verdict(root) == (False, f"{root / 'step_000003'} has no manifest.json")
+    (root / "manifest.json.away").rename(root / "step_000003" / "manifest.json")
+    Run(tmp_path, make_cfg(every=100)).close()  # the next attempt starts: the record is spent
+    assert not (root / "preempted.json").exists()
 
 
 def test_async_save_gives_the_same_checkpoints_and_resume(tmp_path):

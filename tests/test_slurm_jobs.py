@@ -190,7 +190,8 @@ def test_sbatch_usr2_checkpoints_requeues_and_resumes_bitwise(jobs, shards, refe
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, text)
     first_run = text.split("SLURM_RESTART_COUNT=1 ", 1)[0]
     assert first_run.index("received SIGUSR2: forwarding it") < first_run.index("caduceus-dist: engine"), first_run
-    assert "checkpoint saved (exit 75): requeueing job" in text
+    assert re.search(r"(checkpoint saved \(exit 75\): |srun exited with \d+, but )the ranks stopped at step", text)
+    assert f"requeueing job {job_id}; the next run resumes from latest" in text
     assert "SLURM_RESTART_COUNT=0 " in text
     preempted = preempted_checkpoint_steps(run_dir)
     assert len(preempted) == 1 and 1 <= preempted[0] < MAX_STEPS, preempted
@@ -202,6 +203,28 @@ def test_sbatch_usr2_checkpoints_requeues_and_resumes_bitwise(jobs, shards, refe
     ref_step, ref_state = final_state(reference[3])
     assert step == ref_step == MAX_STEPS
     assert_bitwise_equal(state, ref_state, "final state")
+
+
+def test_sbatch_requeues_when_srun_kills_a_late_node_after_the_preemption(jobs, shards, reference, tmp_path):
+    """Node 1's launcher ends a minute after its trainer: node 0 exits 75 first, srun kills node 1
+    (--kill-on-bad-exit) and reports that, not 75. The script reads the run's own record instead."""
+    run_dir = tmp_path / "run"
+    job_id, log = jobs.sbatch(tmp_path, "cpu_demo", f"run_dir={run_dir}", f"data.shards={shards}", *TINY,
+                              FORWARD_EVERY="1", CADUCEUS_PYTHON=str(REPO / "tests" / "late_teardown_python.sh"),
+                              REAL_PYTHON=sys.executable)
+    jobs.signal_at_step(job_id, log, step=5, batch=True)
+    info = jobs.wait_done(job_id, log)
+    text = read(log)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, text)
+    first_run = text.split("SLURM_RESTART_COUNT=1 ", 1)[0]
+    srun_code = re.search(r"srun exited with (\d+), but the ranks stopped at step (\d+)", first_run)
+    assert srun_code and srun_code.group(1) != "75", first_run  # the race happened, and was recognised
+    preempted = preempted_checkpoint_steps(run_dir)
+    assert preempted == [int(srun_code.group(2))], preempted
+    assert f"resumed at step {preempted[0]}" in text
+    step, state = final_state(run_dir)
+    assert step == MAX_STEPS
+    assert_bitwise_equal(state, final_state(reference[3])[1], "final state")
 
 
 def test_submitit_preemption_requeues_and_resumes_bitwise(jobs, shards, reference, tmp_path):
@@ -236,7 +259,7 @@ def test_sbatch_bad_config_fails_once_without_requeue(jobs, shards, tmp_path):
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", (info, text)
     assert info["ExitCode"] == "2:0", info  # the trainer's config-error code, through torchrun and srun
     assert "unknown key 'train.max_stepz'" in text and "config error" in text
-    assert "not a preemption, so the job is not requeued" in text
+    assert "not a preemption (cannot read the run's config: " in text and "so the job is not requeued" in text
     assert text.count("SLURM_RESTART_COUNT=") == 1
     assert not (run_dir / "checkpoints").exists()
 

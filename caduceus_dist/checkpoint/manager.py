@@ -34,12 +34,16 @@ from omegaconf import OmegaConf
 from caduceus_dist.checkpoint import restore, rng
 from caduceus_dist.checkpoint.config import CheckpointConfig
 from caduceus_dist.checkpoint.manifest import (
+    CHECKPOINTS,
     LATEST,
     MANIFEST,
+    PREEMPTED,
     TMP_SUFFIX,
     build_manifest,
+    clear_preemption,
     fsync_dirs,
     read_latest,
+    record_preemption,
     relative_files,
     remove_tree,
     step_dir_name,
@@ -79,7 +83,7 @@ class CheckpointManager:
         self.engine = engine
         self.rank, self.world_size = engine.rank, engine.world_size
         self.run_dir = Path(run_dir)
-        self.root = self.run_dir / "checkpoints"
+        self.root = self.run_dir / CHECKPOINTS
         self.max_steps = int(job_cfg.train.max_steps)
         self.seed = int(job_cfg.train.seed)
         self.resolved_config = restore.plain_config(job_cfg)
@@ -128,7 +132,19 @@ class CheckpointManager:
         self._preempting = preempted
         if due and step != self._last_step:
             self.save(step, client_state_fn(), blocking=preempted or step >= self.max_steps)
+        if preempted and not self.interrupted:
+            self._record_stop(step, "preemption signal")
         return preempted
+
+    def _record_stop(self, step: int, reason: str) -> None:
+        """Rank 0 leaves the record a batch script requeues on (manifest.preemption_verdict)."""
+        if self.rank != 0:
+            return
+        try:
+            record_preemption(self.root, step, reason)
+        except OSError as err:
+            log.error("cannot write %s (%s): a batch script will not requeue this job by itself; resubmit "
+                      "the same command to resume from %s", self.root / PREEMPTED, err, read_latest(self.root))
 
     def save(self, step: int, client_state: dict, blocking: bool | None = None) -> bool:
         """Collective save of `step`; False when the write failed (and `on_write_error=retry`)."""
@@ -295,6 +311,7 @@ class CheckpointManager:
                                        "command to resume from the previous checkpoint.")
         limit = self.cfg.max_failed_saves
         if limit and self._failed_in_a_row >= limit and not self._preempting:
+            self._record_stop(step, f"{self._failed_in_a_row} checkpoint saves in a row failed")
             raise CheckpointSavesKeepFailing(
                 message + f" {self._failed_in_a_row} saves in a row failed (checkpoint.max_failed_saves={limit}): "
                 f"stopping with exit {EXIT_PREEMPTED} so that the job is requeued (after space is freed, or on a "
@@ -375,6 +392,8 @@ class CheckpointManager:
     def resume(self) -> dict | None:
         """Collective: restore the newest valid checkpoint (per `checkpoint.resume`); None for a fresh start."""
         restore.remove_leftovers(self.root, self.rank)
+        if self.rank == 0:  # a new attempt: the previous one's requeue decision is spent
+            clear_preemption(self.root)
         if self._copies_for_node:  # staged copies of a crashed asynchronous save hold node memory
             shutil.rmtree(self._staging_dir(0).parent, ignore_errors=True)
         chosen = restore.select_checkpoint(self.root, self.cfg.resume, self.rank, self.world_size, self.cfg.verify)

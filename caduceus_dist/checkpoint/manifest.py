@@ -9,6 +9,8 @@
         rng/rank_00000.pt     Python, NumPy, torch CPU and CUDA generator states, one file per rank
         deepspeed/ | dcp/ | model_optim.pt   what the engine writes (ZeRO files, DCP shards, ...)
       step_000123.tmp/        a save in progress (or a crashed one; removed at the next start)
+      preempted.json          written when the ranks agreed to stop for a requeue (exit 75): which job
+                              attempt, at which step, and what `latest` named then (docs/resume.md §7)
 
 A directory without a manifest, or whose files do not match it, is not a checkpoint.
 """
@@ -23,8 +25,9 @@ import time
 from pathlib import Path
 
 import caduceus_dist
-from caduceus_dist.fsio import file_mismatch, fsync_path
+from caduceus_dist.fsio import atomic_write, file_mismatch, fsync_path
 
+CHECKPOINTS = "checkpoints"  # RUN/checkpoints
 MANIFEST = "manifest.json"
 LATEST = "latest"
 FORMAT = "caduceus-dist-checkpoint"
@@ -32,6 +35,7 @@ FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TMP_SUFFIX = ".tmp"
 TRASH_SUFFIX = ".trash"
+PREEMPTED = "preempted.json"
 
 
 def step_dir_name(step: int) -> str:
@@ -156,3 +160,47 @@ def check_files(directory: Path, expected: dict[str, dict], names: list[str], ve
                          "size": f"{name}: {size} bytes, manifest says {want['bytes']}",
                          "sha256": f"{name}: sha256 differs from the manifest (corrupt)"}[what])
     return problems
+
+
+# ---------------------------------------------------------------------------------------------------
+# The preemption record: how a batch script knows "requeue me" without trusting the exit code. On a
+# multi-node job the first node to exit 75 gets the others killed by srun (--kill-on-bad-exit), and
+# srun then reports their code, not 75.
+
+
+def job_attempt() -> dict[str, str]:
+    """The scheduler job and attempt of this process (empty outside SLURM)."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return {}
+    return {"job_id": os.environ["SLURM_JOB_ID"], "restart_count": os.environ.get("SLURM_RESTART_COUNT", "0")}
+
+
+def record_preemption(root: Path, step: int, reason: str) -> None:
+    """Rank 0, once the ranks agreed to stop with exit 75 (after the collective save, if it succeeded)."""
+    record = {"step": step, "latest": read_latest(root), "reason": reason, "job": job_attempt(),
+              "time_unix": time.time()}
+    atomic_write(root / PREEMPTED, json.dumps(record, indent=1) + "\n")
+
+
+def clear_preemption(root: Path) -> None:
+    (root / PREEMPTED).unlink(missing_ok=True)
+
+
+def preemption_verdict(root: Path) -> tuple[bool, str]:
+    """(requeue?, why): did this job attempt stop on an agreed preemption, with `latest` still naming the
+    checkpoint it saved? Decided from the run's own files only."""
+    try:
+        record = json.loads((root / PREEMPTED).read_text())
+    except FileNotFoundError:
+        return False, f"no {root / PREEMPTED}: the run did not stop for a requeue"
+    except (OSError, ValueError) as err:
+        return False, f"{root / PREEMPTED} is unreadable ({err})"
+    if record.get("job") != job_attempt():
+        return False, f"{root / PREEMPTED} belongs to another job attempt ({record.get('job')})"
+    latest = read_latest(root)
+    if latest != record.get("latest"):
+        return False, f"`latest` names {latest}, not {record.get('latest')} as at the preemption"
+    if latest is not None and not (root / latest / MANIFEST).is_file():
+        return False, f"{root / latest} has no {MANIFEST}"
+    where = f"resumes from {latest}" if latest else "starts again (no checkpoint yet)"
+    return True, f"the ranks stopped at step {record['step']} ({record['reason']}); the requeued job {where}"
