@@ -131,6 +131,8 @@ def load_manifest(root: str | os.PathLike) -> dict:
         ) from None
     except json.JSONDecodeError as exc:
         raise ShardFormatError(f"{path} is not valid JSON ({exc})") from None
+    except OSError as exc:  # a permission, a stale network mount
+        raise ShardFormatError(f"cannot read {path} ({exc.strerror or exc}): check the path and its filesystem") from None
     if manifest.get("format") != FORMAT_NAME:
         raise ShardFormatError(f"{path}: key 'format' is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
     if manifest.get("format_version") != FORMAT_VERSION:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -154,8 +156,9 @@ checked = []
 real = dataset._check_shard
 dataset._check_shard = lambda root, entry, verify: (checked.append(entry["tar"]), real(root, entry, verify))[1]
 dist.init_process_group("gloo")
+roots = sys.argv[1].split(",")  # one shard directory for all ranks, or one each
 try:
-    split = dataset.ShardSplit(sys.argv[1], "train", verify="sha256", on_corrupt=sys.argv[2])
+    split = dataset.ShardSplit(roots[dist.get_rank() % len(roots)], "train", verify="sha256", on_corrupt=sys.argv[2])
     result = {"skipped": [tar for tar, _ in split.skipped], "windows": len(split.sample_ids)}
 except Exception as err:
     result = {"error": f"{type(err).__name__}: {err}"}
@@ -165,19 +168,14 @@ dist.destroy_process_group()
 """
 
 
-@pytest.mark.distributed
-@pytest.mark.parametrize("on_corrupt", ["skip", "error"])
-def test_ranks_share_the_verification_and_agree_on_bad_shards(shards, free_port, on_corrupt):
-    """Every rank hashing every shard at every start costs the whole dataset per rank: each checks a share
-    (by bytes), and one gather gives all ranks the same verdict, so skipping is consistent and an error
-    stops every rank (none waits for a rank that already failed)."""
+def _run_ranks(roots: list[Path], on_corrupt: str, port: int) -> list[dict]:
+    """RANK_SCRIPT on two gloo ranks; each rank's RESULT."""
     import subprocess
     import sys
 
-    flip_byte(shards / "train" / "shard-000002.tar", 700)  # inside a sample: only sha256 sees it
-    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(shards), on_corrupt],
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, ",".join(map(str, roots)), on_corrupt],
                               env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                                   "MASTER_PORT": str(free_port)}, stdout=subprocess.PIPE, text=True)
+                                   "MASTER_PORT": str(port)}, stdout=subprocess.PIPE, text=True)
              for rank in range(2)]
     try:
         outputs = [proc.communicate(timeout=120)[0] for proc in procs]
@@ -187,6 +185,17 @@ def test_ranks_share_the_verification_and_agree_on_bad_shards(shards, free_port,
     results = [json.loads(line[len("RESULT "):]) for out in outputs for line in out.splitlines()
                if line.startswith("RESULT ")]
     assert len(results) == 2, outputs
+    return results
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("on_corrupt", ["skip", "error"])
+def test_ranks_share_the_verification_and_agree_on_bad_shards(shards, free_port, on_corrupt):
+    """Every rank hashing every shard at every start costs the whole dataset per rank: each checks a share
+    (by bytes), and one gather gives all ranks the same verdict, so skipping is consistent and an error
+    stops every rank (none waits for a rank that already failed)."""
+    flip_byte(shards / "train" / "shard-000002.tar", 700)  # inside a sample: only sha256 sees it
+    results = _run_ranks([shards], on_corrupt, free_port)
     checked = [set(r["checked"]) for r in results]
     manifest = json.loads((shards / "manifest.json").read_text())
     all_tars = {s["tar"] for s in manifest["splits"]["train"]["shards"]}
@@ -197,3 +206,27 @@ def test_ranks_share_the_verification_and_agree_on_bad_shards(shards, free_port,
     else:
         assert results[0]["error"] == results[1]["error"]
         assert "shard-000002.tar: sha256 does not match the manifest" in results[0]["error"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("other", ["missing", "different"])
+def test_a_rank_that_reads_no_or_another_manifest_stops_every_rank_naming_it(shards, tmp_path, free_port, other):
+    """A node with a stale mount or another copy of the shards: every rank stops with the same error,
+    naming that rank (before, rank 1 failed alone and rank 0 died later of a broken connection)."""
+    copy = tmp_path / "copy"
+    if other == "different":
+        shutil.copytree(shards, copy)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        manifest["note"] = "resharded elsewhere"
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+    results = _run_ranks([shards, copy], "error", free_port)
+    host = socket.gethostname()
+    if other == "missing":
+        assert results[0]["error"] == results[1]["error"], results
+        assert results[0]["error"].startswith(f"ShardFormatError: rank 1 on {host}: {copy}/manifest.json not found")
+        assert "rank 0" not in results[0]["error"]
+    else:  # each rank names the file it read
+        for root, result in zip([shards, copy], results, strict=True):
+            assert result["error"] == (f"ShardFormatError: {root}/manifest.json differs between ranks: rank 1 on "
+                                       f"{host} read another one than rank 0 on {host}; give every node the same "
+                                       "shard directory")

@@ -11,7 +11,10 @@ changed under a running job) always raise, naming the shard and sample.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,12 +77,35 @@ def _agreed_problems(root: Path, split: str, entries: list[dict], verify: str) -
     return {i: problem for part in gather_object(mine) for i, problem in sorted(part.items())}
 
 
+def _agreed_manifest(root: Path) -> dict:
+    """The manifest every rank read, or one error on every rank naming each rank that could not read it
+    (a node with a stale mount must not leave the others waiting at the next collective) or that reads
+    a different one (a node with another copy of the shards)."""
+    manifest, error = None, None
+    try:
+        manifest = load_manifest(root)
+    except ShardFormatError as err:
+        error = str(err)
+    digest = None if manifest is None else hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+    reports = gather_object((socket.gethostname(), error, digest))
+    errors = {e for _, e, _ in reports if e}
+    if len(errors) == 1 and all(e for _, e, _ in reports):  # the same problem everywhere: say it once
+        raise ShardFormatError(errors.pop())
+    if errors:
+        raise ShardFormatError("; ".join(f"rank {r} on {host}: {e}" for r, (host, e, _) in enumerate(reports) if e))
+    differing = [f"rank {r} on {host}" for r, (host, _, d) in enumerate(reports) if d != reports[0][2]]
+    if differing:
+        raise ShardFormatError(f"{root}/manifest.json differs between ranks: {', '.join(differing)} read another "
+                               f"one than rank 0 on {reports[0][0]}; give every node the same shard directory")
+    return manifest
+
+
 class ShardSplit:
     """The surviving shards of one split and O(1) access to any window by its sample id."""
 
     def __init__(self, root: str | Path, split: str, verify: str = "sha256", on_corrupt: str = "error"):
         self.root = Path(root)
-        self.manifest = load_manifest(self.root)
+        self.manifest = _agreed_manifest(self.root)
         splits = self.manifest["splits"]
         if split not in splits:
             raise ShardFormatError(f"{self.root}/manifest.json has no split '{split}' (it has {sorted(splits)}); "
