@@ -67,13 +67,16 @@ def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if is_collective() else (0, 1)
 
 
+def all_reduce_tensor(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Reduce a device tensor in place across ranks and return it, without reading it on the host."""
+    if is_collective():
+        dist.all_reduce(tensor, op=REDUCE_OPS[op])
+    return tensor
+
+
 def all_reduce(values: list, device: torch.device, op: str = "sum", dtype: torch.dtype = torch.float64) -> list:
-    """One collective for several scalars (float64 keeps token counts exact; int64 for flags and codes)."""
-    if not is_collective():
-        return torch.tensor(values, dtype=dtype).tolist()
-    buf = torch.tensor(values, dtype=dtype, device=device)
-    dist.all_reduce(buf, op=REDUCE_OPS[op])
-    return buf.tolist()
+    """One collective for several host scalars (float64 keeps token counts exact; int64 for flags and codes)."""
+    return all_reduce_tensor(torch.tensor(values, dtype=dtype, device=device), op).tolist()
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

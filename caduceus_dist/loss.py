@@ -48,11 +48,12 @@ def mlm_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> tuple[
 
 @dataclass
 class LossSums:
-    """One micro-batch's contribution: the summed loss (differentiable), its target count and hits."""
+    """One micro-batch's contribution, on the device: the summed loss (differentiable), its target count
+    and hits (integer 0-d tensors; nothing here reads a value on the host)."""
 
     loss_sum: Tensor
-    n_targets: int
-    n_correct: int
+    n_targets: Tensor
+    n_correct: Tensor
 
 
 class MaskedLMLoss:
@@ -60,12 +61,12 @@ class MaskedLMLoss:
 
     ignore_index = IGNORE_INDEX
 
-    def targets_in(self, micro_batches: list[dict]) -> int:
-        """Scored positions in this rank's micro-batches (the step all-reduces it before the forward)."""
-        return sum(int(count_targets(batch["targets"])) for batch in micro_batches)
+    def targets_in(self, targets: Tensor) -> Tensor:
+        """Scored positions of a micro-batch (the step all-reduces their sum before the forward)."""
+        return count_targets(targets)
 
     def __call__(self, logits: Tensor, targets: Tensor) -> LossSums:
         loss_sum, n_targets = mlm_loss(logits, targets, reduction="sum")
         with torch.no_grad():
-            n_correct = int(((logits.argmax(-1) == targets) & (targets != IGNORE_INDEX)).sum())
-        return LossSums(loss_sum, int(n_targets), n_correct)
+            n_correct = ((logits.argmax(-1) == targets) & (targets != IGNORE_INDEX)).sum()
+        return LossSums(loss_sum, n_targets, n_correct)

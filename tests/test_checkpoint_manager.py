@@ -75,7 +75,7 @@ class Run:
             ids = torch.randint(7, 11, (2, 32))
             keep = np.random.rand(2, 32) < 0.15 + 0.1 * random.random()
             targets = torch.where(torch.from_numpy(keep), ids, torch.full_like(ids, 4))
-            out = self.engine.train_step([{"input_ids": ids, "targets": targets}], lr=1e-2)
+            out = self.engine.train_step([{"input_ids": ids, "targets": targets}], lr=1e-2).reduce()
             self.step += 1
             losses[self.step] = out["loss"]
             if self.manager.after_step(self.step, lambda: {"step": self.step, "cursor": 1000 + self.step}):

@@ -82,7 +82,7 @@ def test_micro_batches_with_unequal_target_counts_equal_one_global_mean(process_
     reference = CaduceusForMaskedLM(cfg.model)
     engine = _engine(cfg)
     lr = 3e-3
-    out = engine.train_step([first, second], lr)
+    out = engine.train_step([first, second], lr).reduce()
     ref_loss, ref_norm = _reference_step(cfg, reference, [first, second], lr)
     assert out["loss"] == pytest.approx(ref_loss, rel=1e-6)
     assert out["grad_norm"] == pytest.approx(ref_norm, rel=1e-5)
@@ -102,7 +102,7 @@ def test_checkpoint_round_trip_continues_identically(process_group, tmp_path, en
     cfg = _job(f"engine.name={engine_name}")
     batches = [[_batch(10 + s, 2, 64, 0.15)] for s in range(4)]
     straight = _engine(cfg)
-    losses = [straight.train_step(b, 2e-3)["loss"] for b in batches]
+    losses = [straight.train_step(b, 2e-3).reduce()["loss"] for b in batches]
     final = _params(straight)
 
     first = _engine(cfg)
@@ -113,7 +113,7 @@ def test_checkpoint_round_trip_continues_identically(process_group, tmp_path, en
 
     resumed = _engine(cfg, seed=123)  # different init: everything must come from the checkpoint
     resumed.load_checkpoint(tmp_path / "ck", saved_world_size=1)
-    resumed_losses = [resumed.train_step(b, 2e-3)["loss"] for b in batches[2:]]
+    resumed_losses = [resumed.train_step(b, 2e-3).reduce()["loss"] for b in batches[2:]]
     assert resumed_losses == losses[2:]
     for key, value in _params(resumed).items():
         assert torch.equal(value, final[key]), key
@@ -159,7 +159,7 @@ def test_activation_checkpointing_changes_memory_not_math(process_group, engine_
     for checkpointing in ("false", "true"):
         cfg = _job(f"engine.name={engine_name}", "train.grad_accum=2", f"model.gradient_checkpointing={checkpointing}")
         engine = _engine(cfg)
-        out = engine.train_step(batches, 2e-3)
+        out = engine.train_step(batches, 2e-3).reduce()
         results.append((out["loss"], out["grad_norm"], _params(engine)))
     (loss_a, norm_a, params_a), (loss_b, norm_b, params_b) = results
     assert loss_a == loss_b and norm_a == pytest.approx(norm_b, rel=1e-6)

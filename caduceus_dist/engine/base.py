@@ -6,21 +6,46 @@ says which positions count), one all-reduce gives the global count N, and every 
 back-propagates `sum_of_its_losses * world / N`. Data-parallel wrappers average gradients over ranks,
 so the update is exactly the gradient of the global mean whatever the split into ranks and
 micro-batches (1 rank x 2 micro-batches equals 2 ranks x 1 micro-batch; docs/resume.md §3).
+
+No host syncs in the step: the target count is reduced on the device and the scale stays a device
+tensor; loss, hits and gradient norm come back as device tensors (`StepResult`), which the trainer
+reduces and reads only on the steps it reports (docs/training.md, "What a step costs").
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
 
-from caduceus_dist.distributed import DistContext, all_reduce
+from caduceus_dist.distributed import DistContext, all_reduce_tensor
 from caduceus_dist.loss import MaskedLMLoss
 from caduceus_dist.optim.adamw import set_lr
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # engine.config.PRECISION_NAMES
+
+
+@dataclass
+class StepResult:
+    """One optimizer step's figures, still on the device (float64 0-d tensors)."""
+
+    loss_sum: torch.Tensor  # this rank's summed loss
+    n_correct: torch.Tensor  # this rank's correct predictions among its targets
+    n_targets: torch.Tensor  # the global batch's target count (already reduced)
+    grad_norm: torch.Tensor  # the global gradient norm
+
+    def reduce(self) -> dict[str, float]:
+        """Collective, and a host sync: the global figures. Float64 sums keep the loss what it was when
+        every micro-batch's sum was read on the host (bitwise)."""
+        local = all_reduce_tensor(torch.stack([self.loss_sum, self.n_correct]))
+        loss_sum, n_correct, n_targets, grad_norm = torch.cat([local, torch.stack(
+            [self.n_targets, self.grad_norm])]).tolist()
+        denom = max(n_targets, 1.0)
+        return {"loss": loss_sum / denom, "accuracy": n_correct / denom, "grad_norm": grad_norm,
+                "n_targets": n_targets}
 
 
 @runtime_checkable
@@ -32,7 +57,7 @@ class Engine(Protocol):
     rank: int
     world_size: int
 
-    def train_step(self, micro_batches: list[dict], lr: float) -> dict[str, float]: ...
+    def train_step(self, micro_batches: list[dict], lr: float) -> StepResult: ...
 
     def eval_step(self, batch: dict) -> tuple[float, int, int]: ...
 
@@ -66,28 +91,24 @@ class TrainStepMixin:
         targets = batch["targets"].to(self.device, non_blocking=True).long()
         return ids, targets
 
-    def train_step(self, micro_batches: list[dict], lr: float) -> dict[str, float]:
+    def train_step(self, micro_batches: list[dict], lr: float) -> StepResult:
         set_lr(self.optimizer, lr)
-        (global_targets,) = all_reduce([self.loss.targets_in(micro_batches)], self.device)
-        scale = self.world_size / max(global_targets, 1.0)
-        loss_sum, n_correct = 0.0, 0
-        for index, batch in enumerate(micro_batches):
-            last = index == len(micro_batches) - 1
-            ids, targets = self._to_device(batch)
+        on_device = [self._to_device(batch) for batch in micro_batches]
+        local = sum(self.loss.targets_in(targets) for _, targets in on_device).to(torch.float64)
+        global_targets = all_reduce_tensor(local.reshape(1))[0]
+        # float64 division, then float32: what multiplying by the Python float world / N did
+        scale = (self.world_size / global_targets.clamp(min=1.0)).to(torch.float32)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        n_correct = torch.zeros((), dtype=torch.float64, device=self.device)
+        for index, (ids, targets) in enumerate(on_device):
+            last = index == len(on_device) - 1
             with self._accumulation_context(last):
                 sums = self.loss(self._forward(ids), targets)
                 self._backward(sums.loss_sum * scale, last)
-            loss_sum += float(sums.loss_sum.detach())
+            loss_sum += sums.loss_sum.detach().to(torch.float64)
             n_correct += sums.n_correct
-        grad_norm = self._optimizer_step()
-        loss_sum, n_correct = all_reduce([loss_sum, n_correct], self.device)
-        denom = max(global_targets, 1.0)
-        return {
-            "loss": loss_sum / denom,
-            "accuracy": n_correct / denom,
-            "grad_norm": grad_norm,
-            "n_targets": global_targets,
-        }
+        grad_norm = self._optimizer_step().to(torch.float64)
+        return StepResult(loss_sum, n_correct, global_targets, grad_norm)
 
     @torch.no_grad()
     def eval_step(self, batch: dict) -> tuple[float, int, int]:
@@ -96,7 +117,7 @@ class TrainStepMixin:
             ids = torch.full((1, ids.shape[1]), self.loss.ignore_index, dtype=ids.dtype, device=ids.device)
             targets = ids.clone()
         sums = self.loss(self._forward(ids), targets)
-        return float(sums.loss_sum), sums.n_targets, sums.n_correct
+        return float(sums.loss_sum), int(sums.n_targets), int(sums.n_correct)
 
     def _accumulation_context(self, last: bool):
         return contextlib.nullcontext()
@@ -107,7 +128,8 @@ class TrainStepMixin:
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
         raise NotImplementedError
 
-    def _optimizer_step(self) -> float:
+    def _optimizer_step(self) -> torch.Tensor:
+        """The update; returns the global gradient norm without reading it on the host."""
         raise NotImplementedError
 
 

@@ -43,14 +43,14 @@ class DDPEngine(TrainStepMixin):
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
         self.scaler.scale(loss).backward()
 
-    def _optimizer_step(self) -> float:
+    def _optimizer_step(self) -> torch.Tensor:
         self.scaler.unscale_(self.optimizer)
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def save_checkpoint(self, path: Path) -> None:
         if self.rank == 0:

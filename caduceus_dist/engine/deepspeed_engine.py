@@ -152,17 +152,19 @@ class DeepSpeedEngine(TrainStepMixin):
         if not last:
             self.ds.step()  # a no-op for DeepSpeed except counting the micro-step
 
-    def _optimizer_step(self) -> float:
+    def _optimizer_step(self) -> torch.Tensor:
         manual = self.ds.zero_optimization_stage() == 0 and not (self.ds.bfloat16_enabled() or self.ds.fp16_enabled())
         norm = self._local_grad_norm() if manual else None  # plain optimizer: DeepSpeed keeps no norm
         self.ds.step()
-        if norm is None:
+        if norm is None:  # a tensor or a Python float, as DeepSpeed's optimizer wrapper keeps it
             norm = self.ds.get_global_grad_norm()
-        return float(norm)
+            if not isinstance(norm, torch.Tensor):
+                norm = torch.tensor(norm, dtype=torch.float64, device=self.device)
+        return norm
 
-    def _local_grad_norm(self) -> float:
+    def _local_grad_norm(self) -> torch.Tensor:
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
     def save_checkpoint(self, path: Path) -> None:
         """DeepSpeed's native save; a local write error is raised only after DeepSpeed's own barriers,

@@ -54,14 +54,14 @@ class FSDP2Engine(TrainStepMixin):
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
         loss.backward()
 
-    def _optimizer_step(self) -> float:
+    def _optimizer_step(self) -> torch.Tensor:
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def save_checkpoint(self, path: Path) -> None:
         model_state, optim_state = get_state_dict(self.module, self.optimizer)

@@ -1,9 +1,11 @@
 """The one training loop, shared by every engine.
 
 Per optimizer step: take the step's micro-batches from the loader, set the LR from the schedule
-(a pure function of the step), let the engine do forward/backward/update, reduce the timing
-metrics across ranks, log, validate when due, and hand the step to the checkpoint manager, which
-saves when due or when a preemption was agreed on (then the run exits with code 75).
+(a pure function of the step), let the engine do forward/backward/update, and hand the step to the
+checkpoint manager, which saves when due or when a preemption was agreed on (then the run exits with
+code 75). Only every `logging.log_every` steps are the step's figures reduced across ranks and read
+on the host (and throughput measured over the steps since the last report); the other steps never
+wait for the device (docs/training.md, "What a step costs").
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ from caduceus_dist.distributed import (
     ranks_on_this_host,
 )
 from caduceus_dist.engine import build_engine
+from caduceus_dist.engine.base import StepResult
 from caduceus_dist.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED, ConfigError
 from caduceus_dist.loss import MaskedLMLoss
 from caduceus_dist.metrics.writer import MetricsWriter, eval_line, peak_flops, peak_memory_gib, train_line
 from caduceus_dist.model import CaduceusForMaskedLM, flops_per_token
 from caduceus_dist.optim.schedule import lr_at
 
-CURSOR_KEYS = ("tokens", "epoch", "position")  # the loader's global cursor, logged every step
+CURSOR_KEYS = ("tokens", "epoch", "position")  # the loader's global cursor, logged at every report
 
 
 def _check_writable(run_dir: Path) -> None:
@@ -54,6 +57,26 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _check_finite(step: int, figures: dict[str, float]) -> None:
+    if not math.isfinite(figures["loss"]):
+        raise FloatingPointError(f"training loss is {figures['loss']} at step {step}; stopping (the last checkpoint "
+                                 "is intact; lower optim.lr or use fp32/bf16)")
+
+
+class _Window:
+    """The steps since the last report: throughput is measured over them, so no step waits for the device."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.started, self.steps, self.tokens, self.data_wait = time.perf_counter(), 0, 0, 0.0
+
+    def add(self, tokens: int) -> None:
+        self.steps += 1
+        self.tokens += tokens
 
 
 class Trainer:
@@ -140,31 +163,27 @@ class Trainer:
             self.writer.print(f"resumed at step {step} from {self.run_dir}")
         self.writer.print(self._banner(step))
         self._batches = batches = self.stream.iterate(step)
+        window = _Window()
         while step < max_steps:
             start = time.perf_counter()
             batch = next(batches)
-            data_wait = time.perf_counter() - start
+            window.data_wait += time.perf_counter() - start
             if batch.step != step:
                 raise RuntimeError(f"loader yielded step {batch.step} where the trainer expected step {step}")
-            plan = batch.plan
             lr = lr_at(step, cfg.optim, cfg.schedule, max_steps)
-            out = engine.train_step(batch.micro_batches, lr)
+            result = engine.train_step(batch.micro_batches, lr)
             step += 1
-            consumed += plan.tokens_per_step
-            if not math.isfinite(out["loss"]):
-                raise FloatingPointError(f"training loss is {out['loss']} at step {step}; stopping "
-                                         "(the last checkpoint is intact; lower optim.lr or use fp32/bf16)")
-            elapsed = time.perf_counter() - start
-            step_time, data_wait, memory = all_reduce(
-                [elapsed, data_wait, peak_memory_gib(self.ctx.device)], self.ctx.device, op="max")
-            metrics = self._train_metrics(out, lr, plan, batch.state, step_time, data_wait, memory, consumed)
-            self.writer.scalars(step, metrics)
-            if step % cfg.logging.log_every == 0 or step == 1 or step == max_steps:
-                self.writer.print(train_line(step, max_steps, metrics))
+            consumed += batch.plan.tokens_per_step
+            window.add(batch.plan.tokens_per_step)
+            reported = step % cfg.logging.log_every == 0 or step == 1 or step == max_steps
+            if reported:  # the only steps that read the step's figures on the host
+                self._report(step, max_steps, result, lr, batch, consumed, window)
             if self.eval_loader is not None and (step % eval_every == 0 or step == max_steps):
                 self.evaluate(step)
 
-            def client_state(step=step, consumed=consumed, data=batch.state):
+            def client_state(step=step, consumed=consumed, data=batch.state, result=result, reported=reported):
+                if not reported:  # never save a model that has gone non-finite
+                    _check_finite(step, result.reduce())
                 return {"step": step, "data": data, "consumed_tokens": consumed}
 
             if self.manager.after_step(step, client_state):
@@ -179,20 +198,26 @@ class Trainer:
         self.close()
         return EXIT_OK
 
-    def _train_metrics(self, out, lr, plan, cursor, step_time, data_wait, memory, consumed) -> dict[str, float]:
-        tokens_per_s = plan.tokens_per_step / step_time
+    def _report(self, step: int, max_steps: int, result: StepResult, lr: float, batch, consumed: int,
+                window: _Window) -> None:
+        """Collective: reduce the step's figures and the window's timing (the slowest rank's), then log."""
+        figures = result.reduce()
+        _check_finite(step, figures)
+        seconds, data_wait, memory = all_reduce([time.perf_counter() - window.started, window.data_wait,
+                                                 peak_memory_gib(self.ctx.device)], self.ctx.device, op="max")
+        tokens_per_s = window.tokens / seconds
         per_device = tokens_per_s / self.ctx.world_size
-        flops = flops_per_token(self.cfg.model, plan.seq_len)
+        plan = batch.plan
         metrics = {
-            "train/loss": out["loss"],
-            "train/accuracy": out["accuracy"],
-            "train/grad_norm": out["grad_norm"],
+            "train/loss": figures["loss"],
+            "train/accuracy": figures["accuracy"],
+            "train/grad_norm": figures["grad_norm"],
             "train/lr": lr,
-            "train/n_targets": out["n_targets"],
+            "train/n_targets": figures["n_targets"],
             "perf/tokens_per_s": tokens_per_s,
             "perf/tokens_per_s_per_device": per_device,
-            "perf/step_time_s": step_time,
-            "perf/data_wait_fraction": data_wait / step_time,
+            "perf/step_time_s": seconds / window.steps,
+            "perf/data_wait_fraction": data_wait / seconds,
             "perf/peak_memory_gib": memory,
             "data/seq_len": plan.seq_len,
             "data/stage": plan.stage,
@@ -200,10 +225,12 @@ class Trainer:
             "data/consumed_tokens": consumed,
         }
         if self.peak_flops is not None:  # an unknown GPU: MFU is not reported rather than guessed
-            metrics["perf/mfu"] = flops * per_device / self.peak_flops
+            metrics["perf/mfu"] = flops_per_token(self.cfg.model, plan.seq_len) * per_device / self.peak_flops
         for key in CURSOR_KEYS:
-            metrics[f"data/cursor_{key}"] = cursor[key]
-        return metrics
+            metrics[f"data/cursor_{key}"] = batch.state[key]
+        self.writer.scalars(step, metrics)
+        self.writer.print(train_line(step, max_steps, metrics))
+        window.reset()
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
