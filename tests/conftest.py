@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# verified-shard stamps of this session's shard directories stay out of the user's ~/.cache
+os.environ.setdefault("CADUCEUS_CACHE", tempfile.mkdtemp(prefix="caduceus-test-cache-"))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = REPO_ROOT / "caduceus_dist" / "sample"

@@ -230,3 +230,53 @@ def test_a_rank_that_reads_no_or_another_manifest_stops_every_rank_naming_it(sha
             assert result["error"] == (f"ShardFormatError: {root}/manifest.json differs between ranks: rank 1 on "
                                        f"{host} read another one than rank 0 on {host}; give every node the same "
                                        "shard directory")
+
+
+def _hashed_tars(monkeypatch) -> list[str]:
+    """Records which shard tars get their sha256 computed (the index files are always hashed)."""
+    from caduceus_dist.data import dataset
+
+    hashed, real = [], dataset.sha256_file
+    monkeypatch.setattr(dataset, "sha256_file", lambda path: (hashed.append(Path(path).name), real(path))[1])
+    return hashed
+
+
+def test_a_second_start_trusts_the_verified_stamp_until_a_shard_changes(shards, tmp_path, monkeypatch):
+    """A requeue must not re-hash ~10 GB on every rank: shards verified before, with the same size and
+    mtime, are not hashed again; a shard rewritten since is, and its damage is found."""
+    monkeypatch.setenv("CADUCEUS_CACHE", str(tmp_path / "cache"))
+    hashed = _hashed_tars(monkeypatch)
+    TrainStream(cfg(shards))
+    tars = sorted(name for name in hashed if name.endswith(".tar"))
+    assert tars == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    hashed.clear()
+    TrainStream(cfg(shards))
+    assert [name for name in hashed if name.endswith(".tar")] == []
+    flip_byte(shards / "train" / "shard-000001.tar", 700)  # same size, new mtime
+    with pytest.raises(ShardFormatError, match=r"shard-000001\.tar: sha256 does not match the manifest"):
+        TrainStream(cfg(shards))
+    assert [name for name in hashed if name.endswith(".tar")] == ["shard-000001.tar"]
+
+
+def test_verify_cache_off_hashes_everything_even_a_shard_whose_mtime_was_put_back(shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("CADUCEUS_CACHE", str(tmp_path / "cache"))
+    TrainStream(cfg(shards))
+    tar = shards / "train" / "shard-000002.tar"
+    before = tar.stat()
+    flip_byte(tar, 700)
+    os.utime(tar, ns=(before.st_atime_ns, before.st_mtime_ns))  # what the quick check cannot see
+    TrainStream(cfg(shards))  # trusted: size and mtime as verified (docs/loading.md)
+    with pytest.raises(ShardFormatError, match=r"shard-000002\.tar: sha256 does not match the manifest"):
+        TrainStream(cfg(shards, verify_cache=False))
+
+
+def test_an_unwritable_stamp_cache_warns_and_still_verifies(shards, tmp_path, monkeypatch, caplog):
+    (tmp_path / "a_file").write_text("x")
+    monkeypatch.setenv("CADUCEUS_CACHE", str(tmp_path / "a_file"))
+    hashed = _hashed_tars(monkeypatch)
+    with caplog.at_level(logging.WARNING):
+        TrainStream(cfg(shards))
+        TrainStream(cfg(shards))
+    assert "cannot write the verified-shard stamp" in caplog.text
+    assert sorted(name for name in hashed if name.endswith(".tar")) == sorted(
+        ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"] * 2)

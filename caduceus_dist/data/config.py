@@ -93,6 +93,7 @@ class DataConfig:
     pin_memory: bool = True  # only takes effect where CUDA is available
     on_corrupt: str = "error"  # error | skip (drop a bad shard with a warning, counted)
     verify: str = "sha256"  # start-up check of every shard: sha256 (content) | size (size + index only)
+    verify_cache: bool = True  # sha256: skip shards verified before whose size and mtime are unchanged
     eval_seq_len: int | None = None  # None: seq_len
     eval_batch_size: int | None = None  # global sequences per eval batch; None: tokens_per_step / eval_seq_len
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)

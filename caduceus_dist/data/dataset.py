@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from caduceus_dist.distributed import gather_object, rank_and_world
-from caduceus_dist.fsio import balanced_shares, file_mismatch, sha256_file
+from caduceus_dist.fsio import atomic_write, balanced_shares, file_mismatch, sha256_file
 from caduceus_dist.shard_format import ShardFormatError, ShardReader, load_manifest, read_index
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,54 @@ def _check_shard(root: Path, entry: dict, verify: str) -> None:
                                f"restore it or rerun data_prep/shard_genome.py")
 
 
-def _agreed_problems(root: Path, split: str, entries: list[dict], verify: str) -> dict[int, str]:
+def stamp_dir() -> Path:
+    """Where verified stamps live: $CADUCEUS_CACHE/verified, else ~/.cache/caduceus_dist/verified."""
+    return Path(os.environ.get("CADUCEUS_CACHE") or Path.home() / ".cache" / "caduceus_dist") / "verified"
+
+
+class VerifiedStamp:
+    """The shards of one shard directory whose sha256 matched, with the size and mtime they had then.
+
+    A requeued job re-hashing ~10 GB on every rank costs minutes; a shard whose size and mtime are
+    what they were when it was hashed is trusted (its index is still hashed, and its size checked).
+    Keyed by the directory's absolute path and its manifest, so another copy or a reshard starts
+    afresh. Written by the first rank of each host; an unwritable cache only costs the next start.
+    """
+
+    def __init__(self, root: Path, manifest_digest: str):
+        key = hashlib.sha256(f"{root.resolve()}\n{manifest_digest}".encode()).hexdigest()[:32]
+        self.path = stamp_dir() / f"{key}.json"
+        try:
+            self.verified: dict[str, list[int]] = json.loads(self.path.read_text())["verified"]
+        except (OSError, ValueError, KeyError, TypeError):
+            self.verified = {}
+
+    @staticmethod
+    def signature(path: Path) -> list[int]:
+        stat = path.stat()
+        return [stat.st_size, stat.st_mtime_ns]
+
+    def trusts(self, root: Path, tar: str) -> bool:
+        try:
+            return self.verified.get(tar) == self.signature(root / tar)
+        except OSError:
+            return False
+
+    def record(self, root: Path, tars: list[str]) -> None:
+        try:
+            self.verified.update({tar: self.signature(root / tar) for tar in tars})
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.path, json.dumps({"root": str(root.resolve()), "verified": self.verified}))
+        except OSError as err:
+            log.warning("cannot write the verified-shard stamp %s (%s): the next start hashes the shards again",
+                        self.path, err)
+
+
+def _agreed_problems(root: Path, split: str, entries: list[dict], verify: str,
+                     stamp: VerifiedStamp | None) -> dict[int, str]:
     """Shard index -> what is wrong with it, the same on every rank: each rank checks its share (by bytes)
-    and one gather merges them (without other ranks, this process checks every shard)."""
+    and one gather merges them (without other ranks, this process checks every shard). Shards the
+    stamp trusts get the size and index checks only."""
     rank, world = rank_and_world()
     sizes = {str(i): int(entry.get("bytes", 0)) for i, entry in enumerate(entries)}
     share = [int(i) for i in balanced_shares(sizes, world)[rank]]
@@ -71,16 +117,18 @@ def _agreed_problems(root: Path, split: str, entries: list[dict], verify: str) -
                        if k not in entry]
             if missing:
                 raise ShardFormatError(f"{root}/manifest.json: splits.{split}.shards[{i}] lacks key(s) {missing}")
-            _check_shard(root, entry, verify)
+            trusted = verify == "sha256" and stamp is not None and stamp.trusts(root, entry["tar"])
+            _check_shard(root, entry, "size" if trusted else verify)
         except ShardFormatError as err:
             mine[i] = str(err)
     return {i: problem for part in gather_object(mine) for i, problem in sorted(part.items())}
 
 
-def _agreed_manifest(root: Path) -> dict:
+def _agreed_manifest(root: Path) -> tuple[dict, str, bool]:
     """The manifest every rank read, or one error on every rank naming each rank that could not read it
     (a node with a stale mount must not leave the others waiting at the next collective) or that reads
-    a different one (a node with another copy of the shards)."""
+    a different one (a node with another copy of the shards). Also: the manifest's digest, and whether
+    this rank is the first of its host (it writes the host's verified stamp)."""
     manifest, error = None, None
     try:
         manifest = load_manifest(root)
@@ -97,15 +145,18 @@ def _agreed_manifest(root: Path) -> dict:
     if differing:
         raise ShardFormatError(f"{root}/manifest.json differs between ranks: {', '.join(differing)} read another "
                                f"one than rank 0 on {reports[0][0]}; give every node the same shard directory")
-    return manifest
+    rank, _ = rank_and_world()
+    hosts = [host for host, _, _ in reports]
+    return manifest, digest, hosts.index(hosts[rank]) == rank
 
 
 class ShardSplit:
     """The surviving shards of one split and O(1) access to any window by its sample id."""
 
-    def __init__(self, root: str | Path, split: str, verify: str = "sha256", on_corrupt: str = "error"):
+    def __init__(self, root: str | Path, split: str, verify: str = "sha256", on_corrupt: str = "error",
+                 use_stamps: bool = True):
         self.root = Path(root)
-        self.manifest = _agreed_manifest(self.root)
+        self.manifest, digest, writes_stamp = _agreed_manifest(self.root)
         splits = self.manifest["splits"]
         if split not in splits:
             raise ShardFormatError(f"{self.root}/manifest.json has no split '{split}' (it has {sorted(splits)}); "
@@ -115,7 +166,10 @@ class ShardSplit:
                                    f"expected a positive integer")
         self.split, self.window = split, int(self.manifest["window"])
         entries = splits[split].get("shards", [])
-        problems = _agreed_problems(self.root, split, entries, verify)
+        stamp = VerifiedStamp(self.root, digest) if use_stamps and verify == "sha256" else None
+        problems = _agreed_problems(self.root, split, entries, verify, stamp)
+        if stamp is not None and writes_stamp:
+            stamp.record(self.root, [e["tar"] for i, e in enumerate(entries) if i not in problems])
         self.shards: list[ShardEntry] = []
         self.skipped: list[tuple[str, str]] = []  # (tar path, reason)
         for i, entry in enumerate(entries):

@@ -121,7 +121,7 @@ def masking_policy(cfg: DataConfig) -> MaskingPolicy:
 
 
 def open_split(cfg: DataConfig, split: str) -> ShardSplit:
-    return ShardSplit(cfg.shards, split, verify=cfg.verify, on_corrupt=cfg.on_corrupt)
+    return ShardSplit(cfg.shards, split, verify=cfg.verify, on_corrupt=cfg.on_corrupt, use_stamps=cfg.verify_cache)
 
 
 @dataclass
