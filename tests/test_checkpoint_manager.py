@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint import FileSystemReader
 
 from caduceus_dist.checkpoint import CheckpointConfig, CheckpointError, CheckpointManager, rng
 from caduceus_dist.checkpoint.manifest import preemption_verdict, read_latest, relative_files
@@ -103,7 +104,8 @@ def test_save_writes_verified_layout(tmp_path):
     manifest = json.loads((directory / "manifest.json").read_text())
     assert manifest["step"] == 6 and manifest["world_size"] == 1 and manifest["engine"] == "ddp"
     assert sorted(manifest["files"]) == relative_files(directory)
-    assert {"config.yaml", "trainer_state.pt", "rng/rank_00000.pt", "model_optim.pt"} <= set(manifest["files"])
+    assert {"config.yaml", "trainer_state.pt", "rng/rank_00000.pt", "dcp/.metadata", "dcp/__0_0.distcp"} <= set(
+        manifest["files"])
     for name, entry in manifest["files"].items():
         data = (directory / name).read_bytes()
         assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -138,7 +140,7 @@ def _save_six(tmp_path: Path) -> Path:
 
 def test_corrupt_newest_falls_back_with_report(tmp_path, caplog):
     root = _save_six(tmp_path)
-    engine_file = root / "step_000006" / "model_optim.pt"
+    engine_file = root / "step_000006" / "dcp" / "__0_0.distcp"
     data = bytearray(engine_file.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, different content: only the checksum can tell
     engine_file.write_bytes(bytes(data))
@@ -147,7 +149,7 @@ def test_corrupt_newest_falls_back_with_report(tmp_path, caplog):
     run.close()
     assert run.step == 4
     assert "step_000006 is incomplete or corrupt" in caplog.text
-    assert "model_optim.pt: sha256 differs from the manifest" in caplog.text
+    assert "dcp/__0_0.distcp: sha256 differs from the manifest" in caplog.text
     assert "falling back to" in caplog.text and "step_000004" in caplog.text
 
 
@@ -326,8 +328,13 @@ def test_async_save_gives_the_same_checkpoints_and_resume(tmp_path):
         sync_files = json.loads((tmp_path / "sync" / "checkpoints" / name).read_text())["files"]
         async_files = json.loads((tmp_path / "async" / "checkpoints" / name).read_text())["files"]
         del sync_files["config.yaml"], async_files["config.yaml"]  # differs by the async keys only
-        assert async_files == sync_files  # byte-identical engine, RNG and trainer-state files
-    assert list(staging.rglob("*.pt")) == []  # the staging copies are freed
+        # DCP's metadata records the directory it was written in (staging, or step_N.tmp)
+        sync_meta, async_meta = (FileSystemReader(run / "checkpoints" / f"step_{step:06d}" / "dcp").read_metadata()
+                                 for run in (tmp_path / "sync", tmp_path / "async"))
+        assert sync_meta.state_dict_metadata == async_meta.state_dict_metadata
+        del sync_files["dcp/.metadata"], async_files["dcp/.metadata"]
+        assert async_files == sync_files  # byte-identical tensors, RNG and trainer-state files
+    assert not [p for p in staging.rglob("*") if p.is_file()]  # the staging copies are freed
     (tmp_path / "async" / "checkpoints" / "step_000006" / "manifest.json").unlink()
     resumed = Run(tmp_path / "async", make_cfg(async_save=True, async_staging_dir=str(staging)))
     resumed.close()

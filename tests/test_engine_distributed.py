@@ -7,6 +7,7 @@ equivalence end to end. Losses are read back from the runs' TensorBoard files.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -148,3 +149,57 @@ def test_ddp_two_ranks_times_one_micro_batch_equals_one_rank_times_two(sample_sh
     got = [v for _, v in scalars["train/grad_norm"]]
     want = [v for _, v in single_process_reference["train/grad_norm"]]
     assert got == pytest.approx(want, rel=LOSS_RTOL)
+
+
+DDP_IO_SCRIPT = """
+import json, os, sys, torch, torch.distributed as dist
+from torch.distributed.checkpoint import filesystem
+sys.path.insert(0, sys.argv[2])
+from test_engine_units import _batch, _job
+from caduceus_dist.distributed import init_distributed
+from caduceus_dist.engine import build_engine
+from caduceus_dist.model import CaduceusForMaskedLM
+
+reads, real_read = [], filesystem.FileSystemReader.read_data
+filesystem.FileSystemReader.read_data = lambda self, plan, planner: (reads.append(len(plan.items)),
+                                                                    real_read(self, plan, planner))[1]
+cfg = _job("engine.name=ddp")
+ctx = init_distributed("cpu")
+torch.manual_seed(0)
+engine = build_engine(cfg, CaduceusForMaskedLM(cfg.model), ctx, micro_batch=2)
+for k in range(2):
+    engine.train_step([_batch(k, 2, 64, 0.15)], 2e-3)
+engine.save_checkpoint(sys.argv[1])
+dist.barrier()
+torch.manual_seed(ctx.rank + 7)  # other weights on every rank: only the restore can make them equal
+fresh = build_engine(cfg, CaduceusForMaskedLM(cfg.model), ctx, micro_batch=2)
+fresh.load_checkpoint(sys.argv[1], 2)
+same = all(torch.equal(a, b) for a, b in zip(engine.full_state_dict().values(), fresh.full_state_dict().values()))
+losses = [e.train_step([_batch(9, 2, 64, 0.15)], 2e-3).reduce()["loss"] for e in (engine, fresh)]
+print("RESULT " + json.dumps({"reads": reads, "same_weights": same, "losses": losses}), flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.distributed
+def test_ddp_checkpoint_is_written_by_all_ranks_and_read_once(tmp_path, free_port):
+    """DDP replicas: DCP stores each tensor once, so the ranks share the writing; at resume rank 0 reads
+    and broadcasts (before, rank 0 wrote the whole file and every rank read all of it)."""
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port),
+           "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", DDP_IO_SCRIPT, str(tmp_path / "ckpt"), str(REPO / "tests")],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, cwd=REPO) for r in range(2)]
+    try:
+        outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    results = [json.loads(line[7:]) for out in outputs for line in out.splitlines() if line.startswith("RESULT ")]
+    assert len(results) == 2, outputs[0][-3000:]
+    files = {p.name: p.stat().st_size for p in (tmp_path / "ckpt" / "dcp").glob("*.distcp")}
+    total = sum(files.values())
+    assert sorted(files) == ["__0_0.distcp", "__1_0.distcp"] and min(files.values()) > total / 4, files
+    assert results[0]["reads"] and not results[1]["reads"]  # rank 0 read, rank 1 received
+    for result in results:
+        assert result["same_weights"] and result["losses"][0] == result["losses"][1]

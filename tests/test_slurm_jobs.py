@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ddp_checkpoint import read_ddp_checkpoint
 from slurm_cluster import slurm_cluster  # noqa: F401  (pytest fixture)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.distributed]
@@ -113,9 +114,9 @@ def read(path: Path) -> str:
 def final_state(run_dir: Path) -> tuple[int, dict]:
     """(step, {model, optimizer}) of the checkpoint `latest` points to."""
     latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
-    state = torch.load(latest / "model_optim.pt", map_location="cpu", weights_only=False)
+    state = read_ddp_checkpoint(latest)
     step = int(re.search(r"(\d+)$", latest.name).group(1))
-    return step, {"model": state["model"], "optimizer": state["optimizer"]}
+    return step, {"model": state["model"], "optimizer": state["optim"]}
 
 
 def assert_bitwise_equal(actual, expected, where: str = "") -> None:

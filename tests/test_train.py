@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from ddp_checkpoint import read_ddp_checkpoint
 from test_engine_distributed import pretrain_cmd, read_scalars, run_job
 
 from caduceus_dist.config import load_job_config
@@ -95,8 +96,7 @@ def test_validation_metrics_match_an_independent_evaluation(quickstart_run):
     cwd, run_dir, _ = quickstart_run
     cfg = load_job_config(run_dir / "config.yaml", [f"data.shards={cwd / 'data' / 'shards' / 'sample'}"])
     model = CaduceusForMaskedLM(cfg.model)
-    state = torch.load(run_dir / "checkpoints" / "step_000008" / "model_optim.pt", weights_only=True)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(read_ddp_checkpoint(run_dir / "checkpoints" / "step_000008")["model"])
     logits, targets = [], []
     with torch.no_grad():
         for batch in build_eval_loader(cfg.data, "valid", 0, 1, cfg.train.eval_batches, train_seed=cfg.train.seed):

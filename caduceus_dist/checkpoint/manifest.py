@@ -7,7 +7,8 @@
         config.yaml           the resolved job config of the run that wrote it
         trainer_state.pt      client state: step, data cursor, curriculum stage, scheduler ...
         rng/rank_00000.pt     Python, NumPy, torch CPU and CUDA generator states, one file per rank
-        deepspeed/ | dcp/ | model_optim.pt   what the engine writes (ZeRO files, DCP shards, ...)
+        deepspeed/ | dcp/       what the engine writes (ZeRO files; DCP files of DDP and FSDP2;
+                                `model_optim.pt` in DDP checkpoints of caduceus-dist 0.1)
       step_000123.tmp/        a save in progress (or a crashed one; removed at the next start)
       preempted.json          written when the ranks agreed to stop for a requeue (exit 75): which job
                               attempt, at which step, and what `latest` named then (docs/resume.md §7)

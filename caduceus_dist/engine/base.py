@@ -25,6 +25,7 @@ from caduceus_dist.distributed import DistContext, all_reduce_tensor
 from caduceus_dist.loss import MaskedLMLoss
 from caduceus_dist.optim.adamw import set_lr
 
+DCP_DIR = "dcp"  # where the DDP and FSDP2 engines keep their torch.distributed.checkpoint files
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # engine.config.PRECISION_NAMES
 
 

@@ -1,4 +1,11 @@
-"""Plain PyTorch: one process, or DistributedDataParallel over several (the simplest baseline)."""
+"""Plain PyTorch: one process, or DistributedDataParallel over several (the simplest baseline).
+
+Checkpoints go through torch.distributed.checkpoint, as FSDP2's do: DCP stores a tensor that every
+rank holds once, so the ranks split the writing of a save. Every rank needs the whole state back, so
+at resume rank 0 reads the checkpoint once and broadcasts it (N readers of the same file would put N
+times the checkpoint through the file system). Checkpoints of caduceus-dist 0.1 (`model_optim.pt`,
+written by rank 0) still load.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +13,21 @@ import contextlib
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.nn.parallel import DistributedDataParallel
 
-from caduceus_dist.distributed import DistContext
-from caduceus_dist.engine.base import TrainStepMixin, autocast, fp32_cpu
+from caduceus_dist.distributed import DistContext, broadcast_object
+from caduceus_dist.engine.base import DCP_DIR, TrainStepMixin, autocast, fp32_cpu
 from caduceus_dist.loss import MaskedLMLoss
 from caduceus_dist.optim.adamw import build_optimizer
 
-STATE_FILE = "model_optim.pt"
+LEGACY_FILE = "model_optim.pt"  # the DDP checkpoint of caduceus-dist 0.1
 
 
 class DDPEngine(TrainStepMixin):
@@ -52,15 +66,30 @@ class DDPEngine(TrainStepMixin):
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
+    def _state(self) -> dict:
+        """Model and optimizer keyed by parameter name (DCP's form), and the fp16 loss scaler."""
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        return {"model": model_state, "optim": optim_state, "scaler": self.scaler.state_dict()}
+
     def save_checkpoint(self, path: Path) -> None:
-        if self.rank == 0:
-            state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                     "scaler": self.scaler.state_dict()}
-            torch.save(state, Path(path) / STATE_FILE)
+        dcp.save(self._state(), checkpoint_id=str(Path(path) / DCP_DIR))
 
     def load_checkpoint(self, path: Path, saved_world_size: int) -> None:
-        # Full replicas: the file is the same whatever the number of ranks that wrote or reads it.
-        state = torch.load(Path(path) / STATE_FILE, map_location=self.device, weights_only=True)
+        # Full replicas: the files are the same whatever the number of ranks that wrote or read them.
+        if (Path(path) / LEGACY_FILE).exists():
+            self._load_legacy(Path(path) / LEGACY_FILE)
+            return
+        state = self._state() if self.rank == 0 else {"model": {}, "optim": {}, "scaler": None}
+        if self.rank == 0:
+            dcp.load(state, checkpoint_id=str(Path(path) / DCP_DIR), no_dist=True)
+        # one call each: set_state_dict would skip the model on the ranks that pass it empty
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=self.world_size > 1)
+        set_model_state_dict(self.module, state["model"], options=options)
+        set_optimizer_state_dict(self.module, self.optimizer, state["optim"], options=options)
+        self.scaler.load_state_dict(broadcast_object(state["scaler"]))
+
+    def _load_legacy(self, file: Path) -> None:
+        state = torch.load(file, map_location=self.device, weights_only=True)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])

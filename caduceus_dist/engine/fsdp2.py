@@ -22,11 +22,9 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from caduceus_dist.distributed import DistContext
-from caduceus_dist.engine.base import PRECISIONS, TrainStepMixin, fp32_cpu
+from caduceus_dist.engine.base import DCP_DIR, PRECISIONS, TrainStepMixin, fp32_cpu
 from caduceus_dist.loss import MaskedLMLoss
 from caduceus_dist.optim.adamw import build_optimizer, group_names
-
-DCP_DIR = "dcp"
 
 
 class FSDP2Engine(TrainStepMixin):
