@@ -4,6 +4,7 @@ together, all exit 75 (requeue me), and the same command resumes and finishes th
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 
@@ -30,9 +31,10 @@ def test_signal_to_one_rank_saves_on_all_and_exits_75_then_resumes(tmp_path, tmp
     shards = sample_shards(tmp_path_factory)
     run_dir = tmp_path / "run"
     args = overrides(run_dir, shards, "fsdp2", "checkpoint.every=100")  # only preemption and the end save
-    job = jobs(2, args, run_dir / "logs_1", port())
+    # spawned workers (Python 3.14's default) do not inherit the trainer's handlers
+    job = jobs(2, [*args, "data.worker_start_method=spawn"], run_dir / "logs_1", port())
     job.wait_for(rf"step\s+2/{MAX_STEPS}")
-    job.procs[1].send_signal(signal.SIGUSR2)  # rank 1 only, as a scheduler signalling one node would
+    os.killpg(job.procs[1].pid, signal.SIGUSR2)  # rank 1 and its workers, as a scheduler signalling one node
     output = job.check(expect=EXIT_PREEMPTED)
     saved = int(re.search(r"preempted: checkpoint saved at step (\d+); exiting with 75", output).group(1))
     assert 2 <= saved < MAX_STEPS

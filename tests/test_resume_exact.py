@@ -51,10 +51,11 @@ def sample_shards(tmp_path_factory) -> Path:
 
 
 def overrides(run_dir: Path, shards: Path, engine: str, *extra: str) -> list[str]:
-    """A tiny model on the sample genome with a curriculum (32 -> 64 after step 4), checkpoints every 3 steps."""
+    """A tiny model on the sample genome with a curriculum (32 -> 64 after step 4), checkpoints every 3 steps,
+    two DataLoader workers per rank (preemption signals reach them too; cluster issue, item 4)."""
     return [
         f"run_dir={run_dir}", f"data.shards={shards}", "data.seq_len=64", "data.tokens_per_step=256",
-        "data.num_workers=0", "data.verify=size", "data.curriculum.start_seq_len=32",
+        "data.num_workers=2", "data.verify=size", "data.curriculum.start_seq_len=32",
         "data.curriculum.stage_steps=4", "model.d_model=16", "model.n_layer=2", f"train.max_steps={MAX_STEPS}",
         "train.eval_batches=0", "logging.log_every=1",
         "logging.peak_flops_per_device=1e9", f"checkpoint.every={EVERY}", "checkpoint.keep=0",
