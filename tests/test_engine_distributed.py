@@ -160,6 +160,8 @@ from caduceus_dist.distributed import init_distributed
 from caduceus_dist.engine import build_engine
 from caduceus_dist.model import CaduceusForMaskedLM
 
+import caduceus_dist.engine.ddp as ddp_engine
+ddp_engine.CHUNK_ELEMENTS = 4096  # this tiny model in several chunks, as a real one is
 reads, real_read = [], filesystem.FileSystemReader.read_data
 filesystem.FileSystemReader.read_data = lambda self, plan, planner: (reads.append(len(plan.items)),
                                                                     real_read(self, plan, planner))[1]
@@ -183,8 +185,9 @@ dist.destroy_process_group()
 
 @pytest.mark.distributed
 def test_ddp_checkpoint_is_written_by_all_ranks_and_read_once(tmp_path, free_port):
-    """DDP replicas: DCP stores each tensor once, so the ranks share the writing; at resume rank 0 reads
-    and broadcasts (before, rank 0 wrote the whole file and every rank read all of it)."""
+    """DDP replicas: the state is packed into fixed-size chunks that DCP spreads over the ranks, so the
+    ranks share the writing; at resume rank 0 reads and broadcasts (before, rank 0 wrote the whole file
+    and every rank read all of it)."""
     env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port),
            "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", DDP_IO_SCRIPT, str(tmp_path / "ckpt"), str(REPO / "tests")],
