@@ -60,3 +60,15 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def embedded_sample_shards(tmp_path_factory) -> Path:
+    """The embedded hg38 sample, sharded once per session with the command a user runs."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("embedded-sample") / "shards"
+    subprocess.run([sys.executable, str(REPO_ROOT / "data_prep" / "shard_genome.py"), "--out", str(out), "--quiet"],
+                   check=True, cwd=REPO_ROOT)
+    return out

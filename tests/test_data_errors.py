@@ -10,6 +10,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from rank_scripts import run_on_ranks
 from test_data_fixtures import write_dataset
 
 from caduceus_dist.data import DataConfig, TrainStream, build_eval_loader
@@ -168,26 +169,6 @@ dist.destroy_process_group()
 """
 
 
-def _run_ranks(roots: list[Path], on_corrupt: str, port: int) -> list[dict]:
-    """RANK_SCRIPT on two gloo ranks; each rank's RESULT."""
-    import subprocess
-    import sys
-
-    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, ",".join(map(str, roots)), on_corrupt],
-                              env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                                   "MASTER_PORT": str(port)}, stdout=subprocess.PIPE, text=True)
-             for rank in range(2)]
-    try:
-        outputs = [proc.communicate(timeout=120)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
-    results = [json.loads(line[len("RESULT "):]) for out in outputs for line in out.splitlines()
-               if line.startswith("RESULT ")]
-    assert len(results) == 2, outputs
-    return results
-
-
 @pytest.mark.distributed
 @pytest.mark.parametrize("on_corrupt", ["skip", "error"])
 def test_ranks_share_the_verification_and_agree_on_bad_shards(shards, free_port, on_corrupt):
@@ -195,7 +176,7 @@ def test_ranks_share_the_verification_and_agree_on_bad_shards(shards, free_port,
     (by bytes), and one gather gives all ranks the same verdict, so skipping is consistent and an error
     stops every rank (none waits for a rank that already failed)."""
     flip_byte(shards / "train" / "shard-000002.tar", 700)  # inside a sample: only sha256 sees it
-    results = _run_ranks([shards], on_corrupt, free_port)
+    results = run_on_ranks(RANK_SCRIPT, [str(shards), on_corrupt], free_port)
     checked = [set(r["checked"]) for r in results]
     manifest = json.loads((shards / "manifest.json").read_text())
     all_tars = {s["tar"] for s in manifest["splits"]["train"]["shards"]}
@@ -219,7 +200,7 @@ def test_a_rank_that_reads_no_or_another_manifest_stops_every_rank_naming_it(sha
         manifest = json.loads((copy / "manifest.json").read_text())
         manifest["note"] = "resharded elsewhere"
         (copy / "manifest.json").write_text(json.dumps(manifest))
-    results = _run_ranks([shards, copy], "error", free_port)
+    results = run_on_ranks(RANK_SCRIPT, [f"{shards},{copy}", "error"], free_port)
     host = socket.gethostname()
     if other == "missing":
         assert results[0]["error"] == results[1]["error"], results

@@ -7,7 +7,6 @@ equivalence end to end. Losses are read back from the runs' TensorBoard files.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from rank_scripts import run_on_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -188,18 +188,7 @@ def test_ddp_checkpoint_is_written_by_all_ranks_and_read_once(tmp_path, free_por
     """DDP replicas: the state is packed into fixed-size chunks that DCP spreads over the ranks, so the
     ranks share the writing; at resume rank 0 reads and broadcasts (before, rank 0 wrote the whole file
     and every rank read all of it)."""
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port),
-           "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", DDP_IO_SCRIPT, str(tmp_path / "ckpt"), str(REPO / "tests")],
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, cwd=REPO) for r in range(2)]
-    try:
-        outputs = [proc.communicate(timeout=300)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
-    results = [json.loads(line[7:]) for out in outputs for line in out.splitlines() if line.startswith("RESULT ")]
-    assert len(results) == 2, outputs[0][-3000:]
+    results = run_on_ranks(DDP_IO_SCRIPT, [str(tmp_path / "ckpt"), str(REPO / "tests")], free_port, cwd=REPO)
     files = {p.name: p.stat().st_size for p in (tmp_path / "ckpt" / "dcp").glob("*.distcp")}
     total = sum(files.values())
     assert sorted(files) == ["__0_0.distcp", "__1_0.distcp"] and min(files.values()) > total / 4, files

@@ -32,12 +32,9 @@ JOB_TIMEOUT_S = 400
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    """The embedded sample, sharded once for every job of this module."""
-    out = tmp_path_factory.mktemp("slurm-data") / "shards"
-    subprocess.run([sys.executable, str(REPO / "data_prep" / "shard_genome.py"), "--out", str(out), "--quiet"],
-                   check=True, cwd=REPO)
-    return out
+def shards(embedded_sample_shards) -> Path:
+    """The embedded sample, sharded once for every job."""
+    return embedded_sample_shards
 
 
 class Jobs:

@@ -5,13 +5,10 @@ target count, the gradient norm and three reductions on the host (cluster issue,
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from rank_scripts import run_on_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, LOG_EVERY = 8, 4
@@ -58,35 +55,17 @@ dist.destroy_process_group()
 """
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("sample") / "shards"
-    subprocess.run([sys.executable, str(REPO / "data_prep" / "shard_genome.py"), "--out", str(out), "--quiet"],
-                   check=True, cwd=REPO)
-    return out
-
-
 @pytest.mark.distributed
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
-def test_unreported_steps_read_one_value_and_launch_two_collectives(shards, tmp_path, free_port, engine):
-    overrides = [f"run_dir={tmp_path / 'run'}", f"data.shards={shards}", f"engine.name={engine}",
+def test_unreported_steps_read_one_value_and_launch_two_collectives(embedded_sample_shards, tmp_path, free_port,
+                                                                    engine):
+    overrides = [f"run_dir={tmp_path / 'run'}", f"data.shards={embedded_sample_shards}", f"engine.name={engine}",
                  "model.d_model=16", "model.n_layer=1", "data.seq_len=128", "data.tokens_per_step=1024",
                  "data.curriculum={}", "train.grad_accum=2", f"train.max_steps={STEPS}", "train.eval_batches=0",
                  f"logging.log_every={LOG_EVERY}", "data.num_workers=0", "data.verify=size", "checkpoint.every=0"]
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port),
-           "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(REPO / "recipes" / "cpu_demo.yaml"),
-                               *overrides], env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
-             for rank in range(2)]
-    try:
-        outputs = [proc.communicate(timeout=300)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
-    results = [json.loads(line[len("RESULT "):]) for out in outputs for line in out.splitlines()
-               if line.startswith("RESULT ")]
-    assert len(results) == 2 and all(r["code"] == 0 for r in results), outputs[0][-3000:]
+    results = run_on_ranks(RANK_SCRIPT, [str(REPO / "recipes" / "cpu_demo.yaml"), *overrides], free_port,
+                           cwd=tmp_path)
+    assert all(r["code"] == 0 for r in results), results
     for result in results:
         cumulative = [{"host_reads": 0, "collectives": 0}, *result["per_step"]]
         steps = {step: {kind: cumulative[step][kind] - cumulative[step - 1][kind] for kind in cumulative[0]}
