@@ -167,13 +167,17 @@ def test_activation_checkpointing_changes_memory_not_math(process_group, engine_
         torch.testing.assert_close(params_a[key], params_b[key], rtol=1e-6, atol=1e-7)
 
 
-def test_fp16_on_a_cpu_without_fp16_support_is_a_config_error(process_group):
+def test_deepspeed_fp16_trains_where_the_cpu_has_it_and_is_a_config_error_where_not(process_group):
+    """Which case runs depends on the CPU (oneDNN fp16: AVX512-FP16 or AMX); both are checked, none skipped."""
     from deepspeed.accelerator import get_accelerator
 
     from caduceus_dist.config import ConfigError
 
     if get_accelerator().is_fp16_supported():
-        pytest.skip("this accelerator supports fp16")
+        engine = _engine(_job("engine.name=deepspeed", "engine.precision=fp16"))
+        losses = [engine.train_step([_batch(seed, 2, 64, 0.15)], 2e-3).reduce()["loss"] for seed in range(3)]
+        assert all(0 < loss < 5 for loss in losses), losses
+        return
     with pytest.raises(ConfigError, match=r"engine\.precision=fp16"):
         _engine(_job("engine.name=deepspeed", "engine.precision=fp16"))
 
