@@ -34,7 +34,7 @@ CHUNK_ELEMENTS = 1 << 22  # 16 MB of fp32: enough chunks for the ranks to share 
 
 
 def pack(state: dict) -> tuple[dict[str, torch.Tensor], io.BytesIO]:
-    """(chunks, skeleton): every tensor of `state` concatenated per dtype and cut into fixed-size chunks,
+    """(chunks, skeleton): every tensor of `state` concatenated per dtype on the CPU and cut into fixed-size chunks,
     and the rest of `state` with each tensor replaced by (dtype, offset, shape). DCP writes one item
     per tensor; ~1,100 small tensors made a save ~7x a torch.save. Fixed-size chunks do not depend on
     the number of ranks, and DCP spreads them over the ranks that write."""
@@ -44,7 +44,7 @@ def pack(state: dict) -> tuple[dict[str, torch.Tensor], io.BytesIO]:
     def strip(node):
         if isinstance(node, torch.Tensor):
             offset = sizes.get(node.dtype, 0)
-            parts.setdefault(node.dtype, []).append(node.detach().reshape(-1))
+            parts.setdefault(node.dtype, []).append(node.detach().reshape(-1).cpu())  # AdamW's steps live on the CPU
             sizes[node.dtype] = offset + node.numel()
             return ("tensor", str(node.dtype).removeprefix("torch."), offset, list(node.shape))
         if isinstance(node, dict):
@@ -147,7 +147,9 @@ class DDPEngine(TrainStepMixin):
             skeleton = loaded["skeleton"]
         if self.world_size > 1:
             for chunk in chunks.values():  # a few large broadcasts, the same keys on every rank
-                dist.broadcast(chunk, src=0)
+                on_device = chunk.to(self.device)  # NCCL broadcasts device tensors; gloo takes the chunk itself
+                dist.broadcast(on_device, src=0)
+                chunk.copy_(on_device)
             skeleton = io.BytesIO(broadcast_object(skeleton.getvalue() if self.rank == 0 else None))
         state = unpack(chunks, skeleton)
         for name, tensor in self._state()["model"].items():
