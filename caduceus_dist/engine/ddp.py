@@ -140,7 +140,8 @@ class DDPEngine(TrainStepMixin):
         if (Path(path) / LEGACY_FILE).exists():
             self._load_legacy(Path(path) / LEGACY_FILE)
             return
-        chunks, skeleton = pack(self._state())  # this engine's layout: the template DCP loads into
+        current = self._state()  # its model tensors are the parameters themselves
+        chunks, skeleton = pack(current)  # this engine's layout: the template DCP loads into
         if self.rank == 0:
             loaded = {"chunks": chunks, "skeleton": skeleton}
             dcp.load(loaded, checkpoint_id=str(Path(path) / DCP_DIR), no_dist=True)
@@ -152,7 +153,7 @@ class DDPEngine(TrainStepMixin):
                 chunk.copy_(on_device)
             skeleton = io.BytesIO(broadcast_object(skeleton.getvalue() if self.rank == 0 else None))
         state = unpack(chunks, skeleton)
-        for name, tensor in self._state()["model"].items():
+        for name, tensor in current["model"].items():
             tensor.copy_(state["model"][name])
         set_optimizer_state_dict(self.module, self.optimizer, state["optim"],
                                  options=StateDictOptions(full_state_dict=True))

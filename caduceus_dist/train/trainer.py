@@ -66,13 +66,18 @@ def _check_finite(step: int, figures: dict[str, float]) -> None:
 
 
 class _Window:
-    """The steps since the last report: throughput is measured over them, so no step waits for the device."""
+    """The steps since the last report: throughput is measured over them, so no step waits for the device.
+    Evaluation and the time a checkpoint save blocked training are not training time (`excluded`)."""
 
     def __init__(self):
         self.reset()
 
     def reset(self) -> None:
         self.started, self.steps, self.tokens, self.data_wait = time.perf_counter(), 0, 0, 0.0
+        self.excluded = 0.0
+
+    def training_seconds(self) -> float:
+        return time.perf_counter() - self.started - self.excluded
 
     def add(self, tokens: int) -> None:
         self.steps += 1
@@ -179,7 +184,9 @@ class Trainer:
             if reported:  # the only steps that read the step's figures on the host
                 self._report(step, max_steps, result, lr, batch, consumed, window)
             if self.eval_loader is not None and (step % eval_every == 0 or step == max_steps):
+                started = time.perf_counter()
                 self.evaluate(step)
+                window.excluded += time.perf_counter() - started
 
             def client_state(step=step, consumed=consumed, data=batch.state, result=result, reported=reported):
                 if not reported:  # never save a model that has gone non-finite
@@ -194,7 +201,9 @@ class Trainer:
                     return EXIT_INTERRUPTED
                 self.writer.print(f"preempted: checkpoint saved at step {step}; exiting with {EXIT_PREEMPTED}")
                 return EXIT_PREEMPTED
-            self.writer.scalars(step, self.manager.stats())  # non-empty at the steps that saved
+            saved = self.manager.stats()  # non-empty at the steps that saved
+            window.excluded += saved.get("checkpoint/blocking_s", 0.0)
+            self.writer.scalars(step, saved)
         self.close()
         return EXIT_OK
 
@@ -203,7 +212,7 @@ class Trainer:
         """Collective: reduce the step's figures and the window's timing (the slowest rank's), then log."""
         figures = result.reduce()
         _check_finite(step, figures)
-        seconds, data_wait, memory = all_reduce([time.perf_counter() - window.started, window.data_wait,
+        seconds, data_wait, memory = all_reduce([window.training_seconds(), window.data_wait,
                                                  peak_memory_gib(self.ctx.device)], self.ctx.device, op="max")
         tokens_per_s = window.tokens / seconds
         per_device = tokens_per_s / self.ctx.world_size
