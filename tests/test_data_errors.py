@@ -261,3 +261,13 @@ def test_an_unwritable_stamp_cache_warns_and_still_verifies(shards, tmp_path, mo
     assert "cannot write the verified-shard stamp" in caplog.text
     assert sorted(name for name in hashed if name.endswith(".tar")) == sorted(
         ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"] * 2)
+
+
+def test_an_unreadable_manifest_is_one_error_naming_it(tmp_path):
+    """What a stale mount or a permission gives (as root, a directory in its place is what can be made)."""
+    from caduceus_dist.shard_format import load_manifest
+
+    (tmp_path / "shards" / "manifest.json").mkdir(parents=True)
+    with pytest.raises(ShardFormatError, match=r"^cannot read .*shards/manifest\.json \(Is a directory\): check "
+                                               r"the path and its filesystem$"):
+        load_manifest(tmp_path / "shards")
