@@ -25,6 +25,7 @@ from test_prep_inputs import EXPECTED_ID, reference_spec_windows, write_bgzf
 
 from caduceus_dist.fsio import sha256_file
 from caduceus_dist.prep import fasta as fasta_mod
+from caduceus_dist.prep import output as output_mod
 from caduceus_dist.prep import sharding
 from caduceus_dist.prep.cli import main as cli_main
 from caduceus_dist.prep.fasta import FastaError
@@ -574,6 +575,40 @@ def test_ctrl_c_exits_130_removes_partial_files_and_resumes(tmp_path):
         child.join(30)
     assert child.exitcode == 130 and not (out / "manifest.json").exists()
     assert not list(out.rglob("*.partial"))
+    assert cli_main([*argv, "--out", str(out)]) == 0
+    assert cli_main([*argv, "--out", str(tmp_path / "clean")]) == 0
+    assert tree(out) == tree(tmp_path / "clean")
+
+
+@pytest.mark.parametrize("moment", ["file created, not yet recorded", "index renamed, tar not yet"])
+def test_ctrl_c_at_any_moment_of_a_shard_leaves_no_partial_file(tmp_path, monkeypatch, moment):
+    """The end-to-end test above lands its Ctrl-C wherever the run happens to be; these two are the
+    moments when a shard's files exist but the sink does not (or no longer) list them as open."""
+    fasta = _many_contigs_fasta(tmp_path, 3)
+    argv = ["--fasta", str(fasta), "--window", "1024", "--samples-per-shard", "3", "--contigs", "all", "--quiet"]
+    shards_started = []
+    if moment == "file created, not yet recorded":
+        original = output_mod._OpenShard.__init__
+
+        def interrupted_open(self, tar, number):
+            original(self, tar, number)
+            shards_started.append(number)
+            if len(shards_started) == 4:
+                raise KeyboardInterrupt
+        monkeypatch.setattr(output_mod._OpenShard, "__init__", interrupted_open)
+    else:
+        real_replace = os.replace
+
+        def interrupted_replace(src, dst):
+            real_replace(src, dst)
+            shards_started.append(dst)
+            if len(shards_started) == 7:  # the index of the fourth shard, before its tar
+                raise KeyboardInterrupt
+        monkeypatch.setattr(output_mod.os, "replace", interrupted_replace)
+    out = tmp_path / "interrupted"
+    assert cli_main([*argv, "--out", str(out)]) == 130
+    assert not list(out.rglob("*.partial"))
+    monkeypatch.undo()
     assert cli_main([*argv, "--out", str(out)]) == 0
     assert cli_main([*argv, "--out", str(tmp_path / "clean")]) == 0
     assert tree(out) == tree(tmp_path / "clean")

@@ -147,17 +147,25 @@ class ShardSink:
             self.finish(split)
 
     def abandon(self) -> None:
-        """After an error: drop the half-written shards (their partial files), keep every finished one."""
-        for split, shard in list(self.open.items()):
+        """After an error: drop the half-written shards, keep every finished one.
+
+        Every partial file under the root goes, not only those of `self.open`: a Ctrl-C can land after
+        a shard's file is created and before the sink has recorded it."""
+        for shard in self.open.values():
             with contextlib.suppress(OSError):
                 shard.fh.close()
-            for path in self._paths(split, shard.number):
-                _partial(path).unlink(missing_ok=True)
         self.open.clear()
+        remove_partial_files(self.root)
 
 
 def _partial(path: Path) -> Path:
     return path.with_name("." + path.name + PARTIAL_SUFFIX)
+
+
+def remove_partial_files(root: Path) -> None:
+    """Unlink the half-written shard files (`split/.name.partial`); one writer owns a root at a time."""
+    for partial in root.glob(f"*/.*{PARTIAL_SUFFIX}"):
+        partial.unlink(missing_ok=True)
 
 
 class OutputDir:
@@ -201,8 +209,7 @@ class OutputDir:
                 atomic_write(self.state / "args.json", json.dumps(self.identity, sort_keys=True, indent=1))
         except OSError as exc:
             raise self.write_error(f"create the output directory {self.root}", exc) from None
-        for partial in self.root.glob(f"*/.*{PARTIAL_SUFFIX}"):
-            partial.unlink()
+        remove_partial_files(self.root)
         return self._kept_shards()
 
     def _previous_args(self) -> dict | None:
