@@ -2,7 +2,8 @@
 
 Module names reproduce the Hugging Face state dict of the published checkpoints
 (docs/reference-model.md §2). Nothing here knows about parallelism: `blocks()` hands engines the
-repeated units to wrap, compile and checkpoint.
+repeated units to wrap, compile and checkpoint. This file and the modules it imports relatively ship
+inside every Hugging Face export (docs/huggingface.md), so they import nothing else of caduceus_dist.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from caduceus_dist.model import hf_io
-from caduceus_dist.model.config import CaduceusConfig
-from caduceus_dist.model.mamba import BiMambaWrapper, Mamba
-from caduceus_dist.model.rcps import (
+from .config import CaduceusConfig
+from .mamba import BiMambaWrapper, Mamba
+from .rcps import (
     Norm,
     RCPSAddNormWrapper,
     RCPSEmbedding,
@@ -74,6 +74,7 @@ class CaduceusMixerModel(nn.Module):
     def __init__(self, config: CaduceusConfig) -> None:
         super().__init__()
         self.config = config
+        self.gradient_checkpointing = config.gradient_checkpointing  # transformers' gradient_checkpointing_enable sets it
         self.embeddings = CaduceusEmbeddings(config)
         self.layers = nn.ModuleList(CaduceusBlock(config) for _ in range(config.n_layer))
         norm_f = Norm(config.d_model, config.norm_epsilon, rms=config.rms_norm)
@@ -83,7 +84,7 @@ class CaduceusMixerModel(nn.Module):
         hidden = self.embeddings(input_ids)
         residual = None
         for layer in self.layers:
-            if self.config.gradient_checkpointing and torch.is_grad_enabled():
+            if self.gradient_checkpointing and torch.is_grad_enabled():
                 hidden, residual = checkpoint(layer, hidden, residual, use_reentrant=False)
             else:
                 hidden, residual = layer(hidden, residual)
@@ -112,26 +113,8 @@ class CaduceusForMaskedLM(nn.Module):
             self.lm_head = RCPSLMHead(config.d_model, vocab, config.padded_complement_map())
         else:
             self.lm_head = nn.Linear(config.d_model, vocab, bias=False)
-        self.apply(self._init_weights)
-        self.tie_weights()
-
-    def tie_weights(self) -> None:
-        embedding = self.caduceus.backbone.embeddings.word_embeddings
-        head = self.lm_head.lm_head if self.config.rcps else self.lm_head
-        head.weight = embedding.weight
-
-    def _init_weights(self, module: nn.Module) -> None:
-        """docs/reference-model.md §7: zero Linear biases (except dt_proj), N(0, 0.02) embeddings, out_proj / sqrt(n_layer)."""
-        init = self.config.initializer
-        if isinstance(module, nn.Linear) and module.bias is not None and not getattr(module.bias, "_no_reinit", False):
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=init["initializer_range"])
-        if isinstance(module, Mamba) and init["rescale_prenorm_residual"]:
-            weight = module.out_proj.weight
-            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-            with torch.no_grad():
-                weight /= math.sqrt(init["n_residuals_per_layer"] * self.config.n_layer)
+        self.apply(lambda module: init_weights(module, config))
+        tie_lm_head(self)
 
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.lm_head(self.caduceus(input_ids)).float()
@@ -143,13 +126,64 @@ class CaduceusForMaskedLM(nn.Module):
     # Hugging Face layout -------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
         """config.json + model.safetensors exactly as the published checkpoints (tied tensors stored once)."""
+        from . import hf_io  # not at the top: a Hugging Face export ships this file without hf_io
+
         return hf_io.save_pretrained(self, self.config, directory)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides) -> CaduceusForMaskedLM:
         """Load a directory written by save_pretrained or downloaded from the hub; overrides set runtime fields."""
+        from . import hf_io
+
         config = hf_io.read_config(path, **overrides)
         model = cls(config)
         hf_io.load_weights(model, path)
         return model
 
+
+
+def tie_lm_head(model: nn.Module) -> None:
+    """The MLM head's weight is the embedding's (docs/reference-model.md §2); `model` has .caduceus and .lm_head."""
+    embedding = model.caduceus.backbone.embeddings.word_embeddings
+    head = model.lm_head.lm_head if isinstance(model.lm_head, RCPSLMHead) else model.lm_head
+    head.weight = embedding.weight
+
+
+def init_weights(module: nn.Module, config: CaduceusConfig) -> None:
+    """docs/reference-model.md §7: zero Linear biases (except dt_proj), N(0, 0.02) embeddings, out_proj / sqrt(n_layer)."""
+    init = config.initializer
+    if isinstance(module, nn.Linear) and module.bias is not None and not getattr(module.bias, "_no_reinit", False):
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=init["initializer_range"])
+    if isinstance(module, Mamba) and init["rescale_prenorm_residual"]:
+        weight = module.out_proj.weight
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        with torch.no_grad():
+            weight /= math.sqrt(init["n_residuals_per_layer"] * config.n_layer)
+
+
+def tied_parameter_names(model: nn.Module) -> dict[str, str]:
+    """{second name: first name} of every parameter reachable under two names (the head and the embedding,
+    mamba_rev's in/out_proj and mamba_fwd's). A checkpoint stores each such tensor once, under its first name."""
+    first_names: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        first = first_names.setdefault(id(param), name)
+        if first != name:
+            tied[name] = first
+    return tied
+
+
+def conjoined_hidden(backbone: nn.Module, input_ids: Tensor, config: CaduceusConfig) -> Tensor:
+    """Strand-symmetric hidden states (B, L, D), position-aligned: out(RC x)[i] = out(x)[L-1-i].
+
+    PS averages the forward half with the channel-reversed RC half of each position (exact by construction);
+    Ph averages a forward pass with the position-flipped pass over the reverse complement (the paper's
+    post-hoc conjoining; two passes). docs/huggingface.md §Strands."""
+    hidden = backbone(input_ids)
+    if config.rcps:
+        first, second = hidden.chunk(2, dim=-1)
+        return (first + second.flip(-1)) / 2
+    complement = torch.tensor(config.padded_complement_map(), device=input_ids.device)
+    return (hidden + backbone(complement[input_ids].flip(-1)).flip(-2)) / 2

@@ -12,7 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from caduceus_dist.model.tokenizer import COMPLEMENT_MAP
+from .tokenizer import COMPLEMENT_MAP
 
 MODEL_TYPE = "caduceus"
 

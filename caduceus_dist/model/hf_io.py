@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from caduceus_dist.fsio import atomic_path, atomic_write
+from caduceus_dist.model.caduceus import tied_parameter_names
 from caduceus_dist.model.config import CaduceusConfig
 
 CONFIG_NAME = "config.json"
@@ -41,15 +42,8 @@ def read_config(path: str | Path, **overrides) -> CaduceusConfig:
 
 def _unique_tensors(model: nn.Module) -> dict[str, Tensor]:
     """state_dict without the second name of a tied tensor (first name wins, as in transformers)."""
-    out: dict[str, Tensor] = {}
-    seen: set[tuple[int, tuple[int, ...]]] = set()
-    for name, tensor in model.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr() + tensor.storage_offset() * tensor.element_size(), tuple(tensor.shape))
-        if key in seen:
-            continue
-        seen.add(key)
-        out[name] = tensor.detach().to("cpu").contiguous()
-    return out
+    tied = tied_parameter_names(model)
+    return {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items() if name not in tied}
 
 
 def save_pretrained(model: nn.Module, config: CaduceusConfig, directory: str | Path) -> Path:
@@ -86,14 +80,10 @@ def load_hf_state_dict(model: nn.Module, state_dict: dict[str, Tensor], source: 
     if state_dict and all(name.startswith(LIGHTNING_PREFIX) for name in state_dict):
         state_dict = {name[len(LIGHTNING_PREFIX):]: t for name, t in state_dict.items()}
     state_dict = dict(state_dict)
-    names_by_param: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        names_by_param.setdefault(id(param), []).append(name)
-    for names in names_by_param.values():
-        present = [n for n in names if n in state_dict]
-        for name in names:
-            if present and name not in state_dict:
-                state_dict[name] = state_dict[present[0]]
+    for second, first in tied_parameter_names(model).items():
+        if first in state_dict or second in state_dict:
+            state_dict.setdefault(second, state_dict.get(first))
+            state_dict.setdefault(first, state_dict[second])
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))

@@ -22,8 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from caduceus_dist.model import native_ops
-from caduceus_dist.model.scan import selective_scan as torch_selective_scan
+from .scan import selective_scan as torch_selective_scan
+
+try:  # the C kernels; a Hugging Face export ships the model files without them (docs/huggingface.md)
+    from . import native_ops
+except ImportError:
+    native_ops = None
 
 CUDA_INSTALL_HINT = (
     "install a CUDA build of torch first, then `pip install --no-build-isolation mamba-ssm causal-conv1d`"
@@ -68,12 +72,21 @@ class NativeKernels:
     name = "native"
 
     def __init__(self) -> None:
-        if native_ops.library() is None:
+        if not _native_available():
             raise RuntimeError("kernel backend 'native' needs a C compiler (set CC) and CADUCEUS_NATIVE unset or 1; "
                                "use backend='torch' otherwise")
 
-    causal_conv1d_silu = staticmethod(native_ops.causal_conv1d_silu)
-    selective_scan = staticmethod(native_ops.selective_scan)
+    @staticmethod
+    def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return native_ops.causal_conv1d_silu(x, weight, bias)
+
+    @staticmethod
+    def selective_scan(u, delta, A, Bm, Cm, D, z, delta_bias, chunk_size: int) -> Tensor:
+        return native_ops.selective_scan(u, delta, A, Bm, Cm, D, z, delta_bias, chunk_size)
+
+
+def _native_available() -> bool:
+    return native_ops is not None and native_ops.library() is not None
 
 
 class CudaKernels:
@@ -149,6 +162,6 @@ def resolve_backend(name: str, device: torch.device) -> KernelBackend:
 def _auto_backend_name(device: torch.device) -> str:
     if device.type == "cuda":
         return "cuda" if _cuda_ops() is not None else "torch"
-    if device.type == "cpu" and native_ops.library() is not None:
+    if device.type == "cpu" and _native_available():
         return "native"
     return "torch"

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from caduceus_dist.model.kernels import KernelBackend, check_backend_name, resolve_backend
-from caduceus_dist.model.scan import DEFAULT_CHUNK_SIZE
+from .kernels import KernelBackend, check_backend_name, resolve_backend
+from .scan import DEFAULT_CHUNK_SIZE
 
 
 class Mamba(nn.Module):
