@@ -23,6 +23,8 @@ setup(
     extras_require={
         # Needs a CUDA torch and --no-build-isolation; see the README ("GPU install").
         "cuda": ["mamba-ssm>=1.2", "causal-conv1d>=1.2"],
-        "dev": ["pytest>=8", "ruff>=0.5", "pyfaidx>=0.8"],
+        # transformers' Auto classes for exported checkpoints (docs/huggingface.md); 4.46 and 5.x are tested.
+        "hf": ["transformers>=4.46"],
+        "dev": ["pytest>=8", "ruff>=0.5", "pyfaidx>=0.8", "transformers>=4.46"],
     },
 )

@@ -1,12 +1,14 @@
-"""Export a training checkpoint as consolidated fp32 weights in the Hugging Face layout.
+"""Export a training checkpoint as a Hugging Face model directory that transformers loads.
 
     python -m caduceus_dist.export RUN [--step N] --out DIR
 
-RUN is a run directory (its `latest` checkpoint, or `--step N`) or one checkpoint directory. The
-checkpoint is verified against its manifest, loaded by the engine that wrote it at world size 1 (the
-engines reshard: DeepSpeed through a universal checkpoint, FSDP2 through DCP), consolidated to fp32
-and written with `CaduceusForMaskedLM.save_pretrained`; the result is read back with
-`from_pretrained` and compared tensor by tensor before the command reports success.
+RUN is a run directory (its `latest` checkpoint, or `--step N`), one checkpoint directory, or a Hugging
+Face directory in the reference layout (a published Caduceus checkpoint: it gets our remote code). A
+training checkpoint is verified against its manifest, loaded by the engine that wrote it at world size
+1 (the engines reshard: DeepSpeed through a universal checkpoint, FSDP2 through DCP) and consolidated
+to fp32. DIR receives config.json, model.safetensors (docs/reference-model.md §10) and the remote
+code of docs/huggingface.md; the weights are read back and compared tensor by tensor before the
+command reports success.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ class ExportError(RuntimeError):
 
 def find_checkpoint(run: Path, step: int | None) -> Path:
     """The checkpoint directory that `RUN [--step N]` names."""
+    if not run.is_dir():
+        raise ExportError(f"{run} is not a directory; pass a run directory, a checkpoint directory or a "
+                          "Hugging Face model directory")
     if (run / MANIFEST).exists():
         if step is not None:
             raise ExportError(f"{run} is a single checkpoint directory; --step only applies to a run directory")
@@ -96,7 +101,17 @@ def consolidate(path: Path, manifest: dict) -> tuple[object, dict[str, torch.Ten
     return cfg.model, engine.full_state_dict()
 
 
-def export(run: Path, out: Path, step: int | None = None) -> Path:
+def from_hf_directory(path: Path) -> tuple[object, str]:
+    """(model, description) of a Hugging Face directory in the reference layout."""
+    from caduceus_dist.model import CaduceusForMaskedLM
+
+    try:
+        return CaduceusForMaskedLM.from_pretrained(path), f"{path} (Hugging Face layout)"
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"cannot export {path}: {exc}") from None
+
+
+def from_training_checkpoint(run: Path, step: int | None) -> tuple[object, str]:
     from caduceus_dist.model import CaduceusForMaskedLM
     from caduceus_dist.model.hf_io import load_hf_state_dict
 
@@ -105,24 +120,39 @@ def export(run: Path, out: Path, step: int | None = None) -> Path:
     model_config, state = consolidate(path, manifest)
     model = CaduceusForMaskedLM(model_config)
     load_hf_state_dict(model, state, source=str(path))
+    return model, (f"{path} (step {manifest['step']}, engine {manifest['engine']}, saved by "
+                   f"{manifest['world_size']} rank(s))")
+
+
+def export(run: Path, out: Path, step: int | None = None) -> Path:
+    from caduceus_dist.model import CaduceusForMaskedLM
+    from caduceus_dist.model.hf_io import CONFIG_NAME, write_hub_code
+
+    is_hf_directory = (run / CONFIG_NAME).is_file() and not (run / MANIFEST).exists()
+    if is_hf_directory and step is not None:
+        raise ExportError(f"{run} is a Hugging Face model directory; --step only applies to a run directory")
+    model, described = from_hf_directory(run) if is_hf_directory else from_training_checkpoint(run, step)
+    if out.resolve() == run.resolve():
+        raise ExportError(f"--out {out} is the input directory; choose another --out")
     model.save_pretrained(out)
+    write_hub_code(out)
     reloaded = CaduceusForMaskedLM.from_pretrained(out).state_dict()
     for name, tensor in model.state_dict().items():
         wrong_dtype = tensor.is_floating_point() and reloaded[name].dtype != torch.float32
         if wrong_dtype or not torch.equal(reloaded[name], tensor):
             raise ExportError(f"{out}: tensor {name} does not read back identically; the export is not usable")
     n_params = sum(t.numel() for t in model.parameters())
-    print(f"exported {path} (step {manifest['step']}, engine {manifest['engine']}, saved by "
-          f"{manifest['world_size']} rank(s)) -> {out}: {n_params:,} fp32 parameters; load with "
-          f"CaduceusForMaskedLM.from_pretrained({str(out)!r})", flush=True)
+    print(f"exported {described} -> {out}: {n_params:,} fp32 parameters; load with transformers' "
+          f"AutoModelForMaskedLM.from_pretrained({str(out)!r}, trust_remote_code=True)", flush=True)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", type=Path, help="run directory (or one checkpoint directory)")
+    parser.add_argument("run", type=Path, help="run directory, one checkpoint directory, or a Hugging Face directory")
     parser.add_argument("--step", type=int, default=None, help="export this step instead of `latest`")
-    parser.add_argument("--out", type=Path, required=True, help="output directory (config.json + model.safetensors)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output directory (config.json, model.safetensors, transformers remote code)")
     args = parser.parse_args(argv)
     try:
         export(args.run, args.out, args.step)

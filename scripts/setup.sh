@@ -19,4 +19,8 @@ fi
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -c constraints-cpu.txt -e ".$extras"
+if [ -n "$extras" ] && [ ! -d "$VENV/transformers-4.46/transformers" ]; then
+  # the oldest transformers the Hugging Face export supports, beside the venv's; tests/test_huggingface.py uses it
+  "$VENV/bin/python" -m pip install -q --target "$VENV/transformers-4.46" "transformers==4.46.3"
+fi
 echo "caduceus-dist installed in $VENV"

@@ -14,6 +14,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # verified-shard stamps of this session's shard directories stay out of the user's ~/.cache
 os.environ.setdefault("CADUCEUS_CACHE", tempfile.mkdtemp(prefix="caduceus-test-cache-"))
+# and so does transformers' copy of the exports' remote code
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="caduceus-test-hf-modules-"))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = REPO_ROOT / "caduceus_dist" / "sample"

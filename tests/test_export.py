@@ -13,9 +13,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from test_resume_exact import MAX_STEPS, REPO, straight_run
+from transformers import AutoModelForMaskedLM
 
 from caduceus_dist import export
 from caduceus_dist.model import CaduceusConfig, CaduceusForMaskedLM
+from caduceus_dist.model.hf_io import HUB_CODE_FILES
 
 
 def trained_weights(checkpoint, engine: str) -> dict[str, torch.Tensor]:
@@ -40,7 +42,7 @@ def test_export_gives_the_trained_models_logits(engine, tmp_path, tmp_path_facto
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"(step {MAX_STEPS}, engine" in done.stdout and "saved by 2 rank(s)" in done.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", *HUB_CODE_FILES}
     assert json.loads((out / "config.json").read_text())["d_model"] == 16
 
     checkpoint = run / "checkpoints" / f"step_{MAX_STEPS:06d}"
@@ -52,6 +54,8 @@ def test_export_gives_the_trained_models_logits(engine, tmp_path, tmp_path_facto
     ids = torch.randint(7, 12, (3, 96), generator=torch.Generator().manual_seed(0))  # A C G T N
     with torch.no_grad():
         assert torch.equal(exported(ids), reference(ids))
+        through_transformers = AutoModelForMaskedLM.from_pretrained(out, trust_remote_code=True)(ids).logits
+        torch.testing.assert_close(through_transformers, reference(ids), rtol=1e-5, atol=1e-5)
 
 
 def test_export_errors_name_the_problem(tmp_path, capsys):

@@ -45,7 +45,8 @@ _HF_GENERIC_KEYS = frozenset({
     "use_bfloat16", "pruned_heads", "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder",
     "add_cross_attention", "tie_encoder_decoder", "pad_token_id", "bos_token_id", "eos_token_id",
     "sep_token_id", "decoder_start_token_id", "id2label", "label2id", "problem_type", "tokenizer_class",
-    "prefix", "task_specific_params", "finetuning_task", "cross_attention_hidden_size",
+    "prefix", "task_specific_params", "finetuning_task", "cross_attention_hidden_size", "dtype",
+    "pooling", "conjoin_eval",  # options of the Hub classifier (configuration_caduceus.py)
 })
 _RUNTIME_FIELDS = ("backend", "gradient_checkpointing", "scan_chunk_size")
 
@@ -118,6 +119,12 @@ class CaduceusConfig:
         return [base.get(i, i) for i in range(self.padded_vocab_size)]
 
     # config.json ----------------------------------------------------------------------------------
+    @classmethod
+    def file_field_defaults(cls) -> dict[str, Any]:
+        """The fields config.json holds, with their class defaults (the runtime switches left out)."""
+        defaults = cls()
+        return {f.name: getattr(defaults, f.name) for f in fields(cls) if f.name not in _RUNTIME_FIELDS}
+
     def to_hf_dict(self) -> dict[str, Any]:
         """config.json content as the reference writes it (vocab and complement map already padded)."""
         out = {k: v for k, v in asdict(self).items() if k not in _RUNTIME_FIELDS}

@@ -25,6 +25,15 @@ from caduceus_dist.model.config import CaduceusConfig
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 LIGHTNING_PREFIX = "model."
+# The transformers remote code of an export: the Hub classes and the model files they import relatively.
+HUB_CODE_FILES = ("configuration_caduceus.py", "modeling_caduceus.py", "caduceus.py", "config.py", "mamba.py",
+                  "kernels.py", "scan.py", "rcps.py", "tokenizer.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_caduceus.CaduceusConfig",
+    "AutoModel": "modeling_caduceus.Caduceus",
+    "AutoModelForMaskedLM": "modeling_caduceus.CaduceusForMaskedLM",
+    "AutoModelForSequenceClassification": "modeling_caduceus.CaduceusForSequenceClassification",
+}
 
 
 def read_config(path: str | Path, **overrides) -> CaduceusConfig:
@@ -54,6 +63,17 @@ def save_pretrained(model: nn.Module, config: CaduceusConfig, directory: str | P
         save_file(_unique_tensors(model), str(weights_tmp), metadata={"format": "pt"})
     atomic_write(directory / CONFIG_NAME, json.dumps(config.to_hf_dict(), indent=2, sort_keys=True) + "\n")
     return directory
+
+
+def write_hub_code(directory: str | Path) -> None:
+    """Make a save_pretrained directory loadable by transformers' Auto classes (trust_remote_code=True):
+    copy the model files in and point config.json's auto_map at them (docs/huggingface.md)."""
+    directory = Path(directory)
+    source = Path(__file__).parent
+    for name in HUB_CODE_FILES:
+        atomic_write(directory / name, (source / name).read_text())
+    config = json.loads((directory / CONFIG_NAME).read_text())
+    atomic_write(directory / CONFIG_NAME, json.dumps(config | {"auto_map": AUTO_MAP}, indent=2, sort_keys=True) + "\n")
 
 
 def weights_path(path: str | Path) -> Path:
