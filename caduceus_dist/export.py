@@ -101,6 +101,12 @@ def consolidate(path: Path, manifest: dict) -> tuple[object, dict[str, torch.Ten
     return cfg.model, engine.full_state_dict()
 
 
+def is_hf_directory(path: Path) -> bool:
+    from caduceus_dist.model.hf_io import CONFIG_NAME
+
+    return (path / CONFIG_NAME).is_file() and not (path / MANIFEST).exists()
+
+
 def from_hf_directory(path: Path) -> tuple[object, str]:
     """(model, description) of a Hugging Face directory in the reference layout."""
     from caduceus_dist.model import CaduceusForMaskedLM
@@ -126,12 +132,12 @@ def from_training_checkpoint(run: Path, step: int | None) -> tuple[object, str]:
 
 def export(run: Path, out: Path, step: int | None = None) -> Path:
     from caduceus_dist.model import CaduceusForMaskedLM
-    from caduceus_dist.model.hf_io import CONFIG_NAME, write_hub_code
+    from caduceus_dist.model.hf_io import write_hub_code
 
-    is_hf_directory = (run / CONFIG_NAME).is_file() and not (run / MANIFEST).exists()
-    if is_hf_directory and step is not None:
+    hf_input = is_hf_directory(run)
+    if hf_input and step is not None:
         raise ExportError(f"{run} is a Hugging Face model directory; --step only applies to a run directory")
-    model, described = from_hf_directory(run) if is_hf_directory else from_training_checkpoint(run, step)
+    model, described = from_hf_directory(run) if hf_input else from_training_checkpoint(run, step)
     if out.resolve() == run.resolve():
         raise ExportError(f"--out {out} is the input directory; choose another --out")
     model.save_pretrained(out)

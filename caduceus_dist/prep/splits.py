@@ -53,7 +53,8 @@ def _open_text(path: Path):
 
 
 def read_bed(path: str | Path, need_label: bool) -> list[BedRow]:
-    """Parse a BED file (plain or gzip); comments, `track`/`browser` lines and blank lines are skipped."""
+    """Parse a BED file (plain or gzip); comments, `track`/`browser` lines and blank lines are skipped.
+    The 4th column, where present, is the row's label (a split, a fold, or a region's name)."""
     path = Path(path)
     if not path.is_file():
         raise SplitError(f"BED file {path} does not exist; pass --bed PATH (or leave --bed out to split whole contigs)")
@@ -83,7 +84,7 @@ def read_bed(path: str | Path, need_label: bool) -> list[BedRow]:
                         f"{path}, line {number}: start {start} must be >= 0 and < end {end} "
                         "(BED is 0-based, half-open). Fix or remove the line"
                     )
-                rows.append(BedRow(number, fields[0], start, end, fields[3] if need_label else ""))
+                rows.append(BedRow(number, fields[0], start, end, fields[3] if len(fields) > 3 else ""))
     except (EOFError, gzip.BadGzipFile, UnicodeDecodeError) as exc:
         raise SplitError(f"{path}: unreadable ({exc}); is it a (gzipped) text BED file?") from None
     if not rows:

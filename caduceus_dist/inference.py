@@ -1,0 +1,107 @@
+"""What the inference commands (embed, score_variants) share: the model loaded for inference, the
+contigs a FASTA streams, contig names matched with or without "chr", and a progress bar.
+
+Inference keeps no activations for backward (`torch.inference_mode`), so memory is the weights plus
+the transient activations of one layer: about `ACTIVATION_BYTES_PER_POSITION` per position and
+sequence in fp32 (docs/inference.md §Memory gives the measurement).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from caduceus_dist.prep.splits import bare_contig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class InferenceError(ValueError):
+    """Bad input to an inference command; the message names the file, line or option and what to do."""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InferenceError("--device cuda: this machine has no CUDA GPU; use --device cpu")
+    return torch.device(name)
+
+
+def load_model(checkpoint: Path, device: torch.device, dtype: str, scan_chunk_size: int = 0):
+    """CaduceusForMaskedLM in eval mode from an export (Hugging Face directory) or a run / checkpoint directory."""
+    from caduceus_dist import export
+    from caduceus_dist.model.mamba import Mamba
+
+    if not checkpoint.is_dir():
+        raise InferenceError(f"--checkpoint {checkpoint} is not a directory; pass an export directory "
+                             "(python -m caduceus_dist.export RUN --out DIR) or a run directory")
+    try:
+        if export.is_hf_directory(checkpoint):
+            model, _ = export.from_hf_directory(checkpoint)
+        else:
+            model, _ = export.from_training_checkpoint(checkpoint, None)
+    except export.ExportError as exc:
+        raise InferenceError(str(exc)) from None
+    for module in model.modules():
+        if isinstance(module, Mamba):
+            module.scan_chunk_size = scan_chunk_size
+    return model.to(device=device, dtype=DTYPES[dtype]).eval().requires_grad_(False)
+
+
+class ContigNames:
+    """Maps the contig names of a BED or VCF onto a FASTA's: exact, else with or without the "chr" prefix."""
+
+    def __init__(self, fasta_names: Iterable[str]):
+        self.exact = set(fasta_names)
+        self.bare = {bare_contig(name): name for name in self.exact}
+
+    def resolve(self, name: str) -> str | None:
+        return name if name in self.exact else self.bare.get(bare_contig(name))
+
+
+def fasta_names(fasta: Path) -> list[str]:
+    """Record names, from the .fai index when there is one (no pass over the sequence), else by streaming."""
+    index = Path(str(fasta) + ".fai")
+    if index.is_file():
+        return [line.split("\t", 1)[0] for line in index.read_text().splitlines() if line.strip()]
+    return [name for name, _ in stream_contigs(fasta, None)]
+
+
+def stream_contigs(fasta: Path, wanted: set[str] | None) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, token ids) of each wanted record (all when None), one record in memory at a time."""
+    from caduceus_dist.prep.fasta import FastaError, FastaReader
+
+    try:
+        reader = FastaReader(fasta)
+        try:
+            for record in reader:
+                if wanted is None or record.name in wanted:
+                    yield record.name, record.tokens
+        finally:
+            reader.close()
+    except FastaError as exc:
+        raise InferenceError(str(exc)) from None
+
+
+class Progress:
+    """A tqdm bar on stderr (off with quiet or when stderr is not a terminal)."""
+
+    def __init__(self, total: int, unit: str, quiet: bool):
+        self.bar = None
+        if not quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit=unit, unit_scale=True, file=sys.stderr, leave=False)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
