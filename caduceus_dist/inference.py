@@ -98,6 +98,11 @@ class Progress:
 
             self.bar = tqdm(total=total, unit=unit, unit_scale=True, file=sys.stderr, leave=False)
 
+    def grow(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.total += n
+            self.bar.refresh()
+
     def update(self, n: int) -> None:
         if self.bar is not None:
             self.bar.update(n)
