@@ -36,6 +36,7 @@ from caduceus_dist.inference import (
     load_model,
     pick_device,
     stream_contigs,
+    tokens_per_pass,
 )
 
 INDEX_COLUMNS = ("name", "chrom", "start", "end", "file", "row", "rows")
@@ -118,6 +119,7 @@ def embed(args: argparse.Namespace) -> Path:
     if not fasta.is_file():
         raise InferenceError(f"--fasta {fasta} does not exist")
     device = pick_device(args.device)
+    args.max_tokens = tokens_per_pass(args.max_tokens, device)
     model = load_model(Path(args.checkpoint), device, args.dtype, args.scan_chunk_size)
     regions = bed_regions(Path(args.bed), ContigNames(fasta_names(fasta))) if args.bed else None
     by_contig: dict[str, list[Region]] = defaultdict(list)
@@ -210,7 +212,8 @@ def parser() -> argparse.ArgumentParser:
                    help="raw forward-strand hidden states (PS: both halves, 2*d_model; Ph: one pass)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute precision (storage is float32)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--max-tokens", type=int, default=1 << 17, help="bases per forward pass (equal-length regions)")
+    p.add_argument("--max-tokens", type=int, default=0,
+                   help="bases per forward pass, equal-length regions batched (0: 2^17 on GPU, one region on CPU)")
     p.add_argument("--scan-chunk-size", type=int, default=0, help="scan positions per chunk (0: automatic)")
     p.add_argument("--shard-mb", type=int, default=256, help="approximate size of each .npy shard")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")

@@ -32,6 +32,14 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def tokens_per_pass(requested: int, device: torch.device) -> int:
+    """--max-tokens; 0 (the default) picks 2^17 on a GPU and one sequence per pass on a CPU, where larger
+    tensors run slower per token (benchmarks/RESULTS.md, inference)."""
+    if requested < 0:
+        raise InferenceError(f"--max-tokens must be >= 0 (0: automatic), got {requested}")
+    return requested or ((1 << 17) if device.type == "cuda" else 1)
+
+
 def load_model(checkpoint: Path, device: torch.device, dtype: str, scan_chunk_size: int = 0):
     """CaduceusForMaskedLM in eval mode from an export (Hugging Face directory) or a run / checkpoint directory."""
     from caduceus_dist import export

@@ -37,6 +37,7 @@ from caduceus_dist.inference import (
     load_model,
     pick_device,
     stream_contigs,
+    tokens_per_pass,
 )
 from caduceus_dist.model.tokenizer import BYTE_TO_ID, COMPLEMENT_IDS, MASK_ID
 
@@ -275,7 +276,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="stop at the first row that cannot be scored")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--max-tokens", type=int, default=1 << 17, help="bases per forward pass")
+    p.add_argument("--max-tokens", type=int, default=0,
+                   help="bases per forward pass, equal-length windows batched (0: 2^17 on GPU, one window on CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return p
 
@@ -294,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(Path(args.checkpoint), device, args.dtype)
         forward_only = args.strands == "forward" or (args.strands == "auto" and model.config.rcps)
         strands = ["forward"] if forward_only else ["forward", "reverse"]
-        score_variants(model, fasta, variants, args.window, strands, args.max_tokens, device, args.strict,
+        score_variants(model, fasta, variants, args.window, strands, tokens_per_pass(args.max_tokens, device),
+                       device, args.strict,
                        quiet=args.quiet)
         write_tsv(Path(args.out), variants)
     except InferenceError as exc:

@@ -29,6 +29,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("job config", ("caduceus_dist.config",)),
     ("trainer", ("caduceus_dist.train",)),
     ("tools", ("caduceus_dist.export", "caduceus_dist.launch")),
+    ("inference", ("caduceus_dist.inference",)),
+    ("inference tools", ("caduceus_dist.embed", "caduceus_dist.score_variants")),
 ]
 APART = [("caduceus_dist.prep", "caduceus_dist.data")]  # same layer, never importing each other
 TORCH_FREE = ["caduceus_dist.config", "caduceus_dist.model.config", "caduceus_dist.data.config",
