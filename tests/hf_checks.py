@@ -10,7 +10,7 @@ import sys
 import tempfile
 
 import torch
-from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
+from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer
 
 COMPLEMENT = torch.tensor([0, 1, 2, 3, 4, 5, 6, 10, 9, 8, 7, 11, 12, 13, 14, 15])
 
@@ -40,7 +40,11 @@ def check_export(path: str) -> dict[str, torch.Tensor]:
     assert head is mlm.get_input_embeddings().weight or head is mlm.get_input_embeddings().embedding.weight
     score = classifier.score.weight
     assert torch.isfinite(score).all() and 0.01 < score.std().item() < 0.03, score.std()  # N(0, 0.02), not garbage
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    assert tokenizer("ACGTNacgtx[MASK]")["input_ids"] == [7, 8, 9, 10, 11, 7, 8, 9, 10, 6, 3]  # no [SEP] appended
+    assert tokenizer(["ACG", "ACGTA"], padding=True)["input_ids"][0] == [4, 4, 7, 8, 9]  # left padding with [PAD]
     ids = dna_ids()
+    assert tokenizer.decode(ids[0].tolist()) == "".join("ACGTN"[i - 7] for i in ids[0].tolist())
     with torch.no_grad():
         logits = mlm(ids).logits
         hidden = base(ids).last_hidden_state

@@ -64,6 +64,9 @@ def test_pooled_and_per_position_embeddings_are_strand_symmetric(checkpoint, gen
     np.testing.assert_allclose(per_position["chr1"].mean(0), pooled["chr1"], rtol=1e-4, atol=1e-6)
     raw = run(checkpoint, genome, tmp_path / "raw", "--no-conjoin")  # one strand: not symmetric
     assert not np.allclose(raw["chr1"], raw["chr1_rc"], atol=1e-4)
+    bf16 = run(checkpoint, genome, tmp_path / "bf16", "--dtype", "bf16")  # bf16 compute: close, not equal
+    scale = np.abs(pooled["chr1"]).max()
+    assert 0 < np.abs(bf16["chr1"] - pooled["chr1"]).max() < 0.05 * scale
 
 
 def test_pooled_embedding_is_the_mean_of_the_conjoined_hidden_states(checkpoint, genome, tmp_path):

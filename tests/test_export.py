@@ -42,7 +42,8 @@ def test_export_gives_the_trained_models_logits(engine, tmp_path, tmp_path_facto
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"(step {MAX_STEPS}, engine" in done.stdout and "saved by 2 rank(s)" in done.stdout
-    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", *HUB_CODE_FILES}
+    assert {p.name for p in out.iterdir()} == {"config.json", "tokenizer_config.json", "model.safetensors",
+                                               *HUB_CODE_FILES}
     assert json.loads((out / "config.json").read_text())["d_model"] == 16
 
     checkpoint = run / "checkpoints" / f"step_{MAX_STEPS:06d}"

@@ -43,7 +43,8 @@ def exported(request, tmp_path):
 
 def test_published_checkpoint_loads_through_the_auto_classes_with_reference_logits(exported):
     out, cfg, weights = exported
-    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", *HUB_CODE_FILES}
+    assert {p.name for p in out.iterdir()} == {"config.json", "tokenizer_config.json", "model.safetensors",
+                                               *HUB_CODE_FILES}
     assert json.loads((out / "config.json").read_text())["auto_map"] == AUTO_MAP
     got = hf_checks.check_export(str(out))
     expected = ref.reference_logits(cfg, weights, got["ids"])

@@ -26,8 +26,14 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 LIGHTNING_PREFIX = "model."
 # The transformers remote code of an export: the Hub classes and the model files they import relatively.
-HUB_CODE_FILES = ("configuration_caduceus.py", "modeling_caduceus.py", "caduceus.py", "config.py", "mamba.py",
-                  "kernels.py", "scan.py", "rcps.py", "tokenizer.py")
+HUB_CODE_FILES = ("configuration_caduceus.py", "modeling_caduceus.py", "tokenization_caduceus.py", "caduceus.py",
+                  "config.py", "mamba.py", "kernels.py", "scan.py", "rcps.py", "tokenizer.py")
+TOKENIZER_CONFIG = {
+    "tokenizer_class": "CaduceusTokenizer",
+    "auto_map": {"AutoTokenizer": ["tokenization_caduceus.CaduceusTokenizer", None]},
+    "model_max_length": 131072,
+    "padding_side": "left",
+}
 AUTO_MAP = {
     "AutoConfig": "configuration_caduceus.CaduceusConfig",
     "AutoModel": "modeling_caduceus.Caduceus",
@@ -74,6 +80,7 @@ def write_hub_code(directory: str | Path) -> None:
         atomic_write(directory / name, (source / name).read_text())
     config = json.loads((directory / CONFIG_NAME).read_text())
     atomic_write(directory / CONFIG_NAME, json.dumps(config | {"auto_map": AUTO_MAP}, indent=2, sort_keys=True) + "\n")
+    atomic_write(directory / "tokenizer_config.json", json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
 
 
 def weights_path(path: str | Path) -> Path:
