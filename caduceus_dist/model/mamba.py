@@ -1,9 +1,10 @@
 """Mamba v1 mixer (docs/reference-model.md §3) and the BiMamba wrapper (docs/reference-model.md §5).
 
 Parameters, names and initialisation follow mamba_ssm v1.2.0.post1 so that the published state
-dicts load unchanged. The sequence ops go through a kernel backend (kernels.py). BiMamba runs its
-forward and reverse directions as one grouped call (G = 2): one conv, one batched x_proj/dt_proj
-and one scan instead of two of each.
+dicts load unchanged. The sequence ops go through a kernel backend (kernels.py). In training BiMamba
+runs its forward and reverse directions as one grouped call (G = 2): one conv, one batched
+x_proj/dt_proj and one scan instead of two of each; without autograd it runs them one after the
+other, which halves the transient memory of long inputs (docs/inference.md §3).
 """
 
 from __future__ import annotations
@@ -131,8 +132,13 @@ class BiMambaWrapper(nn.Module):
         if rev is None:
             return fwd(hidden)
         xz = fwd.in_proj(hidden)
-        xz_rev = xz.flip(1) if self.weight_tie else rev.in_proj(hidden.flip(1))
-        y_fwd, y_rev = mamba_core([fwd, rev], torch.stack([xz, xz_rev]))
+        if torch.is_grad_enabled():
+            xz_rev = xz.flip(1) if self.weight_tie else rev.in_proj(hidden.flip(1))
+            y_fwd, y_rev = mamba_core([fwd, rev], torch.stack([xz, xz_rev]))
+        else:
+            y_fwd = mamba_core([fwd], xz[None])[0]
+            xz = xz.flip(1) if self.weight_tie else rev.in_proj(hidden.flip(1))  # the forward input is done with
+            y_rev = mamba_core([rev], xz[None])[0]
         if self.weight_tie and self.strategy == "add":  # out_proj is linear and shared: project the sum once
             return fwd.out_proj(y_fwd + y_rev.flip(1))
         out_fwd, out_rev = fwd.out_proj(y_fwd), rev.out_proj(y_rev).flip(1)

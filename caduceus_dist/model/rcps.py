@@ -84,7 +84,8 @@ class RCPSEmbedding(nn.Module):
 
 
 class RCPSWrapper(nn.Module):
-    """[m(h1) | flipLC(m(flipLC(h2)))]; both halves run as one batch of 2B sequences."""
+    """[m(h1) | flipLC(m(flipLC(h2)))]. Training runs both halves as one batch of 2B sequences; without
+    autograd they run one after the other, which halves the mixer's transient memory (docs/inference.md §3)."""
 
     def __init__(self, submodule: nn.Module) -> None:
         super().__init__()
@@ -92,6 +93,8 @@ class RCPSWrapper(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         first, second = hidden.chunk(2, dim=-1)
+        if not torch.is_grad_enabled():
+            return torch.cat([self.submodule(first), flip_lc(self.submodule(flip_lc(second)))], dim=-1)
         out = self.submodule(torch.cat([first, flip_lc(second)], dim=0))
         out_first, out_second = out.chunk(2, dim=0)
         return torch.cat([out_first, flip_lc(out_second)], dim=-1)
