@@ -81,6 +81,22 @@ def test_bidirectional_changing_one_token_changes_outputs_before_and_after(rcps)
     assert delta[:20].min() > 0 and delta[21:].min() > 0
 
 
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("variant", [
+    {"rcps": True}, {"rcps": True, "fused_add_norm": False}, {"rcps": False},
+    {"rcps": False, "bidirectional_weight_tie": False}, {"rcps": False, "bidirectional_strategy": "ew_multiply"},
+], ids=["PS", "PS-nonfused", "Ph", "Ph-untied", "Ph-ew_multiply"])
+def test_inference_runs_directions_and_halves_apart_with_the_training_paths_logits(variant, backend):
+    """Without autograd BiMamba and RCPS run their groups one after the other (less memory); same logits."""
+    torch.manual_seed(0)
+    model = CaduceusForMaskedLM(CaduceusConfig(d_model=32, n_layer=2, vocab_size=12, backend=backend, **variant))
+    ids = torch.randint(7, 12, (3, 300), generator=torch.Generator().manual_seed(1))
+    training_path = model(ids)
+    with torch.inference_mode():
+        inference_path = model(ids)
+    torch.testing.assert_close(inference_path, training_path.detach(), rtol=0, atol=1e-6)
+
+
 def test_unidirectional_model_is_causal():
     model = build(rcps=False, bidirectional=False)
     ids = torch.randint(7, 11, (1, 30), generator=torch.Generator().manual_seed(3))
