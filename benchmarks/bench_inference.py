@@ -10,7 +10,7 @@ before it (model and input allocated), so it is the activations alone. The per-p
 least-squares slope over the lengths; the longest region that fits is (budget - weights) / slope.
 Variants: the embedded GRCh37 chr20 piece, every alternative allele at --positions positions (3 SNVs
 each) and its 4 real indels, --window bases of context; ours shares the masked window of a position
-and batches equal-length windows (--max-tokens; on a CPU one window per pass is fastest), the baseline
+and batches equal-length windows (--max-tokens, as the command picks it), the baseline
 runs one window per allele per pass. A batch-size sweep of the forward pass is printed first.
 """
 

@@ -7,7 +7,7 @@ Face directory in the reference layout (a published Caduceus checkpoint: it gets
 training checkpoint is verified against its manifest, loaded by the engine that wrote it at world size
 1 (the engines reshard: DeepSpeed through a universal checkpoint, FSDP2 through DCP) and consolidated
 to fp32. DIR receives config.json, model.safetensors (docs/reference-model.md §10) and the remote
-code of docs/huggingface.md; the weights are read back and compared tensor by tensor before the
+code of docs/inference.md §1; the weights are read back and compared tensor by tensor before the
 command reports success.
 """
 

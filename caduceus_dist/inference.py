@@ -2,8 +2,7 @@
 contigs a FASTA streams, contig names matched with or without "chr", and a progress bar.
 
 Inference keeps no activations for backward (`torch.inference_mode`), so memory is the weights plus
-the transient activations of one layer: about `ACTIVATION_BYTES_PER_POSITION` per position and
-sequence in fp32 (docs/inference.md §Memory gives the measurement).
+the transient activations of one layer (docs/inference.md §3 gives the measurement).
 """
 
 from __future__ import annotations
@@ -33,8 +32,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def tokens_per_pass(requested: int, device: torch.device) -> int:
-    """--max-tokens; 0 (the default) picks 2^17 on a GPU and one sequence per pass on a CPU, where larger
-    tensors run slower per token (benchmarks/RESULTS.md, inference)."""
+    """--max-tokens; 0 (the default) picks 2^17 on a GPU and one sequence per pass on a CPU, where batching
+    gained nothing beyond run-to-run noise (benchmarks/RESULTS.md, inference)."""
     if requested < 0:
         raise InferenceError(f"--max-tokens must be >= 0 (0: automatic), got {requested}")
     return requested or ((1 << 17) if device.type == "cuda" else 1)

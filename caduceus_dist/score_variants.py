@@ -6,7 +6,7 @@ SNV: log p(ALT) - log p(REF) at the variant's position, masked, in a window cent
 fit at contig ends). Indel or multi-base variant: the shared prefix and suffix of REF and ALT are
 trimmed, the differing bases masked all at once in the reference and in the alternative haplotype,
 and the score is the sum of the alternative bases' log-likelihoods minus the reference bases' (a
-length-dependent score: compare indels of equal length; docs/inference.md §Variant scores).
+length-dependent score: compare indels of equal length; docs/inference.md §4).
 Strands: Ph averages the forward window and its reverse complement; PS is exactly strand-symmetric
 and needs one pass (--strands both computes the second anyway, e.g. to check that). Every VCF row and
 ALT allele gets one output row, scored or with the reason it was not; --strict makes the first

@@ -3,7 +3,7 @@
 Module names reproduce the Hugging Face state dict of the published checkpoints
 (docs/reference-model.md §2). Nothing here knows about parallelism: `blocks()` hands engines the
 repeated units to wrap, compile and checkpoint. This file and the modules it imports relatively ship
-inside every Hugging Face export (docs/huggingface.md), so they import nothing else of caduceus_dist.
+inside every Hugging Face export (docs/inference.md §1), so they import nothing else of caduceus_dist.
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ def conjoined_hidden(backbone: nn.Module, input_ids: Tensor, config: CaduceusCon
 
     PS averages the forward half with the channel-reversed RC half of each position (exact by construction);
     Ph averages a forward pass with the position-flipped pass over the reverse complement (the paper's
-    post-hoc conjoining; two passes). docs/huggingface.md §Strands."""
+    post-hoc conjoining; two passes). docs/inference.md §2."""
     hidden = backbone(input_ids)
     if config.rcps:
         first, second = hidden.chunk(2, dim=-1)

@@ -1,4 +1,4 @@
-"""The transformers configuration class of a Hugging Face export (docs/huggingface.md).
+"""The transformers configuration class of a Hugging Face export (docs/inference.md §1).
 
 It holds the fields of `config.json` (docs/reference-model.md §1) under their reference names and
 defaults, taken from our `CaduceusConfig`, so that one definition serves training and the Hub. The

@@ -73,7 +73,7 @@ def save_pretrained(model: nn.Module, config: CaduceusConfig, directory: str | P
 
 def write_hub_code(directory: str | Path) -> None:
     """Make a save_pretrained directory loadable by transformers' Auto classes (trust_remote_code=True):
-    copy the model files in and point config.json's auto_map at them (docs/huggingface.md)."""
+    copy the model files in and point config.json's auto_map at them (docs/inference.md §1)."""
     directory = Path(directory)
     source = Path(__file__).parent
     for name in HUB_CODE_FILES:

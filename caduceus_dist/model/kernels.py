@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .scan import selective_scan as torch_selective_scan
 
-try:  # the C kernels; a Hugging Face export ships the model files without them (docs/huggingface.md)
+try:  # the C kernels; a Hugging Face export ships the model files without them (docs/inference.md §1)
     from . import native_ops
 except ImportError:
     native_ops = None

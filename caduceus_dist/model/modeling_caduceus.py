@@ -1,5 +1,5 @@
 """The transformers classes of a Hugging Face export: AutoModel, AutoModelForMaskedLM and
-AutoModelForSequenceClassification with `trust_remote_code=True` (docs/huggingface.md).
+AutoModelForSequenceClassification with `trust_remote_code=True` (docs/inference.md §1).
 
 They wrap our model modules (caduceus.py and what it imports), which ship next to this file, so the
 export runs wherever PyTorch and transformers (4.46 and later, 5.x included) do: pure PyTorch on any
