@@ -4,7 +4,8 @@
                                   [--per-position] [--dtype fp32|bf16] [--max-tokens N]
 
 DIR is an export (python -m caduceus_dist.export) or a run directory. Regions are the BED rows
-(chrom, start, end[, name]; contigs matched with or without "chr"), or every FASTA record. Each
+(chrom, start, end[, name]; contigs matched with or without "chr"; the 4th column names the regions
+when its values are unique, else they are named chrom:start-end), or every FASTA record. Each
 region gives its mean-pooled embedding (one row of D floats) or, with --per-position, one row per
 base. Strands: PS averages its two RC halves, Ph averages the forward pass with the flipped pass over
 the reverse complement (the paper's post-hoc conjoining; --no-conjoin skips it), so an embedding and
@@ -58,13 +59,15 @@ def bed_regions(bed: Path, contigs: ContigNames) -> list[Region]:
         rows = read_bed(bed, need_label=False)
     except SplitError as exc:
         raise InferenceError(str(exc)) from None
+    labels = [row.label for row in rows]
+    unique_labels = all(labels) and len(set(labels)) == len(labels)  # a split BED's labels repeat: not names
     regions = []
     for row in rows:
         chrom = contigs.resolve(row.chrom)
         if chrom is None:
             raise InferenceError(f"{bed}, line {row.line}: contig {row.chrom!r} is not in the FASTA (also tried "
                                  "with and without 'chr'); fix the BED or pass the matching --fasta")
-        name = row.label or f"{row.chrom}:{row.start}-{row.end}"
+        name = row.label if unique_labels else f"{row.chrom}:{row.start}-{row.end}"
         regions.append(Region(len(regions), name, chrom, row.start, row.end))
     return regions
 

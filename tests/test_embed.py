@@ -49,6 +49,9 @@ def test_batching_and_scan_chunks_do_not_change_embeddings(checkpoint, genome, t
     batched = run(checkpoint, genome, tmp_path / "batched", "--bed", str(bed), "--max-tokens", "100000",
                   "--scan-chunk-size", "64")
     assert list(one_by_one) == ["a", "b", "c", "d", "e"]  # index in BED order
+    bed.write_text("".join(f"{c}\t{s}\t{e}\ttrain\n" for c, s, e, _ in rows))  # repeated labels name nothing
+    by_place = run(checkpoint, genome, tmp_path / "labels", "--bed", str(bed))
+    assert list(by_place) == [f"{c}:{s}-{e}" for c, s, e, _ in rows]
     for name in one_by_one:
         assert one_by_one[name].shape == (32,)
         np.testing.assert_allclose(batched[name], one_by_one[name], rtol=1e-5, atol=1e-6)

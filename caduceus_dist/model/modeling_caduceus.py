@@ -51,6 +51,7 @@ class Caduceus(CaduceusPreTrainedModel):
     """The backbone: last_hidden_state (B, L, D), or (B, L, 2D) for PS (both RC halves)."""
 
     _auto_class = "AutoModel"  # save_pretrained writes this code along (transformers 4.x only did so when set)
+    _keys_to_ignore_on_load_unexpected = (r"lm_head\.",)  # an MLM checkpoint's head is not part of this model
 
     def __init__(self, config: CaduceusConfig):
         super().__init__(config)
@@ -102,6 +103,7 @@ class CaduceusForSequenceClassification(CaduceusPreTrainedModel):
     and `conjoin_eval` (the paper's post-hoc conjoining). Pooling skips [PAD] positions."""
 
     _auto_class = "AutoModelForSequenceClassification"
+    _keys_to_ignore_on_load_unexpected = (r"lm_head\.",)
 
     def __init__(self, config: CaduceusConfig):
         super().__init__(config)
