@@ -29,15 +29,13 @@ import numpy as np
 import torch
 
 from caduceus_dist.inference import (
-    DTYPES,
     ContigNames,
     InferenceError,
     Progress,
+    add_common_arguments,
     fasta_names,
-    load_model,
-    pick_device,
+    setup,
     stream_contigs,
-    tokens_per_pass,
 )
 
 INDEX_COLUMNS = ("name", "chrom", "start", "end", "file", "row", "rows")
@@ -119,11 +117,7 @@ def embed(args: argparse.Namespace) -> Path:
     if out.exists() and not args.overwrite:
         raise InferenceError(f"--out {out} already exists; pass --overwrite to replace it, or choose another --out")
     fasta = Path(args.fasta)
-    if not fasta.is_file():
-        raise InferenceError(f"--fasta {fasta} does not exist")
-    device = pick_device(args.device)
-    args.max_tokens = tokens_per_pass(args.max_tokens, device)
-    model = load_model(Path(args.checkpoint), device, args.dtype, args.scan_chunk_size)
+    model, device, args.max_tokens = setup(args)
     regions = bed_regions(Path(args.bed), ContigNames(fasta_names(fasta))) if args.bed else None
     by_contig: dict[str, list[Region]] = defaultdict(list)
     for region in regions or []:
@@ -206,21 +200,14 @@ def read_embeddings(out: str | Path) -> dict[str, np.ndarray]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="export directory or run directory")
-    p.add_argument("--fasta", required=True, help="FASTA (plain, gzip or BGZF)")
+    add_common_arguments(p, "FASTA (plain, gzip or BGZF)", "regions")
     p.add_argument("--bed", default=None, help="regions (chrom, start, end[, name]); default: every FASTA record")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--per-position", action="store_true", help="one row per base instead of the mean")
     p.add_argument("--no-conjoin", action="store_true",
                    help="raw forward-strand hidden states (PS: both halves, 2*d_model; Ph: one pass)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute precision (storage is float32)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--max-tokens", type=int, default=0,
-                   help="bases per forward pass, equal-length regions batched (0: 2^17 on GPU, one region on CPU)")
-    p.add_argument("--scan-chunk-size", type=int, default=0, help="scan positions per chunk (0: automatic)")
     p.add_argument("--shard-mb", type=int, default=256, help="approximate size of each .npy shard")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return p
 
 

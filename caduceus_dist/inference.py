@@ -7,6 +7,7 @@ the transient activations of one layer (docs/inference.md §3 gives the measurem
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -58,6 +59,27 @@ def load_model(checkpoint: Path, device: torch.device, dtype: str, scan_chunk_si
         if isinstance(module, Mamba):
             module.scan_chunk_size = scan_chunk_size
     return model.to(device=device, dtype=DTYPES[dtype]).eval().requires_grad_(False)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, fasta_help: str, unit: str) -> None:
+    """The options every inference command has; `unit` names what --max-tokens batches (regions, windows)."""
+    parser.add_argument("--checkpoint", required=True, help="export directory or run directory")
+    parser.add_argument("--fasta", required=True, help=fasta_help)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute precision")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--max-tokens", type=int, default=0,
+                        help=f"bases per forward pass, equal-length {unit} batched (0: 2^17 on GPU, one on CPU)")
+    parser.add_argument("--scan-chunk-size", type=int, default=0, help="scan positions per chunk (0: automatic)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+
+def setup(args: argparse.Namespace):
+    """(model, device, bases per pass) for the common arguments; the FASTA checked to exist."""
+    if not Path(args.fasta).is_file():
+        raise InferenceError(f"--fasta {args.fasta} does not exist")
+    device = pick_device(args.device)
+    model = load_model(Path(args.checkpoint), device, args.dtype, args.scan_chunk_size)
+    return model, device, tokens_per_pass(args.max_tokens, device)
 
 
 class ContigNames:

@@ -27,18 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from caduceus_dist import inference
 from caduceus_dist.fsio import atomic_write
-from caduceus_dist.inference import (
-    DTYPES,
-    ContigNames,
-    InferenceError,
-    Progress,
-    fasta_names,
-    load_model,
-    pick_device,
-    stream_contigs,
-    tokens_per_pass,
-)
+from caduceus_dist.inference import InferenceError
 from caduceus_dist.model.tokenizer import BYTE_TO_ID, COMPLEMENT_IDS, MASK_ID
 
 COLUMNS = ("chrom", "pos", "id", "ref", "alt", "kind", "score", "score_forward", "score_reverse", "status", "vcf_line")
@@ -95,8 +86,7 @@ def read_vcf(path: Path) -> list[Variant]:
     return variants
 
 
-def check(variant: Variant, contigs: ContigNames, lengths: dict[str, int] | None = None,
-          tokens: np.ndarray | None = None) -> str | None:
+def check(variant: Variant, contigs: inference.ContigNames, tokens: np.ndarray | None = None) -> str | None:
     """Why the variant cannot be scored (None if it can). Without `tokens`, the checks that need no sequence."""
     if not set(variant.alt) <= BASES or not variant.alt:
         return f"ALT {variant.alt!r} is symbolic or not a DNA allele"
@@ -215,7 +205,7 @@ def run_jobs(model, jobs: list[Job], strands: list[str], max_tokens: int, device
 def score_variants(model, fasta: Path, variants: list[Variant], window: int, strands: list[str], max_tokens: int,
                    device: torch.device, strict: bool, share: bool = True, quiet: bool = True) -> list[Variant]:
     """Score `variants` in place (status says why one was not); `share=False` is the one-window-per-variant baseline."""
-    contigs = ContigNames(fasta_names(fasta))
+    contigs = inference.ContigNames(inference.fasta_names(fasta))
     todo: dict[str, list[Variant]] = defaultdict(list)
     for variant in variants:
         problem = check(variant, contigs)
@@ -223,9 +213,9 @@ def score_variants(model, fasta: Path, variants: list[Variant], window: int, str
             todo[variant.contig].append(variant)
         else:
             fail(variant, problem, strict)
-    progress = Progress(0, "windows", quiet)  # the total grows contig by contig, as windows are planned
+    progress = inference.Progress(0, "windows", quiet)  # the total grows contig by contig, as windows are planned
     try:
-        for contig, tokens in stream_contigs(fasta, set(todo)):
+        for contig, tokens in inference.stream_contigs(fasta, set(todo)):
             planner = Planner(tokens, window, share)
             terms = {}
             for variant in todo[contig]:
@@ -266,19 +256,13 @@ def write_tsv(path: Path, variants: list[Variant]) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="export directory or run directory")
-    p.add_argument("--fasta", required=True, help="reference FASTA the VCF is on (plain, gzip or BGZF)")
+    inference.add_common_arguments(p, "reference FASTA the VCF is on (plain, gzip or BGZF)", "windows")
     p.add_argument("--vcf", required=True, help="variants (plain or gzipped VCF)")
     p.add_argument("--out", required=True, help="output TSV (one row per VCF row and ALT allele)")
     p.add_argument("--window", type=int, default=131072, help="bases of context around each variant")
     p.add_argument("--strands", choices=("auto", "both", "forward"), default="auto",
                    help="auto: both for Ph, forward for PS (exactly strand-symmetric)")
     p.add_argument("--strict", action="store_true", help="stop at the first row that cannot be scored")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--max-tokens", type=int, default=0,
-                   help="bases per forward pass, equal-length windows batched (0: 2^17 on GPU, one window on CPU)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return p
 
 
@@ -288,16 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.window < 1:
             raise InferenceError(f"--window must be >= 1, got {args.window}")
-        fasta = Path(args.fasta)
-        if not fasta.is_file():
-            raise InferenceError(f"--fasta {fasta} does not exist")
         variants = read_vcf(Path(args.vcf))
-        device = pick_device(args.device)
-        model = load_model(Path(args.checkpoint), device, args.dtype)
+        model, device, max_tokens = inference.setup(args)
         forward_only = args.strands == "forward" or (args.strands == "auto" and model.config.rcps)
         strands = ["forward"] if forward_only else ["forward", "reverse"]
-        score_variants(model, fasta, variants, args.window, strands, tokens_per_pass(args.max_tokens, device),
-                       device, args.strict,
+        score_variants(model, Path(args.fasta), variants, args.window, strands, max_tokens, device, args.strict,
                        quiet=args.quiet)
         write_tsv(Path(args.out), variants)
     except InferenceError as exc:

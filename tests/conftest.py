@@ -74,3 +74,15 @@ def embedded_sample_shards(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, str(REPO_ROOT / "data_prep" / "shard_genome.py"), "--out", str(out), "--quiet"],
                    check=True, cwd=REPO_ROOT)
     return out
+
+
+@pytest.fixture(scope="module", params=["Ph", "PS"])
+def tiny_export(request, tmp_path_factory) -> Path:
+    """A seeded d_model 32, 2-layer model of each variant, saved in the Hugging Face layout."""
+    import torch
+
+    from caduceus_dist.model import CaduceusConfig, CaduceusForMaskedLM
+
+    torch.manual_seed(0)
+    model = CaduceusForMaskedLM(CaduceusConfig(d_model=32, n_layer=2, vocab_size=12, rcps=request.param == "PS"))
+    return model.save_pretrained(tmp_path_factory.mktemp(request.param) / "export")

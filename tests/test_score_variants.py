@@ -14,20 +14,13 @@ import torch
 from conftest import SAMPLE_DIR
 
 from caduceus_dist.inference import pick_device
-from caduceus_dist.model import CaduceusConfig, CaduceusForMaskedLM
+from caduceus_dist.model import CaduceusForMaskedLM
 from caduceus_dist.model.tokenizer import CaduceusTokenizer
 from caduceus_dist.score_variants import main, read_vcf, score_variants
 
 SAMPLE = SAMPLE_DIR
 RC = str.maketrans("ACGT", "TGCA")
 WINDOW = 256
-
-
-@pytest.fixture(scope="module", params=["Ph", "PS"])
-def checkpoint(request, tmp_path_factory):
-    torch.manual_seed(0)
-    model = CaduceusForMaskedLM(CaduceusConfig(d_model=32, n_layer=2, vocab_size=12, rcps=request.param == "PS"))
-    return model.save_pretrained(tmp_path_factory.mktemp(request.param) / "export")
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +34,8 @@ def rows(path):
         return list(csv.DictReader(fh, delimiter="\t"))
 
 
-def score(checkpoint, vcf, out, *extra, fasta=SAMPLE / "grch37_chr20_sample.fa.gz"):
-    argv = ["--checkpoint", str(checkpoint), "--fasta", str(fasta), "--vcf", str(vcf), "--out", str(out),
+def score(tiny_export, vcf, out, *extra, fasta=SAMPLE / "grch37_chr20_sample.fa.gz"):
+    argv = ["--checkpoint", str(tiny_export), "--fasta", str(fasta), "--vcf", str(vcf), "--out", str(out),
             "--window", str(WINDOW), "--quiet", *extra]
     return main(argv)
 
@@ -75,14 +68,14 @@ def direct_score(model, seq: str, pos: int, ref: str, alt: str, strand: str) -> 
     return total
 
 
-def test_scores_equal_a_direct_computation_on_both_strands(checkpoint, sample_sequence, tmp_path):
-    assert score(checkpoint, SAMPLE / "grch37_chr20_sample.vcf", tmp_path / "out.tsv", "--strands", "both") == 0
+def test_scores_equal_a_direct_computation_on_both_strands(tiny_export, sample_sequence, tmp_path):
+    assert score(tiny_export, SAMPLE / "grch37_chr20_sample.vcf", tmp_path / "out.tsv", "--strands", "both") == 0
     got = rows(tmp_path / "out.tsv")
     variants = read_vcf(SAMPLE / "grch37_chr20_sample.vcf")
     assert [(r["pos"], r["alt"]) for r in got] == [(str(v.pos), v.alt) for v in variants]  # every allele, in order
     assert len(got) == 13 and all(r["status"] == "scored" for r in got)
     assert {r["kind"] for r in got} == {"snv", "insertion", "deletion"}
-    model = CaduceusForMaskedLM.from_pretrained(checkpoint).eval()
+    model = CaduceusForMaskedLM.from_pretrained(tiny_export).eval()
     for row in got:
         for strand in ("forward", "reverse"):
             expected = direct_score(model, sample_sequence, int(row["pos"]), row["ref"], row["alt"], strand)
@@ -94,8 +87,8 @@ def test_scores_equal_a_direct_computation_on_both_strands(checkpoint, sample_se
             assert float(row["score_forward"]) == pytest.approx(float(row["score_reverse"]), rel=1e-5, abs=1e-5)
 
 
-def test_shared_windows_and_batches_give_the_same_scores(checkpoint):
-    model = CaduceusForMaskedLM.from_pretrained(checkpoint).eval()
+def test_shared_windows_and_batches_give_the_same_scores(tiny_export):
+    model = CaduceusForMaskedLM.from_pretrained(tiny_export).eval()
     fasta, device = SAMPLE / "grch37_chr20_sample.fa.gz", pick_device("cpu")
     results = []
     for share, max_tokens in ((True, 1 << 16), (False, WINDOW)):  # batched + shared vs one window per pass
@@ -105,7 +98,7 @@ def test_shared_windows_and_batches_give_the_same_scores(checkpoint):
     np.testing.assert_allclose(results[0], results[1], rtol=1e-5, atol=1e-5)
 
 
-def test_unusable_rows_are_reported_or_fatal_with_strict(checkpoint, tmp_path, capsys):
+def test_unusable_rows_are_reported_or_fatal_with_strict(tiny_export, tmp_path, capsys):
     vcf = tmp_path / "mixed.vcf.gz"
     with gzip.open(vcf, "wt") as fh:
         fh.write("##fileformat=VCFv4.2\n#CHROM\tPOS\tID\tREF\tALT\n"
@@ -114,7 +107,7 @@ def test_unusable_rows_are_reported_or_fatal_with_strict(checkpoint, tmp_path, c
                  "X\t5\tc\tA\tG\n"
                  "20:42400001-42600000\t20001\td\tA\t<DEL>\n"
                  "20:42400001-42600000\t199999\te\tTTTT\tT\n")  # runs past the end of the record
-    assert score(checkpoint, vcf, tmp_path / "out.tsv") == 0
+    assert score(tiny_export, vcf, tmp_path / "out.tsv") == 0
     status = {r["id"]: r["status"] for r in rows(tmp_path / "out.tsv")}
     assert status["a"] == "scored"
     assert status["b"] == "skipped: REF 'C' does not match the FASTA ('T' at 20:42400001-42600000:20000)"
@@ -122,7 +115,7 @@ def test_unusable_rows_are_reported_or_fatal_with_strict(checkpoint, tmp_path, c
     assert status["d"] == "skipped: ALT '<DEL>' is symbolic or not a DNA allele"
     assert status["e"].startswith("skipped: REF ends at 200002, past the end of 20:42400001-42600000")
     (tmp_path / "strict.tsv").write_text("earlier output\n")
-    assert score(checkpoint, vcf, tmp_path / "strict.tsv", "--strict") == 2
+    assert score(tiny_export, vcf, tmp_path / "strict.tsv", "--strict") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert re.search(r"VCF line 5 \(X:5 A>G\): contig 'X' is not in the FASTA .* drop --strict", err), err
@@ -131,7 +124,7 @@ def test_unusable_rows_are_reported_or_fatal_with_strict(checkpoint, tmp_path, c
 
 @pytest.mark.shared_data
 @pytest.mark.slow
-def test_real_chr20_indels_and_every_snv_allele_at_their_positions(checkpoint, shared_data, tmp_path):
+def test_real_chr20_indels_and_every_snv_allele_at_their_positions(tiny_export, shared_data, tmp_path):
     """194 real indels on the whole GRCh37 chr20, plus all three SNV alleles at each of their positions."""
     vcf = tmp_path / "snvs_and_indels.vcf"
     with gzip.open(shared_data / "variants" / "grch37_chr20_indels.vcf.gz", "rt") as fh:
@@ -142,7 +135,7 @@ def test_real_chr20_indels_and_every_snv_allele_at_their_positions(checkpoint, s
         base = ref[0]
         snvs.append(f"{chrom}\t{pos}\tsnv\t{base}\t{','.join(b for b in 'ACGT' if b != base)}\n")
     vcf.write_text("#CHROM\tPOS\tID\tREF\tALT\n" + "".join(lines) + "".join(snvs))
-    assert score(checkpoint, vcf, tmp_path / "out.tsv", fasta=shared_data / "grch37_chr20.fa.gz") == 0
+    assert score(tiny_export, vcf, tmp_path / "out.tsv", fasta=shared_data / "grch37_chr20.fa.gz") == 0
     got = rows(tmp_path / "out.tsv")
     assert len(got) == 194 + 3 * 194 and all(r["status"] == "scored" for r in got)
     kinds = {k: sum(r["kind"] == k for r in got) for k in ("snv", "insertion", "deletion")}
