@@ -4,6 +4,7 @@ and variant scoring throughput against one masked window per variant.
 
     .venv/bin/python benchmarks/bench_inference.py             # ~6 min on 2 cores, 13 GB peak
     .venv/bin/python benchmarks/bench_inference.py --quick     # small lengths only
+    python benchmarks/bench_inference.py --only memory --device cuda    # on a GPU (gpu_check.sh runs it)
 
 Memory: each case runs in a fresh subprocess; peak is ru_maxrss after one forward minus the RSS just
 before it (model and input allocated), so it is the activations alone. The per-position figure is the
@@ -40,15 +41,20 @@ def rss_bytes() -> int:
         return int(fh.read().split()[1]) * resource.getpagesize()
 
 
-def memory_case(length: int, grad: bool) -> dict:
-    """Child process: one forward of a (1, length) input; peak activation bytes."""
+def memory_case(length: int, grad: bool, device: str) -> dict:
+    """Child process: one forward of a (1, length) input; peak activation bytes (RSS on CPU, the CUDA
+    allocator's peak on a GPU)."""
     torch.manual_seed(0)
-    model = CaduceusForMaskedLM(CaduceusConfig(**PS_131K)).eval()
+    model = CaduceusForMaskedLM(CaduceusConfig(**PS_131K)).eval().to(device)
     if not grad:
         model.requires_grad_(False)
-    ids = torch.randint(7, 11, (1, length))
-    model(torch.randint(7, 11, (1, 64)))  # warm-up: lazy initialisation, native library
-    before = rss_bytes()
+    ids = torch.randint(7, 11, (1, length), device=device)
+    model(torch.randint(7, 11, (1, 64), device=device))  # warm-up: lazy initialisation, kernels
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() if cuda else rss_bytes()
     start = time.perf_counter()
     if grad:
         hidden = model.caduceus(ids)
@@ -58,23 +64,25 @@ def memory_case(length: int, grad: bool) -> dict:
 
         with torch.inference_mode():
             conjoined_hidden(model.caduceus.backbone, ids, model.config).mean(1)
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"length": length, "grad": grad, "activation_bytes": peak - before, "seconds": seconds, "weights": weights}
 
 
-def run_child(length: int, grad: bool) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--child", str(length), str(int(grad))],
+def run_child(length: int, grad: bool, device: str) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--child", str(length), str(int(grad)), "--device", device],
                           capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def memory(lengths: list[int]) -> None:
+def memory(lengths: list[int], device: str) -> None:
     print(f"{'length':>8} {'inference MB':>13} {'tokens/s':>9} {'grad fwd+bwd MB':>16} {'ratio':>6}")
     results = {}
     for length in lengths:
-        ours, base = run_child(length, grad=False), run_child(length, grad=True)
+        ours, base = run_child(length, False, device), run_child(length, True, device)
         results[length] = (ours, base)
         print(f"{length:>8} {ours['activation_bytes'] / 2**20:>13.0f} {length / ours['seconds']:>9.0f} "
               f"{base['activation_bytes'] / 2**20:>16.0f} {base['activation_bytes'] / ours['activation_bytes']:>6.1f}x")
@@ -84,7 +92,9 @@ def memory(lengths: list[int]) -> None:
     weights = results[lengths[-1]][0]["weights"]
     print(f"per position: inference {ours_slope / 1024:.1f} KiB, grad-enabled {base_slope / 1024:.1f} KiB "
           f"({base_slope / ours_slope:.1f}x); weights {weights / 2**20:.0f} MB")
-    for budget_gb, where in ((24, "CPU, 24 GB (measured slope)"), (80, "GPU, 80 GB (computed from the CPU slope)")):
+    budgets = ((80, "GPU, 80 GB (measured slope)"),) if device == "cuda" else (
+        (24, "CPU, 24 GB (measured slope)"), (80, "GPU, 80 GB (computed from the CPU slope)"))
+    for budget_gb, where in budgets:
         budget = budget_gb * 10**9 - weights
         print(f"  longest region, {where}: inference {budget / ours_slope / 1e6:.1f} Mbp, "
               f"grad-enabled {budget / base_slope / 1e6:.2f} Mbp")
@@ -145,6 +155,8 @@ def variants(window: int, positions: int, max_tokens: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="memory cases on this device (cuda: the allocator's peak; gpu_check.sh runs it)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--window", type=int, default=2048)
     p.add_argument("--positions", type=int, default=16)
@@ -152,12 +164,14 @@ def main() -> None:
     p.add_argument("--only", choices=("memory", "variants"), default=None)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(memory_case(args.child[0], bool(args.child[1]))))
+        print(json.dumps(memory_case(args.child[0], bool(args.child[1]), args.device)))
         return
     torch.set_num_threads(torch.get_num_threads())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, Caduceus-PS d_model 256 x 16 layers\n")
     if args.only != "variants":
-        memory([2048, 4096] if args.quick else [4096, 8192, 12288])
+        cuda_lengths = [16384, 32768, 65536]  # grad-enabled at 65536: ~60 GB at the CPU's slope
+        memory([2048, 4096] if args.quick else cuda_lengths if args.device == "cuda" else [4096, 8192, 12288],
+               args.device)
         print()
     if args.only != "memory":
         batch_sweep(1024 if args.quick else args.window)

@@ -8,9 +8,10 @@
 #
 # It runs benchmarks/gpu_check.py (bf16 training steps of ps_1k at L 1,024 and ps_131k at L 131,072
 # with the mamba-ssm kernels if they import, else the PyTorch scan on the GPU; tokens/s, MFU, peak
-# memory; a checkpoint save and a bitwise restore), then the test suite's `gpu` tests. Everything is
-# written to $OUT (or ./gpu_check_out): gpu_check.json, gpu_check.log, gpu_tests.log. Exit 0 when both
-# parts pass. Record the figures in benchmarks/RESULTS.md ("GPU").
+# memory; a checkpoint save and a bitwise restore), then the test suite's `gpu` tests, then the
+# inference memory per position (benchmarks/bench_inference.py). Everything is written to $OUT (or
+# ./gpu_check_out): gpu_check.json, gpu_check.log, gpu_tests.log, inference_memory.log. Exit 0 when the
+# first two parts pass. Record the figures in benchmarks/RESULTS.md ("GPU").
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 WHEELS=${WHEELS:-.whl}
@@ -46,5 +47,7 @@ measured=${PIPESTATUS[0]}
 timeout 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_model_scan.py tests/test_data_loader.py 2>&1 \
   | tee "$OUT_DIR/gpu_tests.log"
 tested=${PIPESTATUS[0]}
+# inference memory per position on the GPU (docs/inference.md §3 states a figure computed from the CPU's)
+timeout 150 "$PY" benchmarks/bench_inference.py --only memory --device cuda 2>&1 | tee "$OUT_DIR/inference_memory.log"
 echo "gpu_check: measurements exit $measured, gpu tests exit $tested (results in $OUT_DIR)"
 [ "$measured" = 0 ] && [ "$tested" = 0 ]
