@@ -614,6 +614,26 @@ def test_ctrl_c_at_any_moment_of_a_shard_leaves_no_partial_file(tmp_path, monkey
     assert tree(out) == tree(tmp_path / "clean")
 
 
+def test_max_n_fraction_drops_and_counts_windows_with_too_many_n(tmp_path, capsys):
+    n_counts = [0, 10, 30, 50, 51, 80, 99, 100, 0, 5]  # per 100-base window, N at the window's start
+    rng = np.random.default_rng(0)
+    seq = "".join("N" * n + "".join(rng.choice(list("ACGT"), 100 - n)) for n in n_counts)
+    fasta = tmp_path / "g.fa"
+    fasta.write_text(f">chr1\n{seq}\n")
+    base = ["--fasta", str(fasta), "--window", "100", "--contigs", "all"]
+    for fraction, kept in ((None, [n for n in n_counts if n < 100]), ("0.5", [n for n in n_counts if n <= 50])):
+        out = tmp_path / f"out{fraction}"
+        assert cli_main([*base, "--out", str(out), *(["--max-n-fraction", fraction] if fraction else [])]) == 0
+        train = load_manifest(out)["splits"]["train"]
+        assert (train["windows"], train["n_bases"], train["dropped_windows"]) == (len(kept), sum(kept),
+                                                                                  len(n_counts) - len(kept))
+        assert verify_dataset(out).ok
+        summary_line = capsys.readouterr().err
+        assert f"{len(n_counts) - len(kept)} windows dropped for N" in summary_line
+    assert cli_main([*base, "--out", str(tmp_path / "bad"), "--max-n-fraction", "1.0"]) == 2
+    assert "--max-n-fraction must be in [0, 1), got 1.0" in capsys.readouterr().err
+
+
 def test_a_run_that_wrote_no_shard_does_not_block_other_arguments(tmp_path):
     chrm_only = tmp_path / "mt.fa"
     chrm_only.write_text(">MT_human\n" + "ACGT" * 5000 + "\n")

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: reference with --bed, tile without; tile for the sample)")
     win.add_argument("--samples-per-shard", type=int, help="windows per shard (default: 2^27 bases / window)")
     win.add_argument("--zstd-level", type=int, default=3, help="zstd level of the token frames (default: 3)")
+    win.add_argument("--max-n-fraction", type=float, default=None, metavar="F",
+                     help="drop (and count) windows with more than F of their bases N (default: only all-N windows)")
     run = parser.add_argument_group("behaviour")
     run.add_argument("--workers", type=int, default=1,
                      help="parallel decompression (BGZF) and compression workers (default: 1); the output is "
@@ -79,7 +81,8 @@ def config_from_args(args: argparse.Namespace) -> ShardConfig:
         out=args.out, bed=args.bed, split_map=args.split_map, valid_chroms=args.valid_chroms,
         test_chroms=args.test_chroms, contigs=args.contigs, valid_fraction=args.valid_fraction,
         test_fraction=args.test_fraction, split_seed=args.split_seed, window=args.window, tiling=args.tiling,
-        samples_per_shard=args.samples_per_shard, zstd_level=args.zstd_level, assembly=args.assembly,
+        samples_per_shard=args.samples_per_shard, zstd_level=args.zstd_level, max_n_fraction=args.max_n_fraction,
+        assembly=args.assembly,
         strict=args.strict, workers=args.workers, worker_kind=args.worker_kind, overwrite=args.overwrite,
         quiet=args.quiet,
     )
@@ -127,7 +130,8 @@ def summary(manifest: dict, out: str, seconds: float, bases_written: int) -> str
     lines = []
     for split, info in manifest["splits"].items():
         lines.append(f"  {split}: {info['windows']} windows in {len(info['shards'])} shard(s), "
-                     f"{info['n_bases']} N bases, {info['dropped_windows']} all-N windows dropped")
+                     f"{info['n_bases']} N bases, {info['dropped_windows']} windows dropped for N "
+                     f"({'all N' if manifest['args'].get('max_n_fraction') is None else 'over --max-n-fraction'})")
     layout = f"{manifest['window']}-base windows, {manifest['tiling']} tiling"
     if bases_written:
         head = f"wrote {out} ({layout}) in {seconds:.1f} s, {bases_written / seconds / 1e6:.1f} Mbp/s"

@@ -67,6 +67,7 @@ class ShardConfig:
     tiling: str | None = None  # reference with a BED, tile without
     samples_per_shard: int | None = None  # default: TARGET_SHARD_BASES // window
     zstd_level: int = 3
+    max_n_fraction: float | None = None  # drop windows with more N than this fraction; None: only all-N ones
     assembly: str | None = None  # default: the FASTA file name without .fa/.fasta/.gz
     strict: bool = False
     workers: int = 1
@@ -87,6 +88,11 @@ class ShardConfig:
         for suffix in (".gz", ".bgz", ".fa", ".fasta", ".fna"):
             name = name.removesuffix(suffix)
         return name
+
+
+def max_n_bases(window: int, max_n_fraction: float | None) -> int:
+    """The most N bases a stored window may hold (all-N windows are never stored)."""
+    return window - 1 if max_n_fraction is None else min(window - 1, int(max_n_fraction * window))
 
 
 def sample_config(**overrides) -> ShardConfig:
@@ -139,7 +145,7 @@ class SplitTotals:
     windows: int = 0
     bases: int = 0
     n_bases: int = 0
-    dropped_windows: int = 0  # all-N windows, not stored
+    dropped_windows: int = 0  # all-N windows (or over --max-n-fraction), not stored
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -213,6 +219,7 @@ class RunCutter:
 
     def __init__(self, cfg: ShardConfig, fasta_sha: str, finished: set[tuple[str, int]], stats: RunStats, plan):
         self.window, self.level, self.per_shard = cfg.window, cfg.zstd_level, cfg.resolved_samples_per_shard()
+        self.max_n = max_n_bases(cfg.window, cfg.max_n_fraction)
         self.common = {"assembly": cfg.resolved_assembly(), "fasta_sha256": fasta_sha, "length": cfg.window,
                        "strand": "+"}
         self.finished, self.stats, self.plan = finished, stats, plan
@@ -225,7 +232,7 @@ class RunCutter:
             n_count = int(np.count_nonzero(bases[start:end] == N_ID))
             split = self.plan.window_split(interval, start)
             totals = self.stats.totals.setdefault(split, SplitTotals())
-            if n_count == self.window:
+            if n_count > self.max_n:
                 totals.dropped_windows += 1
                 continue
             sample_id = totals.windows
@@ -289,6 +296,9 @@ def shard_genome(cfg: ShardConfig, progress: Callable[[int, int, int], None] | N
         raise ShardingError(f"--workers must be >= 1, got {cfg.workers}")
     if cfg.samples_per_shard is not None and cfg.samples_per_shard < 1:
         raise ShardingError(f"--samples-per-shard must be >= 1, got {cfg.samples_per_shard}")
+    if cfg.max_n_fraction is not None and not 0 <= cfg.max_n_fraction < 1:
+        raise ShardingError(f"--max-n-fraction must be in [0, 1), got {cfg.max_n_fraction} "
+                            "(leave it out to drop only all-N windows)")
     tiling, tile = resolve_tiling(cfg.tiling, cfg.window, cfg.bed is not None)
     plan = make_split_plan(cfg.bed, cfg.split_map, cfg.valid_chroms, cfg.test_chroms, cfg.contigs,
                            cfg.valid_fraction, cfg.test_fraction, cfg.split_seed)
