@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from caduceus_dist.prep.splits import bare_contig
+from caduceus_dist.shard_format import token_ids
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -110,7 +111,7 @@ def stream_contigs(fasta: Path, wanted: set[str] | None) -> Iterator[tuple[str, 
         try:
             for record in reader:
                 if wanted is None or record.name in wanted:
-                    yield record.name, record.tokens
+                    yield record.name, token_ids(record.tokens)
         finally:
             reader.close()
     except FastaError as exc:

@@ -1,7 +1,7 @@
 """The on-disk shard format: the one contract between preparation (`caduceus_dist.prep`, the writer) and
 loading (`caduceus_dist.data`, the reader). docs/shard-format.md describes it for users.
 
-Layout of a dataset root (format version 1)::
+Layout of a dataset root (format version 2; version 1 differs only in the token bytes, below)::
 
     ROOT/manifest.json                  written last, atomically; see `load_manifest`
     ROOT/{split}/shard-NNNNNN.tar       plain (uncompressed) POSIX ustar, a standard WebDataset shard
@@ -14,7 +14,10 @@ its split, stable across reruns and worker counts):
 
 - ``KEY.json``: UTF-8 JSON metadata (sorted keys): id, split, chrom, start, end (0-based,
   half-open), strand ("+"), length, n_fraction, assembly, fasta_sha256.
-- ``KEY.tokens.zst``: one zstd frame holding ``length`` uint8 token ids (CaduceusTokenizer ids).
+- ``KEY.tokens.zst``: one zstd frame holding ``length`` uint8 bytes: the CaduceusTokenizer id of each
+  base (A=7 C=8 G=9 T=10 N=11), plus ``SOFTMASK_FLAG`` (16) where the FASTA had the base in lower case
+  (a soft-masked repeat), so 23..27 for a..n. Version 1 shards hold the ids alone (case dropped).
+  `token_ids` and `softmasked` split the bytes; readers of ids call `token_ids` on either version.
 
 Tar headers are deterministic (mtime 0, uid/gid 0, mode 0644, no user names) so a shard is a pure
 function of its samples.
@@ -31,12 +34,24 @@ import numpy as np
 import zstandard
 
 FORMAT_NAME = "caduceus-dist-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written; READABLE_VERSIONS are read
+READABLE_VERSIONS = (1, 2)
+SOFTMASK_FLAG = 0x10  # added to a token id where the base was lower case (soft-masked); ids stay below it
 MANIFEST_NAME = "manifest.json"
 JSON_SUFFIX = ".json"
 TOKENS_SUFFIX = ".tokens.zst"
 INDEX_COLUMNS = 4  # json_offset, json_size, tokens_offset, tokens_size
 TAR_BLOCK = 512
+
+
+def token_ids(stored: np.ndarray) -> np.ndarray:
+    """Token ids of stored token bytes (the soft-mask flag removed; a no-op on version 1 shards)."""
+    return stored & (SOFTMASK_FLAG - 1)
+
+
+def softmasked(stored: np.ndarray) -> np.ndarray:
+    """Whether each stored base was lower case in the FASTA (always False in version 1 shards)."""
+    return (stored & SOFTMASK_FLAG) != 0
 
 
 class ShardFormatError(ValueError):
@@ -135,10 +150,10 @@ def load_manifest(root: str | os.PathLike) -> dict:
         raise ShardFormatError(f"cannot read {path} ({exc.strerror or exc}): check the path and its filesystem") from None
     if manifest.get("format") != FORMAT_NAME:
         raise ShardFormatError(f"{path}: key 'format' is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise ShardFormatError(
             f"{path}: key 'format_version' is {manifest.get('format_version')!r}; this caduceus-dist reads "
-            f"version {FORMAT_VERSION}. Reshard with this version of data_prep/shard_genome.py"
+            f"versions {', '.join(map(str, READABLE_VERSIONS))}. Reshard with this version of data_prep/shard_genome.py"
         )
     if not isinstance(manifest.get("splits"), dict):
         raise ShardFormatError(f"{path}: key 'splits' is missing")

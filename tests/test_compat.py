@@ -21,6 +21,7 @@ from test_resume_exact import tensorboard_losses
 
 from caduceus_dist.data.dataset import ShardSplit
 from caduceus_dist.prep.sharding import sample_config, shard_genome
+from caduceus_dist.shard_format import ShardReader, softmasked, token_ids
 
 REPO = Path(__file__).resolve().parents[1]
 COMPAT = REPO / "tests" / "compat" / "v0.1.0"
@@ -33,20 +34,36 @@ RUN_OVERRIDES = [
 
 
 def test_shards_of_0_1_0_load_and_equal_what_the_sharder_writes_today(tmp_path):
+    """Format 1 (0.1.0, case dropped) and today's format 2 (soft-mask flagged) give the loader the same ids;
+    the stored bytes differ exactly at the sample's soft-masked bases."""
     old = load_manifest_splits(COMPAT / "shards")
     shard_genome(sample_config(out=str(tmp_path / "today"), quiet=True))
-    assert load_manifest_splits(tmp_path / "today") == old  # every shard and index byte-identical (sha256)
+    today = load_manifest_splits(tmp_path / "today")
+    assert (old["format_version"], today["format_version"]) == (1, 2)
+    assert old["window"] == today["window"]
+    totals = ("windows", "bases", "n_bases", "dropped_windows")
+    for split, info in old["splits"].items():
+        assert {k: info[k] for k in totals} == {k: today["splits"][split][k] for k in totals}
+    flagged = 0
     for split in old["splits"]:
         before = ShardSplit(COMPAT / "shards", split, verify="sha256")
         now = ShardSplit(tmp_path / "today", split, verify="sha256")
         assert len(before.sample_ids) == old["splits"][split]["windows"] > 0
         for sample_id in before.sample_ids:
             np.testing.assert_array_equal(before.read_window(int(sample_id)), now.read_window(int(sample_id)))
+        for entry_old, entry_now in zip(before.shards, now.shards, strict=True):
+            stored_old, stored_now = (ShardReader(e.tar, e.index) for e in (entry_old, entry_now))
+            for k in range(len(stored_old)):
+                raw_old, raw_now = stored_old.read_tokens(k), stored_now.read_tokens(k)
+                assert not softmasked(raw_old).any()
+                np.testing.assert_array_equal(token_ids(raw_now), raw_old)
+                flagged += int(np.count_nonzero(raw_now != raw_old))
+    assert flagged == sum(info["softmasked_bases"] for info in today["splits"].values()) == 1  # chrM's one base
 
 
 def load_manifest_splits(root: Path) -> dict:
     manifest = json.loads((root / "manifest.json").read_text())
-    return {"window": manifest["window"], "splits": manifest["splits"]}
+    return {"format_version": manifest["format_version"], "window": manifest["window"], "splits": manifest["splits"]}
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2"])

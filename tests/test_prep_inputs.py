@@ -27,7 +27,8 @@ EXPECTED_ID = {**{b: i for b, i in zip("ACGTN", range(7, 12), strict=True)}, **d
 
 
 def plain_parse(text: str) -> dict[str, np.ndarray]:
-    """A deliberately naive FASTA parse, used as the independent reference."""
+    """A deliberately naive FASTA parse, used as the independent reference: token ids, plus 16 for a
+    lower-case a, c, g, t or n (soft-masked; shard format v2), IUPAC codes a plain N."""
     records, name = {}, None
     for line in text.splitlines():
         if line.startswith(">"):
@@ -35,7 +36,8 @@ def plain_parse(text: str) -> dict[str, np.ndarray]:
             records[name] = []
         elif line.strip():
             records[name].append(line.strip())
-    return {k: np.array([EXPECTED_ID[c.upper()] for c in "".join(v)], dtype=np.uint8) for k, v in records.items()}
+    return {k: np.array([EXPECTED_ID[c.upper()] + 16 * (c in "acgtn") for c in "".join(v)], dtype=np.uint8)
+            for k, v in records.items()}
 
 
 def sample_text() -> str:
@@ -107,14 +109,14 @@ def test_crlf_and_blank_lines(tmp_path):
     path = tmp_path / "crlf.fa"
     path.write_bytes(b">a\r\nACGT\r\nnnGG\r\n\r\n>b desc\r\nTTTT\r\n")
     got = read_all(path)
-    assert got["a"].tolist() == [7, 8, 9, 10, 11, 11, 9, 9] and got["b"].tolist() == [10] * 4
+    assert got["a"].tolist() == [7, 8, 9, 10, 27, 27, 9, 9] and got["b"].tolist() == [10] * 4  # nn: soft-masked N
 
 
 def test_iupac_codes_become_n_and_are_counted(tmp_path):
     path = tmp_path / "iupac.fa"
     path.write_text(">x\nACRYGT\nswn\n")
     (record,) = list(FastaReader(path))
-    assert record.tokens.tolist() == [7, 8, 11, 11, 9, 10, 11, 11, 11] and record.iupac_bases == 4
+    assert record.tokens.tolist() == [7, 8, 11, 11, 9, 10, 11, 11, 27] and record.iupac_bases == 4  # n: soft-masked
 
 
 @pytest.mark.parametrize(

@@ -64,10 +64,20 @@ def expected_ids(sequence: str) -> np.ndarray:
     return EXPECTED_TABLE[np.frombuffer(sequence.encode(), dtype=np.uint8)]
 
 
+def soft_masked_letters(sequence: str) -> np.ndarray:
+    """Where the FASTA has a lower-case a, c, g, t or n (IUPAC codes become a plain N)."""
+    return np.isin(np.frombuffer(sequence.encode(), dtype=np.uint8), np.frombuffer(b"acgtn", dtype=np.uint8))
+
+
+def expected_stored(sequence: str) -> np.ndarray:
+    """Shard format v2 token bytes, written from docs/shard-format.md: id + 16 where lower case."""
+    return expected_ids(sequence) + 16 * soft_masked_letters(sequence).astype(np.uint8)
+
+
 def assert_round_trip(root: Path, fasta: Path) -> int:
-    """Every stored window decodes to exactly the FASTA bases at its recorded coordinates (pyfaidx)."""
+    """Every stored window decodes to exactly the FASTA bases, and their case, at its recorded coordinates."""
     manifest = load_manifest(root)
-    genome = pyfaidx.Fasta(str(fasta), sequence_always_upper=True, rebuild=True)
+    genome = pyfaidx.Fasta(str(fasta), rebuild=True)
     checked = 0
     for split, info in manifest["splits"].items():
         next_id = 0
@@ -78,9 +88,9 @@ def assert_round_trip(root: Path, fasta: Path) -> int:
                 meta = sample.meta
                 assert (meta["split"], meta["id"]) == (split, next_id)
                 assert meta["end"] - meta["start"] == meta["length"] == manifest["window"]
-                want = expected_ids(genome[meta["chrom"]][meta["start"]:meta["end"]].seq)
+                want = expected_stored(genome[meta["chrom"]][meta["start"]:meta["end"]].seq)
                 np.testing.assert_array_equal(sample.tokens, want, err_msg=f"{split} sample {next_id} {meta}")
-                assert meta["n_fraction"] == np.count_nonzero(want == 11) / len(want)
+                assert meta["n_fraction"] == np.count_nonzero(want % 16 == 11) / len(want)
                 next_id += 1
                 checked += 1
             reader.close()
@@ -90,10 +100,11 @@ def assert_round_trip(root: Path, fasta: Path) -> int:
 
 def independent_counts(fasta: Path, rows: list[tuple[str, int, int, str]], window: int, tiling: str) -> dict:
     """Per-split windows/bases/N bases/dropped computed from the BED rows and pyfaidx, not the sharder."""
-    genome = pyfaidx.Fasta(str(fasta), sequence_always_upper=True, rebuild=True)
+    genome = pyfaidx.Fasta(str(fasta), rebuild=True)
     counts: dict[str, dict] = {}
     for chrom, start, end, split in rows:
-        c = counts.setdefault(split, {"windows": 0, "bases": 0, "n_bases": 0, "dropped_windows": 0})
+        c = counts.setdefault(split, {"windows": 0, "bases": 0, "n_bases": 0, "softmasked_bases": 0,
+                                      "dropped_windows": 0})
         if chrom not in genome:
             continue
         length = len(genome[chrom])
@@ -102,18 +113,20 @@ def independent_counts(fasta: Path, rows: list[tuple[str, int, int, str]], windo
         else:
             spans = reference_spec_windows([(start, end)], length, window) if length >= window else []
         for s, e in spans:
-            n = int(np.count_nonzero(expected_ids(genome[chrom][s:e].seq) == 11))  # N and IUPAC codes
+            seq = genome[chrom][s:e].seq
+            n = int(np.count_nonzero(expected_ids(seq) == 11))  # N and IUPAC codes, either case
             if n == window:
                 c["dropped_windows"] += 1
             else:
                 c["windows"] += 1
                 c["bases"] += window
                 c["n_bases"] += n
+                c["softmasked_bases"] += int(np.count_nonzero(soft_masked_letters(seq)))
     return counts
 
 
 def manifest_counts(manifest: dict) -> dict:
-    keys = ("windows", "bases", "n_bases", "dropped_windows")
+    keys = ("windows", "bases", "n_bases", "softmasked_bases", "dropped_windows")
     return {split: {k: info[k] for k in keys} for split, info in manifest["splits"].items()}
 
 
@@ -546,7 +559,8 @@ def test_empty_split_is_listed_and_no_windows_at_all_is_an_error(tmp_path):
     bed = tmp_path / "rows.bed"
     bed.write_text(f"{CHR22}\t0\t50000\ttrain\nchrM\t0\t5000\ttest\n")  # test: shorter than one window
     manifest = shard_genome(sample_config(out=str(tmp_path / "one"), bed=str(bed), quiet=True))
-    assert manifest["splits"]["test"] == {"windows": 0, "bases": 0, "n_bases": 0, "dropped_windows": 0, "shards": []}
+    assert manifest["splits"]["test"] == {"windows": 0, "bases": 0, "n_bases": 0, "softmasked_bases": 0,
+                                          "dropped_windows": 0, "shards": []}
     assert verify_dataset(tmp_path / "one").ok
     with pytest.raises(ShardingError, match=r"no windows were produced .*shorter than --window 300000"):
         shard_genome(sample_config(out=str(tmp_path / "none"), window=300_000, quiet=True))

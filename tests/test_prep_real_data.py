@@ -83,3 +83,20 @@ def test_grch37_chr20_whole_chromosome_bgzf(shared_data, tmp_path):
     assert train["windows"] + train["dropped_windows"] == 63_025_520 // (1 << 17)
     assert manifest["fasta"]["bases"] == 63_025_520 and len(train["shards"]) == -(-train["windows"] // 64)
     assert assert_round_trip(outs[2], plain) == train["windows"]
+
+
+@pytest.mark.parametrize("genome", ["Hsap_hg38_chr16_186964-397118.softmasked.fa.gz",
+                                    "Dmel_dm3_chr2R_2M-7M.softmasked.fa.gz"])
+def test_soft_masking_survives_sharding_base_for_base(shared_data, tmp_path, genome):
+    """UCSC soft-masked genomes: every stored base keeps its case, softmasked_bases counts them."""
+    fasta = tmp_path / "genome.fa"
+    fasta.write_bytes(gzip.decompress((shared_data / "genomes" / "small" / genome).read_bytes()))
+    out = tmp_path / "shards"
+    manifest = shard_genome(ShardConfig(fasta=str(fasta), out=str(out), window=1 << 14, contigs="all",
+                                        valid_fraction=0.1, quiet=True))
+    assert assert_round_trip(out, fasta) == sum(info["windows"] for info in manifest["splits"].values()) > 0
+    stored_lower = sum(info["softmasked_bases"] for info in manifest["splits"].values())
+    text = "".join(line for line in fasta.read_text().splitlines() if not line.startswith(">"))
+    lower = sum(text.count(c) for c in "acgtn")
+    assert 0.2 * lower < stored_lower <= lower  # the windows leave out each contig's tail only
+    assert verify_dataset(out).ok

@@ -23,7 +23,7 @@ import numpy as np
 
 from caduceus_dist.distributed import gather_object, rank_and_world
 from caduceus_dist.fsio import atomic_write, balanced_shares, file_mismatch, sha256_file
-from caduceus_dist.shard_format import ShardFormatError, ShardReader, load_manifest, read_index
+from caduceus_dist.shard_format import ShardFormatError, ShardReader, load_manifest, read_index, token_ids
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ class ShardSplit:
         if len(tokens) != self.window:
             raise ShardFormatError(f"shard {entry.tar}: sample {sample_id} has {len(tokens)} tokens, the manifest "
                                    f"window is {self.window}")
-        return tokens
+        return token_ids(tokens)  # the soft-mask flag of version 2 shards is not used in training yet
 
     def __getstate__(self):  # file descriptors are per process (DataLoader workers)
         state = self.__dict__.copy()

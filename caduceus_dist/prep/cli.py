@@ -130,7 +130,8 @@ def summary(manifest: dict, out: str, seconds: float, bases_written: int) -> str
     lines = []
     for split, info in manifest["splits"].items():
         lines.append(f"  {split}: {info['windows']} windows in {len(info['shards'])} shard(s), "
-                     f"{info['n_bases']} N bases, {info['dropped_windows']} windows dropped for N "
+                     f"{info['n_bases']} N bases, {info.get('softmasked_bases', 0)} soft-masked, "
+                     f"{info['dropped_windows']} windows dropped for N "
                      f"({'all N' if manifest['args'].get('max_n_fraction') is None else 'over --max-n-fraction'})")
     layout = f"{manifest['window']}-base windows, {manifest['tiling']} tiling"
     if bases_written:

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from caduceus_dist.model.tokenizer import BYTE_TO_ID, IUPAC_AMBIGUOUS, N_ID, UNK_ID
+from caduceus_dist.model.tokenizer import A_ID, BYTE_TO_ID, IUPAC_AMBIGUOUS, N_ID, UNK_ID
 from caduceus_dist.prep.workers import ordered_map
+from caduceus_dist.shard_format import SOFTMASK_FLAG
 
 CHUNK_BYTES = 1 << 22
 GZIP_MAGIC = b"\x1f\x8b"
@@ -34,12 +35,13 @@ class FastaError(ValueError):
 
 
 def _translation_table() -> bytes:
-    """Bytes -> token ids for ACGTN (either case); other printable bytes map to themselves (>= 12) so
-    the offending letter can be reported; control bytes map to INVALID_CODE."""
+    """Bytes -> stored token bytes: ACGTN -> their ids, acgtn -> ids + SOFTMASK_FLAG (docs/shard-format.md);
+    other printable bytes map to themselves (>= 32) so the offending letter can be reported; control bytes
+    map to INVALID_CODE."""
     table = bytearray(range(256))
     for byte in range(256):
         if BYTE_TO_ID[byte] != UNK_ID:
-            table[byte] = BYTE_TO_ID[byte]
+            table[byte] = BYTE_TO_ID[byte] | (SOFTMASK_FLAG if chr(byte).islower() else 0)
         elif byte < 32 or byte >= 127:
             table[byte] = INVALID_CODE
     return bytes(table)
@@ -52,8 +54,9 @@ IUPAC_LETTERS = frozenset(IUPAC_AMBIGUOUS + IUPAC_AMBIGUOUS.lower())
 class FastaRecord:
     """One record; while streaming it grows chunk by chunk (`complete` False) and is then finished.
 
-    Bases are token ids in a numpy buffer that doubles when full (amortised O(1) per base; a bytearray's
-    small over-allocation recopied a whole chromosome every few chunks). Growing allocates a new buffer,
+    Bases are stored token bytes (ids, plus SOFTMASK_FLAG where lower case) in a numpy buffer that doubles
+    when full (amortised O(1) per base; a bytearray's small over-allocation recopied a whole chromosome
+    every few chunks). Growing allocates a new buffer,
     so a view taken earlier (`bases`) stays valid and never blocks the record from growing.
     """
 
@@ -358,11 +361,15 @@ class FastaReader:
         return record
 
     def _append(self, record: FastaRecord, translated: bytes) -> None:
-        """Append translated bases; IUPAC codes become N (counted, or an error under strict), any other
-        byte is always an error naming the record and base position."""
+        """Append translated bases (soft-masked ones flagged); IUPAC codes become N (counted, or an error
+        under strict), any other byte is always an error naming the record and base position."""
         codes = np.frombuffer(translated, dtype=np.uint8)
-        if codes.size and int(codes.max()) > N_ID:
-            odd = np.flatnonzero(codes > N_ID)
+        if not codes.size or int(codes.max()) <= N_ID:
+            record.extend(codes)
+            return
+        soft_masked = (codes >= (A_ID | SOFTMASK_FLAG)) & (codes <= (N_ID | SOFTMASK_FLAG))
+        odd = np.flatnonzero((codes > N_ID) & ~soft_masked)
+        if odd.size:
             bad = ~np.isin(codes[odd], np.frombuffer(bytes(sorted(IUPAC_LETTERS)), dtype=np.uint8))
             if bad.any() or self.strict:
                 first = int(odd[int(np.argmax(bad))] if bad.any() else odd[0])

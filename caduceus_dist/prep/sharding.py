@@ -40,8 +40,10 @@ from caduceus_dist.shard_format import (
     FORMAT_VERSION,
     JSON_SUFFIX,
     MANIFEST_NAME,
+    SOFTMASK_FLAG,
     TOKENS_SUFFIX,
     sample_key,
+    token_ids,
 )
 
 BATCH_BASES = 1 << 22  # bases per worker task (a run of samples): small enough to spread one chromosome
@@ -145,6 +147,7 @@ class SplitTotals:
     windows: int = 0
     bases: int = 0
     n_bases: int = 0
+    softmasked_bases: int = 0  # stored bases that were lower case in the FASTA (flagged, shard format v2)
     dropped_windows: int = 0  # all-N windows (or over --max-n-fraction), not stored
 
     def as_dict(self) -> dict:
@@ -229,7 +232,8 @@ class RunCutter:
         """Add `windows` (interval, start, end) of `record`; return the runs that became full, in id order."""
         full, bases = [], record.bases
         for interval, start, end in windows:
-            n_count = int(np.count_nonzero(bases[start:end] == N_ID))
+            stored = bases[start:end]
+            n_count = int(np.count_nonzero(token_ids(stored) == N_ID))
             split = self.plan.window_split(interval, start)
             totals = self.stats.totals.setdefault(split, SplitTotals())
             if n_count > self.max_n:
@@ -241,6 +245,7 @@ class RunCutter:
             totals.windows += 1
             totals.bases += self.window
             totals.n_bases += n_count
+            totals.softmasked_bases += int(np.count_nonzero(stored >= SOFTMASK_FLAG))
             if (split, sample_id // self.per_shard) in self.finished:
                 continue
             run = self.open.get(split)

@@ -25,6 +25,8 @@ from caduceus_dist.shard_format import (
     load_manifest,
     read_index,
     sample_key,
+    softmasked,
+    token_ids,
 )
 
 MAX_LISTED = 20
@@ -58,9 +60,10 @@ def _check_tar_layout(tar_path: Path, index: np.ndarray, split: str, first_id: i
     return None
 
 
-def _check_samples(reader: ShardReader, split: str, first_id: int, window: int, max_n: int) -> tuple[list[str], int]:
-    """Problems found in the samples, and their total N count."""
-    problems, n_total = [], 0
+def _check_samples(reader: ShardReader, split: str, first_id: int, window: int, max_n: int,
+                   flags_allowed: bool) -> tuple[list[str], int, int]:
+    """Problems found in the samples, their total N count and their soft-masked base count."""
+    problems, n_total, soft_total = [], 0, 0
     for k in range(len(reader)):
         sample = reader.read(k)
         meta, tokens = sample.meta, sample.tokens
@@ -70,7 +73,12 @@ def _check_samples(reader: ShardReader, split: str, first_id: int, window: int, 
         if len(tokens) != window or meta.get("length") != window or meta.get("end", 0) - meta.get("start", 0) != window:
             problems.append(f"{where}: {len(tokens)} tokens, metadata length {meta.get('length')}, window {window}")
             continue
-        if tokens.min() < A_ID or tokens.max() > N_ID:
+        flagged = softmasked(tokens)
+        if flagged.any() and not flags_allowed:
+            problems.append(f"{where}: soft-mask flags in a format version 1 shard")
+        soft_total += int(np.count_nonzero(flagged))
+        tokens = token_ids(tokens)
+        if tokens.min() < A_ID or tokens.max() > N_ID or (flagged & (tokens == 0)).any():
             problems.append(f"{where}: token ids outside A..N ({A_ID}..{N_ID})")
         n_count = int(np.count_nonzero(tokens == N_ID))
         n_total += n_count
@@ -78,7 +86,7 @@ def _check_samples(reader: ShardReader, split: str, first_id: int, window: int, 
             problems.append(f"{where}: N fraction {n_count / window} but metadata says {meta.get('n_fraction')}")
         if n_count > max_n:
             problems.append(f"{where}: {n_count} N bases, more than the {max_n} a stored window may hold")
-    return problems, n_total
+    return problems, n_total, soft_total
 
 
 def verify_dataset(root: str | Path) -> VerifyReport:
@@ -88,7 +96,7 @@ def verify_dataset(root: str | Path) -> VerifyReport:
     window = manifest["window"]
     max_n = max_n_bases(window, manifest.get("args", {}).get("max_n_fraction"))
     for split, info in manifest["splits"].items():
-        next_id, windows, n_bases = 0, 0, 0
+        next_id, windows, n_bases, softmasked_bases = 0, 0, 0, 0
         for entry in info["shards"]:
             tar, idx = root / entry["tar"], root / entry["index"]
             report.shards += 1
@@ -115,9 +123,11 @@ def verify_dataset(root: str | Path) -> VerifyReport:
                     continue
                 reader = ShardReader(tar, idx)
                 try:
-                    problems, n_count = _check_samples(reader, split, entry["first_id"], window, max_n)
+                    problems, n_count, soft_count = _check_samples(reader, split, entry["first_id"], window, max_n,
+                                                                   manifest["format_version"] >= 2)
                     report.problems += problems
                     n_bases += n_count
+                    softmasked_bases += soft_count
                 finally:
                     reader.close()
             except (ShardFormatError, tarfile.TarError) as exc:
@@ -125,11 +135,12 @@ def verify_dataset(root: str | Path) -> VerifyReport:
                 continue
             windows += entry["samples"]
             report.samples += entry["samples"]
-        expected = (info["windows"], info["bases"], info["n_bases"])
-        if (windows, windows * window, n_bases) != expected and not report.problems:
+        expected = (info["windows"], info["bases"], info["n_bases"], info.get("softmasked_bases", 0))
+        if (windows, windows * window, n_bases, softmasked_bases) != expected and not report.problems:
             report.problems.append(
-                f"split {split}: shards hold {windows} windows / {n_bases} N bases, manifest totals say "
-                f"{info['windows']} / {info['n_bases']} (bases {info['bases']})"
+                f"split {split}: shards hold {windows} windows / {n_bases} N bases / {softmasked_bases} soft-masked "
+                f"bases, manifest totals say {info['windows']} / {info['n_bases']} / "
+                f"{info.get('softmasked_bases', 0)} (bases {info['bases']})"
             )
     return report
 
