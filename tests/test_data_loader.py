@@ -8,6 +8,7 @@ count every stored base of the split.
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import multiprocessing
 import os
@@ -273,6 +274,29 @@ def test_plan_cli_agrees_with_training(shards, tmp_path, capsys):
 
     assert plan_main(["--config", str(recipe), "--world-size", "3"]) == 2
     assert "world_size 3 x grad_accum 2 = 6" in capsys.readouterr().err
+
+
+def test_plan_stats_count_the_plans_windows_and_state_the_independent_draw_values(shards, tmp_path, capsys):
+    """--stats against the plan lines themselves and against simulated independent draws."""
+    overrides = [f"data.shards={shards}", "data.seq_len=1024", "data.tokens_per_step=8192", "data.shuffle_windows=8",
+                 "data.curriculum.stages=[{seq_len: 256, steps: 5}, {seq_len: 1024}]"]
+    assert plan_main(["--steps", "0:12", *overrides]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert plan_main(["--steps", "0:12", "--stats", *overrides]) == 0
+    stats = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(s["stage"], s["steps"], s["seq_len"], s["rows_per_step"]) for s in stats] == [(0, 5, 256, 32), (1, 7, 1024, 8)]
+    for stage in stats:
+        steps = range(stage["first_step"], stage["first_step"] + stage["steps"])
+        drawn = [{i for line in lines if line["step"] == step for i in line["sample_id"]} for step in steps]
+        assert stage["distinct_windows"] == round(sum(map(len, drawn)) / len(drawn), 2)
+        reuse = [len(a & b) / len(a) for a, b in itertools.pairwise(drawn)]
+        assert stage["reuse_next_step"] == round(sum(reuse) / len(reuse), 4)
+        windows, rows = stage["windows_in_split"], stage["rows_per_step"]
+        draws = np.random.default_rng(0).integers(0, windows, size=(20000, rows))
+        simulated = np.mean([len(set(row)) for row in draws])
+        assert stage["distinct_independent"] == pytest.approx(simulated, rel=0.01)  # 20,000 simulated steps
+        assert stage["distinct_ratio"] == pytest.approx(stage["distinct_windows"] / stage["distinct_independent"],
+                                                        abs=2e-3)  # of rounded figures
 
 
 @pytest.mark.parametrize("split", ["valid", "test"])

@@ -8,6 +8,9 @@ Steps are 0-based data steps (step s is the s-th optimizer step of the run). Onl
 `data:` section and `train.seed` / `train.grad_accum` are read; other sections are ignored.
 Overrides use the recipe's key names (data.seq_len=4096, train.seed=7). The rows are computed by
 the same code path that feeds training, so the plan is what training consumes (tests check it).
+
+With --stats, one JSON line per curriculum stage in the steps instead: how diverse the steps' batches
+are against independent uniform draws of crops from the split (docs/loading.md, "Batch diversity").
 """
 
 from __future__ import annotations
@@ -49,6 +52,49 @@ def plan_lines(stream: TrainStream, start: int, stop: int):
                        "strand": rows.strand.tolist(), "epoch": rows.epoch.tolist()}
 
 
+def independent_expectations(windows: int, rows: int) -> tuple[float, float]:
+    """(distinct windows per step, fraction of a step's windows drawn again by the next step) when each of
+    `rows` crops picks one of `windows` windows uniformly and independently."""
+    hit = 1.0 - (1.0 - 1.0 / windows) ** rows  # P(a given window is drawn at least once in a step)
+    return windows * hit, hit
+
+
+def diversity_stats(stream: TrainStream, start: int, stop: int) -> list[dict]:
+    """Per stage: mean distinct windows per step and mean reuse by the next step, ours against independent draws."""
+    windows = len(stream.split.sample_ids)
+    by_stage: dict[int, dict] = {}
+    previous: tuple[int, set[int]] | None = None
+    for step in range(start, stop):
+        plan = stream.plan(step)
+        drawn = set()
+        rows = 0
+        for rank in range(stream.world_size):
+            for micro in range(stream.grad_accum):
+                ids = stream.rows(step, rank, micro).sample_id
+                drawn.update(ids.tolist())
+                rows += len(ids)
+        stage = by_stage.setdefault(plan.stage, {"stage": plan.stage, "seq_len": plan.seq_len, "rows_per_step": rows,
+                                                 "steps": 0, "distinct": 0, "reuse": [], "first_step": step})
+        stage["steps"] += 1
+        stage["distinct"] += len(drawn)
+        if previous is not None and previous[0] == plan.stage:
+            stage["reuse"].append(len(previous[1] & drawn) / len(previous[1]))
+        previous = (plan.stage, drawn)
+    lines = []
+    for stage in by_stage.values():
+        distinct, reuse = stage["distinct"] / stage["steps"], stage.pop("reuse")
+        want_distinct, want_reuse = independent_expectations(windows, stage["rows_per_step"])
+        mean_reuse = sum(reuse) / len(reuse) if reuse else None
+        lines.append({**{k: stage[k] for k in ("stage", "seq_len", "first_step", "steps", "rows_per_step")},
+                      "windows_in_split": windows, "distinct_windows": round(distinct, 2),
+                      "distinct_independent": round(want_distinct, 2),
+                      "distinct_ratio": round(distinct / want_distinct, 4),
+                      "reuse_next_step": None if mean_reuse is None else round(mean_reuse, 4),
+                      "reuse_independent": round(want_reuse, 4),
+                      "reuse_ratio": None if mean_reuse is None else round(mean_reuse / want_reuse, 3)})
+    return lines
+
+
 def _steps(text: str) -> tuple[int, int]:
     start, sep, stop = text.partition(":")
     if not sep or not start.isdigit() or not stop.isdigit() or int(stop) <= int(start):
@@ -62,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world-size", type=int, default=1)
     parser.add_argument("--grad-accum", type=int, default=None, help="default: the recipe's train.grad_accum or 1")
     parser.add_argument("--steps", type=_steps, default=(0, 1), help="A:B, steps A..B-1 (default 0:1)")
+    parser.add_argument("--stats", action="store_true",
+                        help="per stage: distinct windows per step and reuse by the next step, vs independent draws")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.seq_len=4096")
     args = parser.parse_args(argv)
     try:
@@ -72,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        for line in plan_lines(stream, *args.steps):
+        for line in diversity_stats(stream, *args.steps) if args.stats else plan_lines(stream, *args.steps):
             print(json.dumps(line, separators=(",", ":")))
         sys.stdout.flush()
     except BrokenPipeError:  # `... | head`: the reader has all it wanted
