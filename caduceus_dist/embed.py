@@ -33,6 +33,7 @@ from caduceus_dist.inference import (
     InferenceError,
     Progress,
     add_common_arguments,
+    equal_length_batches,
     fasta_names,
     setup,
     stream_contigs,
@@ -47,7 +48,7 @@ class Region:
     name: str
     chrom: str  # the FASTA's name for the contig
     start: int
-    end: int | None  # None: to the end of the record (whole-FASTA mode)
+    end: int
 
 
 def bed_regions(bed: Path, contigs: ContigNames) -> list[Region]:
@@ -126,15 +127,16 @@ def embed(args: argparse.Namespace) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     writer = ShardWriter(staging, args.shard_mb << 20)
-    total = sum(r.end - r.start for r in regions) if regions else fasta.stat().st_size
-    progress = Progress(total, "bp", args.quiet)
+    progress = Progress(sum(r.end - r.start for r in regions) if regions else 0, "bp", args.quiet)
     done: list[Region] = []
     try:
         for chrom, tokens in stream_contigs(fasta, set(by_contig) if regions is not None else None):
-            todo = by_contig[chrom] if regions is not None else [Region(len(done), chrom, chrom, 0, None)]
+            if regions is None:  # whole-FASTA mode: the record is the region, its length known now
+                todo = [Region(len(done), chrom, chrom, 0, len(tokens))]
+                progress.grow(len(tokens))
+            else:
+                todo = by_contig[chrom]
             for region in todo:
-                if region.end is None:
-                    region.end = len(tokens)
                 if region.end > len(tokens):
                     raise InferenceError(f"{args.bed}: region {region.name} ({region.chrom}:{region.start}-"
                                          f"{region.end}) ends past the contig's length {len(tokens)}; clip it")
@@ -161,18 +163,12 @@ def embed(args: argparse.Namespace) -> Path:
 
 def embed_contig(model, tokens: np.ndarray, regions: list[Region], writer: ShardWriter, args, device, progress) -> None:
     """Equal-length regions go through the model together, up to --max-tokens per batch."""
-    by_length: dict[int, list[Region]] = defaultdict(list)
-    for region in regions:
-        by_length[region.end - region.start].append(region)
-    for length, group in sorted(by_length.items()):
-        per_batch = max(1, args.max_tokens // length)
-        for first in range(0, len(group), per_batch):
-            batch = group[first:first + per_batch]
-            ids = torch.from_numpy(np.stack([tokens[r.start:r.end] for r in batch]).astype(np.int64)).to(device)
-            vectors = embed_batch(model, ids, args.per_position, not args.no_conjoin)
-            for region, vector in zip(batch, vectors, strict=True):
-                writer.add(region.order, vector.reshape(-1, vector.shape[-1]))
-            progress.update(length * len(batch))
+    for length, batch in equal_length_batches(regions, lambda r: r.end - r.start, args.max_tokens):
+        ids = torch.from_numpy(np.stack([tokens[r.start:r.end] for r in batch]).astype(np.int64)).to(device)
+        vectors = embed_batch(model, ids, args.per_position, not args.no_conjoin)
+        for region, vector in zip(batch, vectors, strict=True):
+            writer.add(region.order, vector.reshape(-1, vector.shape[-1]))
+        progress.update(length * len(batch))
 
 
 def write_index(directory: Path, regions: list[Region], where: dict[int, tuple[str, int, int]]) -> None:

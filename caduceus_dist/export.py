@@ -133,14 +133,21 @@ def from_training_checkpoint(run: Path, step: int | None) -> tuple[object, str]:
                    f"{manifest['world_size']} rank(s))")
 
 
+def load_model(run: Path, step: int | None = None) -> tuple[object, str]:
+    """(CaduceusForMaskedLM in fp32, description) of RUN [--step N]: a Hugging Face directory, a run directory
+    or one checkpoint directory (what the export and the inference commands accept)."""
+    if not is_hf_directory(run):
+        return from_training_checkpoint(run, step)
+    if step is not None:
+        raise ExportError(f"{run} is a Hugging Face model directory; --step only applies to a run directory")
+    return from_hf_directory(run)
+
+
 def export(run: Path, out: Path, step: int | None = None) -> Path:
     from caduceus_dist.model import CaduceusForMaskedLM
     from caduceus_dist.model.hf_io import write_hub_code
 
-    hf_input = is_hf_directory(run)
-    if hf_input and step is not None:
-        raise ExportError(f"{run} is a Hugging Face model directory; --step only applies to a run directory")
-    model, described = from_hf_directory(run) if hf_input else from_training_checkpoint(run, step)
+    model, described = load_model(run, step)
     if out.resolve() == run.resolve():
         raise ExportError(f"--out {out} is the input directory; choose another --out")
     model.save_pretrained(out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -50,10 +51,7 @@ def load_model(checkpoint: Path, device: torch.device, dtype: str, scan_chunk_si
         raise InferenceError(f"--checkpoint {checkpoint} is not a directory; pass an export directory "
                              "(python -m caduceus_dist.export RUN --out DIR) or a run directory")
     try:
-        if export.is_hf_directory(checkpoint):
-            model, _ = export.from_hf_directory(checkpoint)
-        else:
-            model, _ = export.from_training_checkpoint(checkpoint, None)
+        model, _ = export.load_model(checkpoint)
     except export.ExportError as exc:
         raise InferenceError(str(exc)) from None
     for module in model.modules():
@@ -81,6 +79,17 @@ def setup(args: argparse.Namespace):
     device = pick_device(args.device)
     model = load_model(Path(args.checkpoint), device, args.dtype, args.scan_chunk_size)
     return model, device, tokens_per_pass(args.max_tokens, device)
+
+
+def equal_length_batches(items: list, length_of, max_tokens: int) -> Iterator[tuple[int, list]]:
+    """(length, batch) of items of equal length, each batch up to max_tokens bases (at least one item)."""
+    by_length: dict[int, list] = defaultdict(list)
+    for item in items:
+        by_length[length_of(item)].append(item)
+    for length, group in sorted(by_length.items()):
+        per_batch = max(1, max_tokens // length)
+        for first in range(0, len(group), per_batch):
+            yield length, group[first:first + per_batch]
 
 
 class ContigNames:

@@ -30,10 +30,11 @@ import torch
 from caduceus_dist import inference
 from caduceus_dist.fsio import atomic_write
 from caduceus_dist.inference import InferenceError
-from caduceus_dist.model.tokenizer import BYTE_TO_ID, COMPLEMENT_IDS, MASK_ID
+from caduceus_dist.model.tokenizer import MASK_ID, CaduceusTokenizer
 
 COLUMNS = ("chrom", "pos", "id", "ref", "alt", "kind", "score", "score_forward", "score_reverse", "status", "vcf_line")
 BASES = frozenset("ACGTN")
+encode = CaduceusTokenizer().encode  # str -> token ids (uint8)
 
 
 @dataclass
@@ -103,14 +104,10 @@ def check(variant: Variant, contigs: inference.ContigNames, tokens: np.ndarray |
     if end > len(tokens):
         return f"REF ends at {end}, past the end of {variant.contig} (length {len(tokens)})"
     found = tokens[start:end]
-    if not np.array_equal(found, BYTE_TO_ID[np.frombuffer(variant.ref.encode(), dtype=np.uint8)]):
-        letters = "".join("ACGTN"[t - 7] if 7 <= t <= 11 else "?" for t in found)
-        return f"REF {variant.ref!r} does not match the FASTA ({letters!r} at {variant.contig}:{variant.pos})"
+    if not np.array_equal(found, encode(variant.ref)):
+        return (f"REF {variant.ref!r} does not match the FASTA ({CaduceusTokenizer.decode(found)!r} at "
+                f"{variant.contig}:{variant.pos})")
     return None
-
-
-def encode(bases: str) -> np.ndarray:
-    return BYTE_TO_ID[np.frombuffer(bases.encode(), dtype=np.uint8)]
 
 
 def window_start(centre: int, length: int, contig_length: int) -> int:
@@ -135,12 +132,10 @@ class Planner:
             self.jobs[key] = Job(ids, positions)
         return self.jobs[key]
 
-    def reference(self, start: int, span: int) -> tuple[Job, int]:
-        """Masked reference window around [start, start + span); (job, offset of `start` in it)."""
+    def reference(self, start: int, span: int) -> Job:
+        """The reference window around [start, start + span), that span masked."""
         ws = window_start(start + span // 2, self.window, len(self.tokens))
-        ids = self.tokens[ws:ws + self.window]
-        job = self.masked(("ref", start, span), ids, np.arange(start - ws, start - ws + span))
-        return job, start - ws
+        return self.masked(("ref", start, span), self.tokens[ws:ws + self.window], np.arange(start - ws, start - ws + span))
 
     def alternative(self, start: int, ref_span: int, alt: np.ndarray, key: tuple) -> Job:
         """The alternative haplotype's window: left flank as the reference window's, ALT, then the right flank."""
@@ -164,13 +159,13 @@ def plan(variant: Variant, planner: Planner) -> list[tuple[Job, list[tuple[int, 
     start = variant.pos - 1 + prefix
     if len(ref_part) == len(alt_part) == 1:
         variant.kind = "snv"
-        job, _ = planner.reference(start, 1)
+        job = planner.reference(start, 1)
         return [(job, [(0, int(encode(alt_part)[0]), 1), (0, int(encode(ref_part)[0]), -1)])]
     variant.kind = ("deletion" if not alt_part else "insertion" if not ref_part else
                     "mnv" if len(ref_part) == len(alt_part) else "complex")
     terms = []
     if ref_part:
-        job, _ = planner.reference(start, len(ref_part))
+        job = planner.reference(start, len(ref_part))
         terms.append((job, [(i, int(t), -1) for i, t in enumerate(encode(ref_part))]))
     if alt_part:
         job = planner.alternative(start, len(ref_part), encode(alt_part), (variant.line, variant.alt))
@@ -180,26 +175,20 @@ def plan(variant: Variant, planner: Planner) -> list[tuple[Job, list[tuple[int, 
 
 def run_jobs(model, jobs: list[Job], strands: list[str], max_tokens: int, device: torch.device, progress) -> None:
     """Fill each job's log_probs per strand; windows of equal length are batched up to max_tokens."""
-    complement = torch.from_numpy(np.concatenate([COMPLEMENT_IDS, np.arange(12, 16)]).astype(np.int64))
-    by_length: dict[int, list[Job]] = defaultdict(list)
-    for job in jobs:
-        by_length[len(job.ids)].append(job)
-    for length, group in by_length.items():
-        per_batch = max(1, max_tokens // length)
-        for first in range(0, len(group), per_batch):
-            batch = group[first:first + per_batch]
-            ids = torch.from_numpy(np.stack([job.ids for job in batch]).astype(np.int64))
-            for strand in strands:
-                strand_ids = complement[ids].flip(-1) if strand == "reverse" else ids
-                with torch.inference_mode():
-                    log_probs = torch.log_softmax(model(strand_ids.to(device)).float(), dim=-1).cpu()
-                for row, job in enumerate(batch):
-                    positions = torch.from_numpy(job.positions)
-                    if strand == "reverse":  # back to forward-strand positions and base ids
-                        job.log_probs[strand] = log_probs[row, length - 1 - positions][:, complement].numpy()
-                    else:
-                        job.log_probs[strand] = log_probs[row, positions].numpy()
-            progress.update(len(batch))
+    complement = torch.tensor(model.config.padded_complement_map())
+    for length, batch in inference.equal_length_batches(jobs, lambda job: len(job.ids), max_tokens):
+        ids = torch.from_numpy(np.stack([job.ids for job in batch]).astype(np.int64))
+        for strand in strands:
+            strand_ids = complement[ids].flip(-1) if strand == "reverse" else ids
+            with torch.inference_mode():
+                log_probs = torch.log_softmax(model(strand_ids.to(device)).float(), dim=-1).cpu()
+            for row, job in enumerate(batch):
+                positions = torch.from_numpy(job.positions)
+                if strand == "reverse":  # back to forward-strand positions and base ids
+                    job.log_probs[strand] = log_probs[row, length - 1 - positions][:, complement].numpy()
+                else:
+                    job.log_probs[strand] = log_probs[row, positions].numpy()
+        progress.update(len(batch))
 
 
 def score_variants(model, fasta: Path, variants: list[Variant], window: int, strands: list[str], max_tokens: int,
