@@ -35,6 +35,13 @@ class CaduceusPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ("CaduceusBlock",)
 
+    def __init__(self, config: CaduceusConfig):
+        super().__init__(config)
+        self.model_config = config.model_config()  # our dataclass, what the model modules take
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.base_model.backbone.embeddings.word_embeddings  # base_model: self, or self.caduceus
+
     def _init_weights(self, module: nn.Module) -> None:
         """The reference initialisation (docs/reference-model.md §7); a classifier's `score` ~ N(0, 0.02)."""
         if module is getattr(self, "score", None):
@@ -42,9 +49,11 @@ class CaduceusPreTrainedModel(PreTrainedModel):
         else:
             init_weights(module, self.model_config)
 
-    def _declare_tied(self) -> None:
-        """Per instance, from the modules themselves: which names share a tensor depends on the config."""
+    def _finish_init(self) -> None:
+        """Declare the tied names, per instance and from the modules themselves (which names share a tensor
+        depends on the config), then run transformers' post_init (initialisation, tying)."""
         self._tied_weights_keys = tied_parameter_names(self)
+        self.post_init()
 
 
 class Caduceus(CaduceusPreTrainedModel):
@@ -55,13 +64,8 @@ class Caduceus(CaduceusPreTrainedModel):
 
     def __init__(self, config: CaduceusConfig):
         super().__init__(config)
-        self.model_config = config.model_config()
         self.backbone = Backbone(self.model_config).backbone
-        self._declare_tied()
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.backbone.embeddings.word_embeddings
+        self._finish_init()
 
     def forward(self, input_ids: Tensor, return_dict: bool | None = None, **_) -> BaseModelOutput | tuple:
         hidden = self.backbone(input_ids)
@@ -75,14 +79,9 @@ class CaduceusForMaskedLM(CaduceusPreTrainedModel):
 
     def __init__(self, config: CaduceusConfig):
         super().__init__(config)
-        self.model_config = config.model_config()
         modules = MaskedLMModules(self.model_config)
         self.caduceus, self.lm_head = modules.caduceus, modules.lm_head
-        self._declare_tied()
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.caduceus.backbone.embeddings.word_embeddings
+        self._finish_init()
 
     def get_output_embeddings(self) -> nn.Module:
         return getattr(self.lm_head, "lm_head", self.lm_head)
@@ -107,15 +106,10 @@ class CaduceusForSequenceClassification(CaduceusPreTrainedModel):
 
     def __init__(self, config: CaduceusConfig):
         super().__init__(config)
-        self.model_config = config.model_config()
         self.num_labels = config.num_labels
         self.caduceus = Backbone(self.model_config)
         self.score = nn.Linear(self.model_config.d_model, config.num_labels, bias=False)
-        self._declare_tied()
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.caduceus.backbone.embeddings.word_embeddings
+        self._finish_init()
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None, return_dict: bool | None = None,
                 **_) -> SequenceClassifierOutput | tuple:
