@@ -114,7 +114,8 @@ class CaduceusForMaskedLM(nn.Module):
         else:
             self.lm_head = nn.Linear(config.d_model, vocab, bias=False)
         self.apply(lambda module: init_weights(module, config))
-        tie_lm_head(self)
+        head = self.lm_head.lm_head if config.rcps else self.lm_head
+        head.weight = self.caduceus.backbone.embeddings.word_embeddings.weight  # tied (docs/reference-model.md §2)
 
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.lm_head(self.caduceus(input_ids)).float()
@@ -140,13 +141,6 @@ class CaduceusForMaskedLM(nn.Module):
         hf_io.load_weights(model, path)
         return model
 
-
-
-def tie_lm_head(model: nn.Module) -> None:
-    """The MLM head's weight is the embedding's (docs/reference-model.md §2); `model` has .caduceus and .lm_head."""
-    embedding = model.caduceus.backbone.embeddings.word_embeddings
-    head = model.lm_head.lm_head if isinstance(model.lm_head, RCPSLMHead) else model.lm_head
-    head.weight = embedding.weight
 
 
 def init_weights(module: nn.Module, config: CaduceusConfig) -> None:

@@ -40,9 +40,9 @@ from caduceus_dist.shard_format import (
     FORMAT_VERSION,
     JSON_SUFFIX,
     MANIFEST_NAME,
-    SOFTMASK_FLAG,
     TOKENS_SUFFIX,
     sample_key,
+    softmasked,
     token_ids,
 )
 
@@ -245,7 +245,7 @@ class RunCutter:
             totals.windows += 1
             totals.bases += self.window
             totals.n_bases += n_count
-            totals.softmasked_bases += int(np.count_nonzero(stored >= SOFTMASK_FLAG))
+            totals.softmasked_bases += int(np.count_nonzero(softmasked(stored)))
             if (split, sample_id // self.per_shard) in self.finished:
                 continue
             run = self.open.get(split)

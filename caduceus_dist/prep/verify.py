@@ -78,7 +78,7 @@ def _check_samples(reader: ShardReader, split: str, first_id: int, window: int, 
             problems.append(f"{where}: soft-mask flags in a format version 1 shard")
         soft_total += int(np.count_nonzero(flagged))
         tokens = token_ids(tokens)
-        if tokens.min() < A_ID or tokens.max() > N_ID or (flagged & (tokens == 0)).any():
+        if tokens.min() < A_ID or tokens.max() > N_ID:
             problems.append(f"{where}: token ids outside A..N ({A_ID}..{N_ID})")
         n_count = int(np.count_nonzero(tokens == N_ID))
         n_total += n_count
