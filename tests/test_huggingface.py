@@ -84,3 +84,15 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
         model(ids, labels=ids).loss.backward()
         grads.append(model.get_input_embeddings().embedding.weight.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_export_of_a_hugging_face_directory_refuses_step_and_its_own_directory(tmp_path, capsys):
+    published = tmp_path / "published"
+    published_checkpoint(published, rcps=False, fused=True)
+    before = {p.name: p.read_bytes() for p in published.iterdir()}
+    assert export.main([str(published), "--step", "3", "--out", str(tmp_path / "hf")]) == 2
+    assert "is a Hugging Face model directory; --step only applies to a run directory" in capsys.readouterr().err
+    assert export.main([str(published), "--out", str(published)]) == 2
+    assert "is the input directory; choose another --out" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in published.iterdir()} == before  # nothing rewritten
+    assert not (tmp_path / "hf").exists()
