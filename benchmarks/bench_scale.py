@@ -119,7 +119,7 @@ def worker(shards: str, run_dir: str) -> dict:
     def evaluate():
         total = 0.0
         for _ in mine:
-            total += engine.eval_step(batch)[0]
+            total += engine.eval_step(batch)["loss_sum"]
         return all_reduce([total], ctx.device)
 
     barrier()

@@ -25,6 +25,7 @@ from caduceus_dist.engine import ENGINES
 from caduceus_dist.engine.config import DEVICES, PRECISION_NAMES, EngineConfig
 from caduceus_dist.errors import ConfigError
 from caduceus_dist.fsio import atomic_write
+from caduceus_dist.loss import LossConfig
 from caduceus_dist.metrics.config import LoggingConfig
 from caduceus_dist.model.config import CaduceusConfig
 from caduceus_dist.optim.config import OptimizerConfig, ScheduleConfig
@@ -40,6 +41,7 @@ class JobConfig:
     run_dir: str = "runs/default"
     model: CaduceusConfig = field(default_factory=CaduceusConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -134,7 +136,7 @@ def validate(cfg: JobConfig) -> None:
     _require(cfg.train.grad_accum >= 1, f"train.grad_accum must be >= 1, got {cfg.train.grad_accum}")
     _require(cfg.train.eval_every >= 0, f"train.eval_every must be >= 0, got {cfg.train.eval_every}")
     _require(cfg.logging.log_every >= 1, f"logging.log_every must be >= 1, got {cfg.logging.log_every}")
-    for name in ("model", "data", "checkpoint"):
+    for name in ("model", "data", "loss", "checkpoint"):
         component = getattr(cfg, name)
         if hasattr(component, "validate"):
             try:

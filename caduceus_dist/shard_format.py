@@ -1,23 +1,30 @@
 """The on-disk shard format: the one contract between preparation (`caduceus_dist.prep`, the writer) and
 loading (`caduceus_dist.data`, the reader). docs/shard-format.md describes it for users.
 
-Layout of a dataset root (format version 2; version 1 differs only in the token bytes, below)::
+Layout of a dataset root (format version 3; versions 1 and 2 are read too, see below)::
 
     ROOT/manifest.json                  written last, atomically; see `load_manifest`
     ROOT/{split}/shard-NNNNNN.tar       plain (uncompressed) POSIX ustar, a standard WebDataset shard
-    ROOT/{split}/shard-NNNNNN.idx       little-endian int64 array, one row per sample:
-                                        (json_offset, json_size, tokens_offset, tokens_size),
-                                        byte offsets of the member *data* inside the tar
+    ROOT/{split}/shard-NNNNNN.idx       little-endian int64 array, one row per sample: (offset, size) of
+                                        each member's *data* inside the tar, in member order
 
-Each sample is two tar members sharing the key ``{split}-{id:09d}`` (``id`` = the sample's index in
-its split, stable across reruns and worker counts):
+Each sample is tar members sharing the key ``{split}-{id:09d}`` (``id`` = the sample's index in its
+split, stable across reruns and worker counts):
 
 - ``KEY.json``: UTF-8 JSON metadata (sorted keys): id, split, chrom, start, end (0-based,
   half-open), strand ("+"), length, n_fraction, assembly, fasta_sha256.
-- ``KEY.tokens.zst``: one zstd frame holding ``length`` uint8 bytes: the CaduceusTokenizer id of each
-  base (A=7 C=8 G=9 T=10 N=11), plus ``SOFTMASK_FLAG`` (16) where the FASTA had the base in lower case
-  (a soft-masked repeat), so 23..27 for a..n. Version 1 shards hold the ids alone (case dropped).
-  `token_ids` and `softmasked` split the bytes; readers of ids call `token_ids` on either version.
+- ``KEY.bases.2bit`` (version 3): ceil(length / 4) bytes, base i in bits 2*(i % 4) of byte i // 4,
+  A=0 C=1 G=2 T=3 (an N is stored as A and listed in the runs). Any span of bases is one read away,
+  and decoding costs a table lookup per byte, so a crop of L bases costs L bases of work, whatever the
+  window (docs/shard-format.md §1 measures the zstd frames this replaced).
+- ``KEY.runs.i32`` (version 3): little-endian int32: the number of N runs, the number of soft-masked
+  runs, then the N runs and the soft-masked (lower-case in the FASTA) runs as (start, end) pairs,
+  0-based half-open, sorted and disjoint.
+- ``KEY.tokens.zst`` (versions 1 and 2, read only): one zstd frame of ``length`` stored bytes.
+
+A stored byte, what readers get: the CaduceusTokenizer id of the base (A=7 C=8 G=9 T=10 N=11) plus
+``SOFTMASK_FLAG`` (16) where the FASTA had it in lower case (version 1 dropped the case).
+`token_ids` and `softmasked` split it.
 
 Tar headers are deterministic (mtime 0, uid/gid 0, mode 0644, no user names) so a shard is a pure
 function of its samples.
@@ -33,15 +40,25 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
+from caduceus_dist.model.tokenizer import A_ID, C_ID, G_ID, N_ID, T_ID
+
 FORMAT_NAME = "caduceus-dist-shards"
-FORMAT_VERSION = 2  # written; READABLE_VERSIONS are read
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # written; READABLE_VERSIONS are read
+READABLE_VERSIONS = (1, 2, 3)
 SOFTMASK_FLAG = 0x10  # added to a token id where the base was lower case (soft-masked); ids stay below it
 MANIFEST_NAME = "manifest.json"
 JSON_SUFFIX = ".json"
-TOKENS_SUFFIX = ".tokens.zst"
-INDEX_COLUMNS = 4  # json_offset, json_size, tokens_offset, tokens_size
+TOKENS_SUFFIX = ".tokens.zst"  # versions 1 and 2
+BASES_SUFFIX, RUNS_SUFFIX = ".bases.2bit", ".runs.i32"  # version 3
+MEMBER_SUFFIXES = {1: (JSON_SUFFIX, TOKENS_SUFFIX), 2: (JSON_SUFFIX, TOKENS_SUFFIX),
+                   3: (JSON_SUFFIX, BASES_SUFFIX, RUNS_SUFFIX)}
+INDEX_COLUMNS = 2 * len(MEMBER_SUFFIXES[FORMAT_VERSION])  # (offset, size) per member, as written today
 TAR_BLOCK = 512
+_CODE_TO_ID = np.array([A_ID, C_ID, G_ID, T_ID], dtype=np.uint8)
+_ID_TO_CODE = np.zeros(256, dtype=np.uint8)
+_ID_TO_CODE[_CODE_TO_ID] = np.arange(4, dtype=np.uint8)
+# packed byte -> its four token ids, lowest bits first
+_UNPACK = _CODE_TO_ID[(np.arange(256, dtype=np.uint8)[:, None] >> np.array([0, 2, 4, 6], dtype=np.uint8)) & 3]
 
 
 def token_ids(stored: np.ndarray) -> np.ndarray:
@@ -66,39 +83,168 @@ def shard_name(shard_number: int) -> str:
     return f"shard-{shard_number:06d}"
 
 
+def index_columns(version: int) -> int:
+    return 2 * len(MEMBER_SUFFIXES[version])
+
+
 def write_index(path: str | os.PathLike, rows: np.ndarray) -> None:
     Path(path).write_bytes(np.ascontiguousarray(rows, dtype="<i8").tobytes())
 
 
-def read_index(path: str | os.PathLike) -> np.ndarray:
+def read_index(path: str | os.PathLike, version: int = FORMAT_VERSION) -> np.ndarray:
     path = Path(path)
+    columns = index_columns(version)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise ShardFormatError(f"shard index {path} is missing; rerun data_prep/shard_genome.py on this dataset") from None
-    if len(raw) % (8 * INDEX_COLUMNS):
+    if len(raw) % (8 * columns):
         raise ShardFormatError(f"shard index {path} is truncated ({len(raw)} bytes is not a whole number of rows)")
-    return np.frombuffer(raw, dtype="<i8").reshape(-1, INDEX_COLUMNS)
+    return np.frombuffer(raw, dtype="<i8").reshape(-1, columns)
+
+
+def _runs(mask: np.ndarray) -> np.ndarray:
+    """(start, end) pairs of the True runs of each row of a (n, length) bool array: a list of int32 (k, 2)."""
+    edges = np.diff(mask.astype(np.int8), axis=1, prepend=0, append=0)
+    rows_up, starts = np.nonzero(edges == 1)
+    _, ends = np.nonzero(edges == -1)
+    split_at = np.searchsorted(rows_up, np.arange(1, len(mask)))
+    pairs = np.column_stack([starts, ends]).astype("<i4")
+    return np.split(pairs, split_at)
+
+
+def encode_bases(stored: np.ndarray) -> list[tuple[bytes, bytes]]:
+    """Version 3 members (bases.2bit, runs.i32) of each row of (n, length) stored bytes."""
+    stored = np.asarray(stored, dtype=np.uint8)
+    ids = token_ids(stored)
+    codes = _ID_TO_CODE[ids]
+    pad = -stored.shape[1] % 4
+    if pad:
+        codes = np.pad(codes, ((0, 0), (0, pad)))
+    codes = codes.reshape(len(stored), -1, 4)
+    packed = codes[..., 0] | codes[..., 1] << 2 | codes[..., 2] << 4 | codes[..., 3] << 6
+    members = []
+    for row, n_runs, soft_runs in zip(packed, _runs(ids == N_ID), _runs(softmasked(stored)), strict=True):
+        header = np.array([len(n_runs), len(soft_runs)], dtype="<i4")
+        members.append((row.tobytes(), b"".join(a.tobytes() for a in (header, n_runs, soft_runs))))
+    return members
+
+
+def _run_table(values: np.ndarray, first: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Runs of several runs.i32 members laid end to end in `values` (int64), member m at values[first[m]:
+    first[m] + sizes[m]]: (member, start, end, soft-masked?) per run. ValueError if a member's counts do
+    not match its size."""
+    counts = values[first], values[first + 1]
+    if np.any(sizes < 2) or np.any(counts[0] < 0) or np.any(counts[1] < 0) or np.any(sizes != 2 + 2 * (counts[0] + counts[1])):
+        bad = int(np.flatnonzero((sizes < 2) | (sizes != 2 + 2 * (counts[0] + counts[1])))[0])
+        raise RunsError(bad, "its run counts do not match its size")
+    per_member = counts[0] + counts[1]
+    member = np.repeat(np.arange(len(first)), per_member)
+    j = np.arange(len(member)) - np.repeat(np.cumsum(per_member) - per_member, per_member)
+    where = np.repeat(first + 2, per_member) + 2 * j
+    return member, values[where], values[where + 1], j >= np.repeat(counts[0], per_member)
+
+
+class RunsError(ValueError):
+    """A malformed runs.i32 member; `member` says which of the members decoded together."""
+
+    def __init__(self, member: int, why: str):
+        super().__init__(why)
+        self.member = member
+
+
+def parse_runs(raw: bytes, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N runs, soft-masked runs), each (k, 2) int64, of one runs.i32 member; ValueError if it is malformed."""
+    if len(raw) % 4:
+        raise ValueError("its size is not a whole number of int32")
+    _, starts, ends, soft = _run_table(np.frombuffer(raw, dtype="<i4").astype(np.int64), np.zeros(1, np.int64),
+                                       np.array([len(raw) // 4]))
+    _check_runs(starts, ends, np.full(len(starts), length))
+    runs = np.column_stack([starts, ends])
+    for kind in (runs[~soft], runs[soft]):
+        if np.any(kind[1:, 0] < kind[:-1, 1]):
+            raise ValueError("its runs are unsorted or overlap")
+    return runs[~soft], runs[soft]
+
+
+def _check_runs(starts: np.ndarray, ends: np.ndarray, lengths: np.ndarray) -> None:
+    bad = (starts < 0) | (ends <= starts) | (ends > lengths)
+    if bad.any():
+        raise RunsError(int(np.flatnonzero(bad)[0]), "a run is empty or outside the window")
+
+
+def decode_crops(packed: np.ndarray, runs_values: np.ndarray, runs_first: np.ndarray, runs_sizes: np.ndarray,
+                 offsets: np.ndarray, window: int, out: np.ndarray) -> None:
+    """Stored bytes of B crops of L bases (out: (B, L), L a multiple of 4) from their packed bytes (B, L / 4)
+    and their windows' runs.i32 members (end to end in runs_values, int64). Raises RunsError naming the
+    crop whose runs are malformed (the caller names its shard and sample)."""
+    rows, length = out.shape
+    out[:] = _UNPACK[packed].reshape(rows, length)
+    member, starts, ends, soft = _run_table(runs_values, runs_first, runs_sizes)
+    try:
+        _check_runs(starts, ends, np.full(len(starts), window))
+    except RunsError as err:
+        raise RunsError(int(member[err.member]), str(err)) from None
+    first = np.maximum(starts - offsets[member], 0)
+    last = np.minimum(ends - offsets[member], length)
+    keep = np.flatnonzero(last > first)
+    flat = out.reshape(-1)
+    for row, a, b, flag in zip(member[keep].tolist(), first[keep].tolist(), last[keep].tolist(), soft[keep].tolist(),
+                               strict=True):
+        view = flat[row * length + a:row * length + b]
+        if flag:
+            view |= SOFTMASK_FLAG
+        else:
+            view[:] = N_ID
+
+
+def decode_span(packed: np.ndarray, first_byte: int, n_runs: np.ndarray, soft_runs: np.ndarray, start: int,
+                length: int, out: np.ndarray) -> None:
+    """Stored bytes of bases [start, start + length) into `out`, from the packed bytes that begin at byte
+    `first_byte` of the window and the window's runs."""
+    shift = start - 4 * first_byte
+    out[:] = _UNPACK[packed].reshape(-1)[shift:shift + length]
+    end = start + length
+    for runs, apply in ((n_runs, _set_n), (soft_runs, _set_flag)):
+        first, last = np.searchsorted(runs[:, 1], start, side="right"), np.searchsorted(runs[:, 0], end)
+        for run_start, run_end in runs[first:last].tolist():
+            apply(out[max(run_start, start) - start:min(run_end, end) - start])
+
+
+def decode_members(bases: bytes, runs: bytes, length: int) -> np.ndarray:
+    """The stored bytes of a version 3 sample from its two members (e.g. as WebDataset yields them:
+    sample["bases.2bit"], sample["runs.i32"]) and its length (sample["json"]["length"])."""
+    out = np.empty(length, dtype=np.uint8)
+    decode_span(np.frombuffer(bases, dtype=np.uint8), 0, *parse_runs(runs, length), 0, length, out)
+    return out
+
+
+def _set_n(view: np.ndarray) -> None:
+    view[:] = N_ID
+
+
+def _set_flag(view: np.ndarray) -> None:
+    view |= SOFTMASK_FLAG
 
 
 @dataclass(frozen=True)
 class Sample:
     meta: dict
-    tokens: np.ndarray  # uint8 token ids
+    tokens: np.ndarray  # uint8 stored bytes (token id, plus the soft-mask flag)
 
 
 class ShardReader:
     """O(1) random access to sample k of one shard through its index (positional reads, no tar scan)."""
 
-    def __init__(self, tar_path: str | os.PathLike, index_path: str | os.PathLike):
-        self.tar_path = Path(tar_path)
-        self.index = read_index(index_path)
+    def __init__(self, tar_path: str | os.PathLike, index_path: str | os.PathLike, version: int = FORMAT_VERSION):
+        self.tar_path, self.version = Path(tar_path), version
+        self.index = read_index(index_path, version)
         try:
             self._fd = os.open(self.tar_path, os.O_RDONLY)
         except FileNotFoundError:
             raise ShardFormatError(f"shard {self.tar_path} is missing") from None
         self._size = os.fstat(self._fd).st_size
-        if len(self.index) and int(self.index[-1, 2] + self.index[-1, 3]) > self._size:
+        if len(self.index) and int(self.index[:, 0::2].max() + self.index[-1, -1]) > self._size:
             raise ShardFormatError(f"shard {self.tar_path} is truncated: its index points past its end ({self._size} bytes)")
         self._decompressor = zstandard.ZstdDecompressor()
 
@@ -112,11 +258,50 @@ class ShardReader:
         return data
 
     def read_meta(self, k: int) -> dict:
-        json_off, json_size, _, _ = (int(v) for v in self.index[k])
+        json_off, json_size = (int(v) for v in self.index[k, :2])
         return json.loads(self._pread(json_off, json_size))
 
+    def runs(self, k: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        runs_off, runs_size = (int(v) for v in self.index[k, 4:6])
+        try:
+            return parse_runs(self._pread(runs_off, runs_size), length)
+        except ValueError as exc:
+            raise ShardFormatError(f"shard {self.tar_path}: sample {k} has a corrupt runs member ({exc}); "
+                                   f"restore the shard or rerun data_prep/shard_genome.py") from None
+
+    def crop_places(self, k: int, start: int, length: int) -> tuple[bytes, bytes]:
+        """Version 3, start and length multiples of 4: the packed bytes of bases [start, start + length) of
+        sample k and its runs.i32 member (what `decode_crops` decodes)."""
+        bases_off, bases_size, runs_off, runs_size = (int(v) for v in self.index[k, 2:6])
+        if start + length > 4 * bases_size:
+            raise ShardFormatError(f"shard {self.tar_path}: sample {k} holds {4 * bases_size} bases at most, "
+                                   f"bases {start}..{start + length} were asked for")
+        return self._pread(bases_off + start // 4, length // 4), self._pread(runs_off, runs_size)
+
+    def read_span(self, k: int, start: int, length: int, out: np.ndarray | None = None,
+                  window: int | None = None) -> np.ndarray:
+        """Stored bytes of bases [start, start + length) of sample k; version 3 reads and decodes only those
+        (`window`, the sample's length, saves working it out)."""
+        if out is None:
+            out = np.empty(length, dtype=np.uint8)
+        if self.version < 3:
+            out[:] = self.read_tokens(k)[start:start + length]
+            return out
+        bases_off, bases_size = (int(v) for v in self.index[k, 2:4])
+        first_byte, end_byte = start // 4, -(-(start + length) // 4)
+        if end_byte > bases_size:
+            raise ShardFormatError(f"shard {self.tar_path}: sample {k} holds {4 * bases_size} bases at most, "
+                                   f"bases {start}..{start + length} were asked for")
+        packed = np.frombuffer(self._pread(bases_off + first_byte, end_byte - first_byte), dtype=np.uint8)
+        decode_span(packed, first_byte, *self.runs(k, window or 4 * bases_size), start, length, out)
+        return out
+
     def read_tokens(self, k: int) -> np.ndarray:
-        _, _, tok_off, tok_size = (int(v) for v in self.index[k])
+        """The whole sample's stored bytes."""
+        if self.version >= 3:
+            length = int(self.read_meta(k)["length"])
+            return self.read_span(k, 0, length, window=length)
+        tok_off, tok_size = (int(v) for v in self.index[k, 2:4])
         try:
             raw = self._decompressor.decompress(self._pread(tok_off, tok_size))
         except zstandard.ZstdError as exc:

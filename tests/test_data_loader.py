@@ -51,8 +51,7 @@ def odd_shards(tmp_path_factory) -> Path:
 
 
 def config(root: Path, **kw) -> DataConfig:
-    base = dict(shards=str(root), seq_len=256, tokens_per_step=256 * 16, num_workers=2, rc_probability=0.5,
-                shuffle_windows=4, seed=7)
+    base = dict(shards=str(root), seq_len=256, tokens_per_step=256 * 16, num_workers=2, rc_probability=0.5, seed=7)
     base.update(kw)
     return DataConfig(**base)
 
@@ -104,12 +103,12 @@ def test_exact_resume_with_prefetched_batches(shards):
 
     resumed = TrainStream(cfg, 0, 2, 2)
     resumed.load_state_dict(state)
-    assert resumed.plan(1).position == 16  # earlier steps keep their plan after a same-plan resume
     replay = list(resumed.iterate(stop_step=8))
     assert [sb.step for sb in replay] == list(range(3, 8))
     for got, want in zip(replay, reference[3:], strict=True):
         for a, b in zip(got.micro_batches, want.micro_batches, strict=True):
-            for key in ("input_ids", "targets", "sample_id", "crop_offset", "strand", "epoch"):
+            for key in ("input_ids", "targets", "target_softmasked", "source", "sample_id", "crop_offset", "strand",
+                        "epoch"):
                 assert torch.equal(a[key], b[key]), key
     assert replay[-1].state == resumed.state_dict()
 
@@ -163,7 +162,7 @@ def test_epoch_boundary_same_step_on_every_rank_with_uneven_shards(odd_shards):
     per_step, _ = global_crops(cfg, 2, 1, 0, 20)  # 148 crops per epoch, 16 per step
     steps_with_two_epochs = [s for s, crops in enumerate(per_step) if len({c[0] for c in crops}) == 2]
     assert steps_with_two_epochs == [9, 18]  # 148 / 16 = 9.25: step 9 ends epoch 0 and starts epoch 1
-    assert [c[0] for c in per_step[9]] == [0] * 4 + [1] * 12  # no drop, no padding: the step is full
+    assert Counter(c[0] for c in per_step[9]) == {0: 4, 1: 12}  # no drop, no padding: the step is full
     flat = [c for s in per_step for c in s]
     for epoch in (0, 1):
         crops = [c for c in flat if c[0] == epoch]
@@ -179,18 +178,25 @@ def _curriculum_cfg(shards) -> DataConfig:
     return config(shards, seq_len=1024, curriculum=CurriculumConfig(stages=stages))
 
 
-def test_curriculum_changes_mid_epoch_without_skip_or_repeat(shards):
+def test_curriculum_stage_change_keeps_the_token_position_and_the_next_epoch_whole(shards):
+    """A stage starts the order of its length at the same token position: within each stage no crop repeats,
+    the epoch in which stages change holds exactly one epoch of tokens, and the next epoch covers every base once."""
     cfg = _curriculum_cfg(shards)
     stream = TrainStream(cfg, 0, 2, 1)
     assert [stream.plan(s).seq_len for s in (0, 2, 3, 5, 6, 40)] == [256, 256, 512, 512, 1024, 1024]
     assert {stream.plan(s).tokens_per_step for s in range(12)} == {4096}
     assert [stream.plan(s).micro_batch for s in (0, 3, 6)] == [8, 4, 2]
-    per_step, _ = global_crops(cfg, 2, 1, 0, 10)  # 40 windows x 1024 = 10 steps of 4096 tokens
-    assert_each_base_once([c for s in per_step for c in s], windows=40)
+    per_step, _ = global_crops(cfg, 2, 1, 0, 20)  # 40 windows x 1024 = 10 steps of 4096 tokens per epoch
+    flat = [c for s in per_step for c in s]
+    for length in (256, 512, 1024):
+        crops = [c for c in flat if c[3] == length]
+        assert len(crops) == len(set(crops))
+    assert sum(c[3] for c in flat if c[0] == 0) == 40 * 1024
+    assert_each_base_once(flat, windows=40, epoch=1)
 
     # resume inside stage 0 at another world size: the rest of the schedule is unchanged
     first, state = global_crops(cfg, 2, 1, 0, 2)
-    second, _ = global_crops(cfg, 4, 1, 2, 10, state=state)
+    second, _ = global_crops(cfg, 4, 1, 2, 20, state=state)
     assert [Counter(s) for s in first + second] == [Counter(s) for s in per_step]
 
 
@@ -205,7 +211,7 @@ def test_generated_curriculum_hold_batch_mode(shards):
     steps = 4 + (40 * 1024 - 6 * 1024) // 4096  # 2 + 2 short steps, then whole 4096-token steps; 40 windows
     per_step, _ = global_crops(cfg, 2, 1, 0, steps + 1)
     flat = [c for s in per_step for c in s]
-    assert_each_base_once(flat, windows=40)
+    assert [c[3] for c in flat[:8]] == [256] * 8 and sum(c[3] for c in flat if c[0] == 0) == 40 * 1024
 
 
 def test_hold_batch_resume_with_another_global_batch_reaches_later_stages(shards):
@@ -223,8 +229,8 @@ def test_hold_batch_resume_with_another_global_batch_reaches_later_stages(shards
     assert all(offset % length == 0 for step in per_step for _, _, offset, length in step)
     resumed = TrainStream(hold_batch(2), 0, 1, 1)
     resumed.load_state_dict(state)
-    assert resumed.plan(1).position * 256 == state["tokens"] == 4 * 256
-    assert resumed.plan(4).position * 256 == 4096  # 3584 rounded up to a 1024 row: less than one row skipped
+    assert resumed.mixture.positions(1)[0] == state["tokens"] == state["sources"]["default"]["tokens"] == 4 * 256
+    assert resumed.mixture.positions(4)[0] == 4096  # 3584 rounded up to a 1024 crop: less than one crop skipped
     before, _ = global_crops(hold_batch(4), 1, 1, 0, 1)
     seen = [c for s in before + per_step for c in s]
     assert len(seen) == len(set(seen))  # nothing repeated across the resume
@@ -237,9 +243,9 @@ def test_tokens_per_step_change_rebases_the_cursor(shards):
     state = stream.state_dict()
     bigger = TrainStream(config(shards, tokens_per_step=256 * 32), 0, 2, 1)
     bigger.load_state_dict(state)
-    assert bigger.plan(3).position * 256 == state["tokens"]
+    assert bigger.mixture.positions(3)[0] == state["tokens"] and bigger.state_dict()["tokens"] == state["tokens"]
     with pytest.raises(DataPlanError, match="step 2 precedes step 3, where this stream was resumed"):
-        bigger.plan(2)
+        bigger.rows(2, 0, 0)
     per_step, _ = global_crops(config(shards, tokens_per_step=256 * 32), 2, 1, 3, 4, state=state)
     before, _ = global_crops(cfg, 1, 1, 0, 3)
     epoch0 = [c for s in before + per_step for c in s]
@@ -254,11 +260,11 @@ def test_plan_cli_agrees_with_training(shards, tmp_path, capsys):
         "  curriculum:\n    stages: [{seq_len: 256, steps: 2}, {seq_len: 1024}]\n"
         "train: {seed: 11, grad_accum: 2, max_steps: 100}\noptim: {lr: 0.001}\n")
     out = subprocess.run([sys.executable, "-m", "caduceus_dist.data.plan", "--config", str(recipe),
-                          "--world-size", "2", "--steps", "1:4", "data.shuffle_windows=8"],
+                          "--world-size", "2", "--steps", "1:4"],
                          capture_output=True, text=True, cwd=REPO, check=True)
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert len(lines) == 3 * 2 * 2
-    cfg = config(shards, seq_len=1024, tokens_per_step=4096, seed=None, shuffle_windows=8,
+    cfg = config(shards, seq_len=1024, tokens_per_step=4096, seed=None,
                  curriculum=CurriculumConfig(stages=[StageConfig(256, 2), StageConfig(1024)]))
     consumed = {}
     for rank in range(2):
@@ -268,6 +274,7 @@ def test_plan_cli_agrees_with_training(shards, tmp_path, capsys):
     for line in lines:
         batch = consumed[(line["step"], line["rank"], line["micro"])]
         assert line["seq_len"] == batch["input_ids"].shape[1] == (256 if line["step"] < 2 else 1024)
+        assert line["source"] == ["default"] * len(line["sample_id"])
         assert line["sample_id"] == batch["sample_id"].tolist()
         assert line["crop_offset"] == batch["crop_offset"].tolist()
         assert line["strand"] == batch["strand"].tolist()
@@ -278,7 +285,7 @@ def test_plan_cli_agrees_with_training(shards, tmp_path, capsys):
 
 def test_plan_stats_count_the_plans_windows_and_state_the_independent_draw_values(shards, tmp_path, capsys):
     """--stats against the plan lines themselves and against simulated independent draws."""
-    overrides = [f"data.shards={shards}", "data.seq_len=1024", "data.tokens_per_step=8192", "data.shuffle_windows=8",
+    overrides = [f"data.shards={shards}", "data.seq_len=1024", "data.tokens_per_step=8192",
                  "data.curriculum.stages=[{seq_len: 256, steps: 5}, {seq_len: 1024}]"]
     assert plan_main(["--steps", "0:12", *overrides]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -322,7 +329,7 @@ def test_eval_stream_is_identical_at_any_world_size(shards, split):
     assert len(build_eval_loader(cfg, split, 0, 1, max_batches=1)) == 1
 
 
-def test_config_errors_name_the_numbers(shards):
+def test_config_errors_name_the_numbers(shards, odd_shards):
     with pytest.raises(DataPlanError, match=r"global batch 16 sequences .* world_size 3 x grad_accum 2 = 6"):
         TrainStream(config(shards), 0, 3, 2)
     with pytest.raises(DataPlanError, match="seq_len 384 does not divide the stored window length 1024"):
@@ -337,8 +344,9 @@ def test_config_errors_name_the_numbers(shards):
     state = stream.state_dict()
     with pytest.raises(DataPlanError, match="key 'seed' is 7 but this run uses seed 8"):
         TrainStream(config(shards, seed=8), 0, 1, 1).load_state_dict(state)
-    with pytest.raises(DataPlanError, match=r"\['group'\] which changed"):
-        TrainStream(config(shards, shuffle_windows=8), 0, 1, 1).load_state_dict(state)
+    with pytest.raises(DataPlanError, match=r"source 'default' changed since the checkpoint: \(saved, now\) = "
+                                            r"\{'windows': \(40, 37\)\}"):
+        TrainStream(config(odd_shards), 0, 1, 1).load_state_dict(state)
 
 
 def test_real_sharder_output_one_epoch_matches_the_fasta(tmp_path):
@@ -355,7 +363,7 @@ def test_real_sharder_output_one_epoch_matches_the_fasta(tmp_path):
     window, windows = manifest["window"], manifest["splits"]["train"]["windows"]
     meta = {}
     for shard in manifest["splits"]["train"]["shards"]:
-        reader = ShardReader(root / shard["tar"], root / shard["index"])
+        reader = ShardReader(root / shard["tar"], root / shard["index"], manifest["format_version"])
         meta.update({m["id"]: m for m in map(reader.read_meta, range(len(reader)))})
     seq_len = window // 4
     cfg = DataConfig(shards=str(root), seq_len=seq_len, tokens_per_step=seq_len * 2 * windows, mlm_probability=0.0,

@@ -7,14 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_data_fixtures import genome_tokens, write_dataset
+from test_data_fixtures import genome_tokens, softmasked_tokens, write_dataset
 
 from caduceus_dist import native
 from caduceus_dist.data import DataConfig, TrainStream, masking
-from caduceus_dist.data.crops import CropSource
+from caduceus_dist.data.crops import orient
 from caduceus_dist.data.cursor import BLOCK_TOKENS, UniformStream, derive_key, token_blocks
+from caduceus_dist.data.dataset import ShardSplit
 from caduceus_dist.data.masking import MaskingPolicy, default_masker, mask_batch, masked_crops
 from caduceus_dist.model.tokenizer import MASK_ID, N_ID, PAD_ID, VOCAB_SIZE, CaduceusTokenizer
+from caduceus_dist.shard_format import SOFTMASK_FLAG
 
 SIGMAS = 5.0  # tolerance for every frequency check; a false failure has probability < 1e-6 per check
 
@@ -33,8 +35,7 @@ def real_batch(rows: int, length: int, n_run: tuple[int, int] | None = None) -> 
     batch = tokens[:rows * length].reshape(rows, length).copy()
     if n_run is not None:  # an assembly gap: a run of N as in real chromosomes
         batch[:, n_run[0]:n_run[1]] = N_ID
-    return CropSource(lambda i: batch[i], length, rows).gather(np.arange(rows), np.zeros(rows, dtype=np.int64),
-                                                               np.zeros(rows, dtype=np.int64), length)
+    return orient(batch, np.zeros(rows, dtype=np.int64))
 
 
 def within(observed: int, trials: int, p: float) -> bool:
@@ -103,9 +104,13 @@ def test_n_becomes_pad_and_is_never_a_loss_target():
 
 def test_reverse_complement_then_n_to_pad():
     window = CaduceusTokenizer().encode("ACGTNNacgtAAC")
-    out = CropSource(lambda _: window, 13, 1).gather(np.array([0]), np.array([0]), np.array([1]), 13)[0]
+    out = orient(window[None], np.array([1]))[0]
     assert CaduceusTokenizer.decode(out[out != PAD_ID]) == "GTTACGTACGT"
     assert np.flatnonzero(out == PAD_ID).tolist() == [7, 8]
+    flagged = window | np.where(np.arange(13) < 6, SOFTMASK_FLAG, 0).astype(np.uint8)  # the soft-mask flag rides along
+    out_flagged = orient(flagged[None], np.array([1]))[0]
+    np.testing.assert_array_equal(out_flagged & (SOFTMASK_FLAG - 1), out)
+    assert np.flatnonzero(out_flagged & SOFTMASK_FLAG).tolist() == list(range(7, 13))
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +124,7 @@ def shards(tmp_path_factory) -> Path:
 def test_masks_and_strands_do_not_depend_on_rank_or_worker(shards):
     def by_crop(world_size, grad_accum, workers):
         cfg = DataConfig(shards=str(shards), seq_len=512, tokens_per_step=512 * 16, num_workers=workers,
-                         rc_probability=0.5, seed=5, shuffle_windows=4)
+                         rc_probability=0.5, seed=5)
         rows = {}
         for rank in range(world_size):
             for sb in TrainStream(cfg, rank, world_size, grad_accum).iterate(0, 4):
@@ -155,31 +160,31 @@ def test_masks_change_between_epochs_but_not_between_runs(shards):
         assert torch.equal(again["input_ids"][i], first[int(again["sample_id"][i])])
 
 
-def test_crop_source_matches_a_per_row_reference_through_evictions():
-    """Batches spanning more windows than the arena holds, evictions, both strands, N runs."""
-    tokens, _, _ = genome_tokens()
-    windows = tokens[:40 * 1024].reshape(40, 1024).copy()
-    windows[3, 100:300] = N_ID
-    reads = []
-    source = CropSource(lambda i: reads.append(i) or windows[i], 1024, capacity=3)
+@pytest.mark.parametrize("version", [2, 3])
+def test_read_crops_gives_the_stored_bases_of_every_crop(tmp_path, version):
+    """`ShardSplit.read_crops` against the stored windows: soft-mask flags and N runs, lengths that are and are not
+    multiples of 4 (the batch decoder and the per-crop one), more windows than version 2's cache holds."""
+    tokens = softmasked_tokens()
+    write_dataset(tmp_path, 1024, {"train": [30, 50]}, tokens=tokens, version=version)
+    split = ShardSplit(tmp_path, "train")
+    split.WINDOW_CACHE = 8
+    windows = tokens[:80 * 1024].reshape(80, 1024)
     rng = np.random.default_rng(0)
-    for length in (256, 1024, 128):
-        for _ in range(6):
-            ids = rng.integers(0, 40, 20)
+    for length in (256, 1024, 128, 4, 7, 341):
+        for _ in range(3):
+            ids = rng.integers(0, 80, 20)
             offsets = rng.integers(0, 1024 // length, 20) * length
-            strands = rng.integers(0, 2, 20)
-            got = source.gather(ids, offsets, strands, length)
-            for row, (i, o, s) in enumerate(zip(ids, offsets, strands, strict=True)):
-                crop = windows[i, o:o + length]
-                want = CaduceusTokenizer.reverse_complement(crop) if s else crop
-                assert np.array_equal(got[row], np.where(want == N_ID, PAD_ID, want))
-    assert len(reads) > 40  # windows were evicted and read again, and the results stayed right
+            out = np.empty((20, length), dtype=np.uint8)
+            split.read_crops(ids, offsets, out)
+            for row, (i, o) in enumerate(zip(ids, offsets, strict=True)):
+                np.testing.assert_array_equal(out[row], windows[i, o:o + length])
+    assert (windows >= SOFTMASK_FLAG).any() and (windows & (SOFTMASK_FLAG - 1) == N_ID).any()
 
 
 @pytest.mark.skipif(native.load("mlm_mask") is None, reason="no C compiler, or CADUCEUS_NATIVE=0: no native kernel")
 def test_native_kernel_gives_the_numpy_bytes():
-    """Random windows (real bases, N runs, every byte value), odd and block-straddling lengths, L = 1, both
-    strands, arenas smaller than a batch's windows, edge probabilities: the two backends agree bit for bit."""
+    """Random windows (real bases, N runs, soft-masked runs, every byte value), odd and block-straddling lengths,
+    L = 1, both strands, edge probabilities: the two backends agree bit for bit."""
     assert default_masker() == "native"
     tokens, _, _ = genome_tokens()
     rng = np.random.default_rng(0)
@@ -197,16 +202,18 @@ def test_native_kernel_gives_the_numpy_bytes():
             gap = int(rng.integers(0, window))
             windows[:, gap:gap + int(rng.integers(1, window + 1))] = N_ID
             windows[0, :min(window, 256)] = np.arange(min(window, 256))
+        elif case % 3 == 1:  # a soft-masked run (flagged bytes, the vector path), N inside it
+            first = int(rng.integers(0, window))
+            windows[:, first:first + int(rng.integers(1, 200))] |= SOFTMASK_FLAG
         rows = int(rng.integers(1, 40))
         sample_ids = rng.integers(0, n_windows, rows)
         offsets = rng.integers(0, window // length, rows) * length
         strands = rng.integers(0, 2, rows)
         keys = derive_key(case, 11, sample_ids, offsets, length)
         policy = policies[case % len(policies)]
-        capacity = int(rng.integers(1, n_windows + 1))  # < the batch's windows: several arena passes
-        source = CropSource(lambda i, w=windows: w[i], window, capacity)
-        native_out = masked_crops(source, sample_ids, offsets, strands, length, keys, policy, backend="native")
-        numpy_out = masked_crops(source, sample_ids, offsets, strands, length, keys, policy, backend="numpy")
+        stored = np.stack([windows[i, o:o + length] for i, o in zip(sample_ids, offsets, strict=True)])
+        native_out = masked_crops(stored, strands, keys, policy, backend="native")
+        numpy_out = masked_crops(stored, strands, keys, policy, backend="numpy")
         for got, want in zip(native_out, numpy_out, strict=True):
             assert got.dtype == want.dtype == np.uint8 and got.shape == want.shape == (rows, length)
             assert np.array_equal(got, want), (case, length, policy)
@@ -218,32 +225,8 @@ def test_forcing_the_native_masker_without_its_kernel_fails_naming_the_fix(monke
     """With the kernel unavailable, an explicit 'native' request says so (the default falls back to NumPy)."""
     monkeypatch.setattr(masking, "_kernel", lambda: None)
     assert default_masker() == "numpy"
-    source = CropSource(lambda i: np.zeros(8, dtype=np.uint8), 8, capacity=1)
-    args = (source, np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64), 8,
+    args = (np.full((1, 8), 7, dtype=np.uint8), np.zeros(1, np.int64),
             derive_key(0, 11, np.zeros(1, np.int64), np.zeros(1, np.int64), 8), MaskingPolicy())
     with pytest.raises(RuntimeError, match=r"masking backend 'native' is unavailable.*'numpy' backend"):
         masked_crops(*args, backend="native")
     assert masked_crops(*args)[0].shape == (1, 8)
-
-
-def test_a_failed_window_read_never_lets_a_slot_in_use_be_overwritten():
-    """A full arena evicts the oldest window before reading the new one; when that read fails, the freed
-    slot must not be handed out again while another window still occupies it (wrong bases, silently)."""
-    window = 64
-    windows = {sample: np.full(window, 7 + sample % 4, dtype=np.uint8) for sample in range(6)}
-    failing = {2}
-
-    def read(sample: int) -> np.ndarray:
-        if sample in failing:
-            raise OSError(f"window {sample}: transient read error")
-        return windows[sample]
-
-    source = CropSource(read, window, capacity=2)
-    ids, offsets, strands = np.array([0, 1]), np.zeros(2, dtype=np.int64), np.zeros(2, dtype=np.int64)
-    np.testing.assert_array_equal(source.gather(ids, offsets, strands, window), np.stack([windows[0], windows[1]]))
-    with pytest.raises(OSError, match="window 2"):
-        source.gather(np.array([2]), np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64), window)
-    failing.clear()
-    for sample in (3, 1, 2, 1):  # sample 1 is still resident: its bases must be its own
-        got = source.gather(np.array([sample]), np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64), window)
-        np.testing.assert_array_equal(got[0], windows[sample])

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pyfaidx
 import pytest
-import zstandard
 from test_data_fixtures import ShardWriter
 from test_prep_inputs import EXPECTED_ID, reference_spec_windows, write_bgzf
 
+from caduceus_dist.data.dataset import ShardSplit
 from caduceus_dist.fsio import sha256_file
 from caduceus_dist.prep import fasta as fasta_mod
 from caduceus_dist.prep import output as output_mod
@@ -32,7 +32,7 @@ from caduceus_dist.prep.fasta import FastaError
 from caduceus_dist.prep.output import STATE_DIR, ShardSink, pack_members
 from caduceus_dist.prep.sharding import ShardConfig, ShardingError, sample_config, shard_genome
 from caduceus_dist.prep.verify import verify_dataset
-from caduceus_dist.shard_format import ShardReader, load_manifest, read_index, sample_key
+from caduceus_dist.shard_format import ShardReader, decode_members, load_manifest, read_index, sample_key
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "caduceus_dist" / "sample"
@@ -257,16 +257,18 @@ def test_webdataset_and_tar_read_the_shards(sample_shards):
 
     root, manifest = sample_shards
     urls = [str(root / e["tar"]) for e in manifest["splits"]["train"]["shards"]]
-    decompressor = zstandard.ZstdDecompressor()
+    split = ShardSplit(root, "train")
     seen = []
     for sample in wds.WebDataset(urls, shardshuffle=False):
         meta = json.loads(sample["json"])
-        tokens = np.frombuffer(decompressor.decompress(sample["tokens.zst"]), dtype=np.uint8)
+        tokens = decode_members(sample["bases.2bit"], sample["runs.i32"], meta["length"])
         assert sample["__key__"] == f"train-{meta['id']:09d}" and len(tokens) == 8192
+        np.testing.assert_array_equal(tokens, split.read_window(meta["id"]))
         seen.append(meta["id"])
     assert seen == list(range(manifest["splits"]["train"]["windows"]))
     listing = subprocess.run(["tar", "tf", urls[0]], capture_output=True, text=True, check=True).stdout.split()
-    assert listing[:2] == ["train-000000000.json", "train-000000000.tokens.zst"] and len(listing) == 16
+    assert listing[:3] == ["train-000000000.json", "train-000000000.bases.2bit", "train-000000000.runs.i32"]
+    assert len(listing) == 24
 
 
 @pytest.mark.parametrize("samples", [1, 3, 21])  # archive ends at, before and across a 10240-byte tar record
@@ -279,7 +281,7 @@ def test_worker_packed_shards_equal_the_tarfile_writer(tmp_path, samples):
     payloads = [rng.integers(0, 256, size).astype(np.uint8).tobytes() for size in rng.choice([0, 1, 511, 512, 513, 5000], samples)]
     reference = ShardWriter(tmp_path / "reference.tar")
     for meta, payload in zip(metas, payloads, strict=True):
-        reference.add_compressed(sample_key(split, meta["id"]), meta, payload)
+        reference.add_members(sample_key(split, meta["id"]), meta, (payload, payload[:7]))
     want_index = reference.close()
 
     sink = ShardSink(tmp_path / "out", samples, tmp_path / "journal.jsonl")
@@ -288,7 +290,7 @@ def test_worker_packed_shards_equal_the_tarfile_writer(tmp_path, samples):
         for meta, payload in zip(metas[first:first + 2], payloads[first:first + 2], strict=True):
             key = sample_key(split, meta["id"])
             members += [(key + ".json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()),
-                        (key + ".tokens.zst", payload)]
+                        (key + ".bases.2bit", payload), (key + ".runs.i32", payload[:7])]
         sink.add(split, first, *pack_members(members))
     entry = sink.written[(split, 0)]
     assert (tmp_path / "out" / entry["tar"]).read_bytes() == (tmp_path / "reference.tar").read_bytes()
@@ -407,14 +409,16 @@ def test_full_disk_error_is_clear_and_keeps_finished_shards(tmp_path):
     """RLIMIT_FSIZE makes writes past the limit fail with EFBIG, like a full disk, in a real child process."""
     text = gzip.decompress((SAMPLE / "hg38_sample.fa.gz").read_bytes()).decode()
     real = text.split(">chrM")[0].split("\n", 1)[1].replace("\n", "")
-    mostly_n = "".join("N" * 8000 + real[i * 192:(i + 1) * 192] for i in range(8))  # compresses to almost nothing
+    mostly_n = "".join("N" * 8000 + real[i * 192:(i + 1) * 192] for i in range(8))  # short run lists: small shards
+    flickering = "".join(pair.lower() if i % 2 else pair for i, pair in enumerate(
+        real[j:j + 2] for j in range(0, 16 * 8192, 2)))  # case changes every 2 bases: 4096 runs per window
     fasta = tmp_path / "disk.fa"
-    fasta.write_text(f">chrA\n{mostly_n}\n>chrB\n{real[:16 * 8192]}\n")
+    fasta.write_text(f">chrA\n{mostly_n}\n>chrB\n{flickering}\n")
     cfg = dict(fasta=str(fasta), window=8192, samples_per_shard=4, contigs="all", quiet=True)
     out = tmp_path / "full"
     ctx = multiprocessing.get_context("fork")
     receiver, sender = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_run_in_child, args=(ShardConfig(out=str(out), **cfg), sender, 15_000))
+    child = ctx.Process(target=_run_in_child, args=(ShardConfig(out=str(out), **cfg), sender, 25_000))
     child.start()
     child.join(60)
     assert child.exitcode == 2

@@ -74,10 +74,31 @@ class CurriculumConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One genome of a mixture: a shard root (data_prep/shard_genome.py --out) and its sampling weight."""
+
+    name: str = ""
+    shards: str = ""
+    weight: float = 1.0
+
+
+@dataclass
+class MixturePhase:
+    """From `start_step` (or `start_tokens`, the first step at or past that many tokens) on, rows are
+    drawn from the sources in proportion to `weights` (source name -> weight; a source left out: 0)."""
+
+    start_step: int | None = None
+    start_tokens: int | None = None
+    weights: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class DataConfig:
     """Where the shards are and how they become batches (see `caduceus_dist.data` for the semantics)."""
 
     shards: str = "data/shards/sample"  # dataset root holding manifest.json (data_prep/shard_genome.py --out)
+    sources: list[SourceConfig] = field(default_factory=list)  # a mixture of shard roots; replaces `shards`
+    mixture_schedule: list[MixturePhase] = field(default_factory=list)  # weights by phase; none: sources' weights
     split: str = "train"
     seq_len: int = 1024  # the fixed length, or the final stage of a generated curriculum
     tokens_per_step: int = 1 << 20  # global tokens per optimizer step (reference: 2^20)
@@ -86,7 +107,6 @@ class DataConfig:
     mask_fraction: float = 0.8  # of the selected positions -> [MASK]
     random_fraction: float = 0.1  # of the selected positions -> uniform id in [0, 12); the rest stay
     rc_probability: float = 0.0  # reverse-complement augmentation (0.5 for Caduceus-Ph, 0 for PS)
-    shuffle_windows: int = 64  # windows per shuffle group (crops are shuffled within a group)
     num_workers: int = 2
     worker_start_method: str = "fork"  # fork | forkserver | spawn
     prefetch_factor: int = 2
@@ -100,7 +120,7 @@ class DataConfig:
 
     def validate(self) -> None:
         positive = {"seq_len": self.seq_len, "tokens_per_step": self.tokens_per_step,
-                    "shuffle_windows": self.shuffle_windows, "prefetch_factor": self.prefetch_factor}
+                    "prefetch_factor": self.prefetch_factor}
         for key, value in positive.items():
             if value <= 0:
                 raise ValueError(f"data.{key} must be > 0, got {value}")
@@ -127,3 +147,33 @@ class DataConfig:
             self.curriculum.validate()
         except ValueError as err:
             raise ValueError(f"data.{err}") from None
+        self._validate_mixture()
+
+    def _validate_mixture(self) -> None:
+        names = [source.name for source in self.sources]
+        for i, source in enumerate(self.sources):
+            if not source.name or not source.shards:
+                raise ValueError(f"data.sources[{i}] needs a name and shards (a shard root), got "
+                                 f"name={source.name!r} shards={source.shards!r}")
+            if "/" in source.name or names.count(source.name) > 1:
+                raise ValueError(f"data.sources[{i}].name {source.name!r} must be unique and contain no '/'")
+            if source.weight < 0:
+                raise ValueError(f"data.sources[{i}].weight must be >= 0, got {source.weight}")
+        if self.mixture_schedule and not self.sources:
+            raise ValueError("data.mixture_schedule needs data.sources (it weighs named sources)")
+        starts = []
+        for i, phase in enumerate(self.mixture_schedule):
+            if (phase.start_step is None) == (phase.start_tokens is None):
+                raise ValueError(f"data.mixture_schedule[{i}]: set exactly one of start_step and start_tokens")
+            start = phase.start_step if phase.start_step is not None else phase.start_tokens
+            if start < 0 or (i == 0 and start != 0):
+                raise ValueError(f"data.mixture_schedule[{i}] starts at {start}; the first phase starts at 0")
+            starts.append(start)
+            unknown = sorted(set(phase.weights) - set(names))
+            if unknown:
+                raise ValueError(f"data.mixture_schedule[{i}].weights names {unknown}, which are not in data.sources "
+                                 f"({names})")
+            if any(w < 0 for w in phase.weights.values()) or not any(w > 0 for w in phase.weights.values()):
+                raise ValueError(f"data.mixture_schedule[{i}].weights must be >= 0 with one > 0, got {phase.weights}")
+        if self.sources and not self.mixture_schedule and not any(s.weight > 0 for s in self.sources):
+            raise ValueError("data.sources: every weight is 0, so no source would ever be read")

@@ -1,15 +1,13 @@
 """The sequence-length schedule: which stage, length and batch each optimizer step uses.
 
-A stage is (seq_len, global_batch, first step, last step). The schedule also turns a step into a
-position in the data stream, counted in units of `unit` tokens (the shortest stage length), which
-is what makes a stage change mid-epoch exact: step s consumes units [P(s), P(s+1)).
+A stage is (seq_len, global_batch, first step, last step). Where in each genome a step's rows come
+from is the mixture's business (`mixture.py`); the schedule says how many rows of which length.
 All checks that need numbers from several places (tokens per step, world size, gradient
-accumulation, the stored window) are made here, before the first step, and name the numbers.
+accumulation, the stored windows) are made here, before the first step, and name the numbers.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from caduceus_dist.data.config import DataConfig
@@ -26,12 +24,12 @@ class Stage:
     global_batch: int  # sequences per optimizer step, all ranks and micro-batches together
     start_step: int
     end_step: int | None  # exclusive; None = open-ended
-    start_unit: int  # units consumed before start_step (natural schedule, from step 0)
+    start_tokens: int  # tokens consumed before start_step (from step 0)
 
 
 @dataclass(frozen=True)
 class StepPlan:
-    """What one optimizer step consumes; `position` is the global unit cursor at its start."""
+    """What one optimizer step consumes."""
 
     step: int
     stage: int
@@ -41,12 +39,6 @@ class StepPlan:
     grad_accum: int
     world_size: int
     tokens_per_step: int
-    position: int
-    unit: int
-
-    @property
-    def units_per_row(self) -> int:
-        return self.seq_len // self.unit
 
 
 def _stage_lengths(cfg: DataConfig) -> list[tuple[int, int | None, int | None]]:
@@ -67,28 +59,25 @@ def _stage_lengths(cfg: DataConfig) -> list[tuple[int, int | None, int | None]]:
 
 
 class Schedule:
-    """Stages with their batch sizes, validated for a world size and gradient accumulation."""
+    """Stages with their batch sizes, validated for a world size, gradient accumulation and the stored windows."""
 
-    def __init__(self, cfg: DataConfig, world_size: int, grad_accum: int, window: int):
+    def __init__(self, cfg: DataConfig, world_size: int, grad_accum: int, windows: dict[str, int]):
         if world_size < 1 or grad_accum < 1:
             raise DataPlanError(f"world_size {world_size} and grad_accum {grad_accum} must be >= 1")
         self.world_size, self.grad_accum = world_size, grad_accum
         lengths = _stage_lengths(cfg)
-        seq_lens = [length for length, _, _ in lengths]
-        self.unit = math.gcd(*seq_lens)
-        self.slab = max(seq_lens)
-        for length in seq_lens:
-            if window % length:
-                raise DataPlanError(f"seq_len {length} does not divide the stored window length {window} "
-                                    f"(manifest 'window'): every base must be used, so pick a divisor or reshard "
-                                    f"with --window a multiple of {length}")
-            if self.slab % length:
-                raise DataPlanError(f"curriculum seq_len {length} does not divide the longest stage length {self.slab}")
+        for length, _, _ in lengths:
+            for name, window in windows.items():
+                if window % length:
+                    where = "" if len(windows) == 1 else f" of source '{name}'"
+                    raise DataPlanError(f"seq_len {length} does not divide the stored window length {window}{where} "
+                                        f"(manifest 'window'): every base must be used, so pick a divisor or reshard "
+                                        f"with --window a multiple of {length}")
         hold_batch = cfg.curriculum.enabled and cfg.curriculum.hold == "batch"
         ranks_x_micro = world_size * grad_accum
         self.stages: list[Stage] = []
-        step = unit = 0
-        for index, (length, steps, tokens) in enumerate(lengths):
+        step = tokens = 0
+        for index, (length, steps, stage_tokens) in enumerate(lengths):
             if hold_batch:
                 global_batch = cfg.curriculum.global_batch
             else:
@@ -102,20 +91,17 @@ class Schedule:
                     f"seq_len {length}) is not divisible by world_size {world_size} x grad_accum {grad_accum} = "
                     f"{ranks_x_micro}; tokens_per_step must be a multiple of seq_len x world_size x grad_accum = "
                     f"{length * ranks_x_micro}")
-            if tokens is not None:
+            if stage_tokens is not None:
                 step_tokens = global_batch * length
-                if tokens % step_tokens:
-                    raise DataPlanError(f"curriculum stage {index}: tokens {tokens} is not a whole number of steps "
-                                        f"of {step_tokens} tokens")
-                steps = tokens // step_tokens
+                if stage_tokens % step_tokens:
+                    raise DataPlanError(f"curriculum stage {index}: tokens {stage_tokens} is not a whole number of "
+                                        f"steps of {step_tokens} tokens")
+                steps = stage_tokens // step_tokens
             end = None if steps is None else step + steps
-            if unit % (length // self.unit):
-                raise DataPlanError(f"curriculum stage {index} (seq_len {length}) starts at data position {unit * self.unit} "
-                                    f"tokens, not a multiple of {length}; use an even global_batch")
-            self.stages.append(Stage(index, length, global_batch, step, end, unit))
+            self.stages.append(Stage(index, length, global_batch, step, end, tokens))
             if end is None:
                 break
-            unit += steps * global_batch * (length // self.unit)
+            tokens += steps * global_batch * length
             step = end
 
     def stage_at(self, step: int) -> Stage:
@@ -124,30 +110,22 @@ class Schedule:
                 return stage
         return self.stages[-1]
 
-    def natural_position(self, step: int) -> int:
-        """Units consumed before `step` when training ran this schedule from step 0."""
+    def tokens_before(self, step: int) -> int:
+        """Tokens all steps before `step` consume (this schedule, from step 0)."""
         stage = self.stage_at(step)
-        return stage.start_unit + (step - stage.start_step) * stage.global_batch * (stage.seq_len // self.unit)
+        return stage.start_tokens + (step - stage.start_step) * stage.global_batch * stage.seq_len
 
-    def advance(self, step: int, position: int, to_step: int) -> int:
-        """The unit position at the start of `to_step`, continuing from `position` at the start of `step`.
+    def first_step_at(self, tokens: int) -> int:
+        """The first step at or past `tokens` consumed tokens."""
+        for stage in self.stages:
+            per_step = stage.global_batch * stage.seq_len
+            if stage.end_step is None or tokens <= self.tokens_before(stage.end_step):
+                return stage.start_step + max(0, -(-(tokens - stage.start_tokens) // per_step))
+        raise AssertionError("unreachable: the last stage is open-ended")
 
-        Every stage starts at a multiple of its row length. From step 0 that holds by construction (the
-        constructor refuses other schedules); a stream resumed with another batch size may reach a stage
-        boundary mid-row, and then skips to the next row start (less than one row of data).
-        """
-        while True:
-            stage = self.stage_at(step)
-            row = stage.seq_len // self.unit
-            position = -(-position // row) * row
-            if stage.end_step is None or to_step < stage.end_step:
-                return position + (to_step - step) * stage.global_batch * row
-            position += (stage.end_step - step) * stage.global_batch * row
-            step = stage.end_step
-
-    def plan(self, step: int, position: int) -> StepPlan:
+    def plan(self, step: int) -> StepPlan:
         stage = self.stage_at(step)
         return StepPlan(step=step, stage=stage.index, seq_len=stage.seq_len, global_batch=stage.global_batch,
                         micro_batch=stage.global_batch // (self.world_size * self.grad_accum),
                         grad_accum=self.grad_accum, world_size=self.world_size,
-                        tokens_per_step=stage.global_batch * stage.seq_len, position=position, unit=self.unit)
+                        tokens_per_step=stage.global_batch * stage.seq_len)

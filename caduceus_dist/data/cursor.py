@@ -1,20 +1,15 @@
-"""The data order as a pure function of (seed, epoch, global position): no state but a number.
+"""The order of one genome's crops as a pure function of (seed, source, length, crop number): no state but numbers.
 
-Positions count *units* of `unit` tokens (the shortest curriculum length), so a curriculum stage
-change never re-segments what was already counted (the llm-foundry #1277 bug). An epoch is the
-stream of every stored base once, laid out as follows (all maps are keyed bijections, O(1) memory):
+A source's stream at crop length L is the sequence of its crops of L bases: crop number c lies in epoch
+e = c // C (C = windows x window / L, every stored base once per epoch), and the c-th crop is crop
+pi_e(c mod C) of the split, where pi_e is a keyed permutation of all C crops (window w, offset j*L for
+crop w * (window / L) + j). So consecutive crops come from anywhere in the genome, as if every crop
+were drawn independently but without replacement within an epoch (docs/loading.md, "Batch diversity").
 
-1. the split's windows are permuted (keyed by seed, epoch);
-2. consecutive runs of `group` permuted windows form a shuffle group;
-3. each window is cut into slabs of `slab` tokens (the longest curriculum length); the slabs of a
-   group are permuted (keyed by seed, epoch, group);
-4. a slab is consumed front to back in crops of the current `seq_len` (which divides `slab`).
-
-So with a fixed length (slab == seq_len) crops are shuffled across `group` windows; a step at a
-short curriculum stage draws its crops from `tokens_per_step / slab` slabs. Because every crop
-length divides the slab and every unit position a crop starts at is a multiple of its length, a
-crop never straddles a slab or an epoch, and a step may straddle an epoch boundary (its first rows
-end epoch e, the rest start e + 1) without loss or a special last batch.
+Epochs are counted in tokens (e = c*L // (windows x window)), the same boundaries at every length. A
+curriculum stage change starts the permutation of the new length at the same token position: within
+that epoch the new stage may repeat bases the old one already gave, and leave others out (at most one
+epoch is affected; every later epoch covers every base once).
 
 Randomness comes from SplitMix64 (Steele et al. 2014) applied to counters, vectorised over numpy
 uint64 arrays; the permutations are 4-round Feistel networks with cycle walking.
@@ -33,7 +28,7 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 _FEISTEL_ROUNDS = 4
 
 # Domain-separation tags for the independent random streams.
-TAG_WINDOWS, TAG_SLABS, TAG_MASK, TAG_STRAND = 0x57494E44, 0x534C4142, 0x4D41534B, 0x5354524E
+TAG_CROPS, TAG_MASK, TAG_STRAND, TAG_MIX, TAG_ROWS = 0x43524F50, 0x4D41534B, 0x5354524E, 0x4D495854, 0x524F5753
 
 
 def mix64(x: np.ndarray) -> np.ndarray:
@@ -167,59 +162,35 @@ def feistel_permute(x: np.ndarray, n: int, key: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Located:
-    """Where global unit positions land: epoch, stored window (sample id) and token offset in it."""
+    """Where crops land: epoch, stored window (sample id) and token offset in it."""
 
     epoch: np.ndarray
     sample_id: np.ndarray
     offset: np.ndarray
 
 
-class EpochOrder:
-    """Maps global unit positions to (epoch, sample id, offset); see the module docstring."""
+class CropOrder:
+    """Crop number -> (epoch, sample id, offset) for one source; see the module docstring."""
 
-    def __init__(self, sample_ids: np.ndarray, window: int, slab: int, unit: int, group: int, seed: int):
-        if window % slab or slab % unit:
-            raise ValueError(f"unit {unit} must divide slab {slab}, which must divide window {window}")
+    def __init__(self, sample_ids: np.ndarray, window: int, seed: int, source_key: int):
         self.sample_ids = np.asarray(sample_ids, dtype=np.int64)
         self.windows = len(self.sample_ids)
         if self.windows == 0:
             raise ValueError("no windows to read (every shard of the split is empty or was skipped)")
-        self.window, self.slab, self.unit, self.group, self.seed = window, slab, unit, group, seed
-        self.slabs_per_window = window // slab
-        self.units_per_slab = slab // unit
-        self.units_per_epoch = self.windows * self.slabs_per_window * self.units_per_slab
-        self._groups = -(-self.windows // group)
-        self._tables: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self.window, self.seed, self.source_key = window, seed, source_key
+        self.epoch_tokens = self.windows * window
 
-    def _group_table(self, epoch: int, group: int) -> tuple[np.ndarray, np.ndarray]:
-        """(slab permutation, sample ids of its windows) of one shuffle group, computed once per group.
-
-        O(group size) memory; a process keeps the last few groups (a batch spans one or two).
-        """
-        key = (epoch, group)
-        table = self._tables.get(key)
-        if table is None:
-            group_windows = min(self.group, self.windows - group * self.group)
-            slabs = feistel_permute(np.arange(group_windows * self.slabs_per_window),
-                                    group_windows * self.slabs_per_window, derive_key(self.seed, TAG_SLABS, epoch, group))
-            ranks = feistel_permute(group * self.group + np.arange(group_windows), self.windows,
-                                    derive_key(self.seed, TAG_WINDOWS, epoch))
-            table = self._tables[key] = (slabs, self.sample_ids[ranks])
-            while len(self._tables) > 4:
-                self._tables.pop(next(iter(self._tables)))
-        return table
-
-    def locate(self, positions: np.ndarray) -> Located:
-        positions = np.asarray(positions, dtype=np.int64)
-        epoch, in_epoch = np.divmod(positions, self.units_per_epoch)
-        slab_number, within = np.divmod(in_epoch, self.units_per_slab)
-        group, slab_in_group = np.divmod(slab_number, self.group * self.slabs_per_window)
-        sample_id, offset = np.empty_like(positions), np.empty_like(positions)
-        epoch_group = epoch * self._groups + group
-        for key in np.unique(epoch_group).tolist():
-            rows = np.flatnonzero(epoch_group == key)
-            slabs, samples = self._group_table(*divmod(key, self._groups))
-            window_in_group, slab_in_window = np.divmod(slabs[slab_in_group[rows]], self.slabs_per_window)
-            sample_id[rows] = samples[window_in_group]
-            offset[rows] = slab_in_window * self.slab + within[rows] * self.unit
-        return Located(epoch, sample_id, offset)
+    def locate(self, crops: np.ndarray, length: int) -> Located:
+        if self.window % length:
+            raise ValueError(f"crop length {length} must divide the window {self.window}")
+        crops = np.asarray(crops, dtype=np.int64)
+        per_window = self.window // length
+        per_epoch = self.windows * per_window
+        epoch, index = np.divmod(crops, per_epoch)
+        crop = np.empty_like(crops)
+        for e in np.unique(epoch).tolist():
+            rows = np.flatnonzero(epoch == e)
+            crop[rows] = feistel_permute(index[rows], per_epoch,
+                                         int(derive_key(self.seed, TAG_CROPS, self.source_key, length, e)))
+        window_rank, within = np.divmod(crop, per_window)
+        return Located(epoch, self.sample_ids[window_rank], within * length)

@@ -23,7 +23,14 @@ import numpy as np
 
 from caduceus_dist.distributed import gather_object, rank_and_world
 from caduceus_dist.fsio import atomic_write, balanced_shares, file_mismatch, sha256_file
-from caduceus_dist.shard_format import ShardFormatError, ShardReader, load_manifest, read_index, token_ids
+from caduceus_dist.shard_format import (
+    RunsError,
+    ShardFormatError,
+    ShardReader,
+    decode_crops,
+    load_manifest,
+    read_index,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +43,7 @@ class ShardEntry:
     samples: int
 
 
-def _check_shard(root: Path, entry: dict, verify: str) -> None:
+def _check_shard(root: Path, entry: dict, verify: str, version: int, window: int) -> None:
     tar, index = root / entry["tar"], root / entry["index"]
     # the size first (cheap), the content of the tar last (the expensive read)
     mismatch = file_mismatch(tar, entry["bytes"], entry["sha256"], "size")
@@ -50,9 +57,13 @@ def _check_shard(root: Path, entry: dict, verify: str) -> None:
         raise ShardFormatError(f"shard index {index} is missing; rerun data_prep/shard_genome.py")
     if sha256_file(index) != entry["index_sha256"]:
         raise ShardFormatError(f"shard index {index}: sha256 does not match the manifest; rerun data_prep/shard_genome.py")
-    rows = read_index(index)
+    rows = read_index(index, version)
     if len(rows) != entry["samples"]:
         raise ShardFormatError(f"shard index {index} has {len(rows)} rows but the manifest says {entry['samples']} samples")
+    if version >= 3 and np.any(rows[:, 3] != -(-window // 4)):  # 2-bit bases: the size tells the length
+        k = int(np.flatnonzero(rows[:, 3] != -(-window // 4))[0])
+        raise ShardFormatError(f"shard {tar}: sample {k} has room for {4 * int(rows[k, 3])} bases, the manifest window "
+                               f"is {window}; rerun data_prep/shard_genome.py")
     if verify == "sha256" and sha256_file(tar) != entry["sha256"]:
         raise ShardFormatError(f"shard {tar}: sha256 does not match the manifest (corrupted on disk or in transfer); "
                                f"restore it or rerun data_prep/shard_genome.py")
@@ -101,7 +112,7 @@ class VerifiedStamp:
                         self.path, err)
 
 
-def _agreed_problems(root: Path, split: str, entries: list[dict], verify: str,
+def _agreed_problems(root: Path, split: str, entries: list[dict], verify: str, version: int, window: int,
                      stamp: VerifiedStamp | None) -> dict[int, str]:
     """Shard index -> what is wrong with it, the same on every rank: each rank checks its share (by bytes)
     and one gather merges them (without other ranks, this process checks every shard). Shards the
@@ -118,7 +129,7 @@ def _agreed_problems(root: Path, split: str, entries: list[dict], verify: str,
             if missing:
                 raise ShardFormatError(f"{root}/manifest.json: splits.{split}.shards[{i}] lacks key(s) {missing}")
             trusted = verify == "sha256" and stamp is not None and stamp.trusts(root, entry["tar"])
-            _check_shard(root, entry, "size" if trusted else verify)
+            _check_shard(root, entry, "size" if trusted else verify, version, window)
         except ShardFormatError as err:
             mine[i] = str(err)
     return {i: problem for part in gather_object(mine) for i, problem in sorted(part.items())}
@@ -151,7 +162,9 @@ def _agreed_manifest(root: Path) -> tuple[dict, str, bool]:
 
 
 class ShardSplit:
-    """The surviving shards of one split and O(1) access to any window by its sample id."""
+    """The surviving shards of one split and O(1) access to any window or crop by its sample id."""
+
+    WINDOW_CACHE = 64  # decompressed windows kept (versions 1 and 2 only)
 
     def __init__(self, root: str | Path, split: str, verify: str = "sha256", on_corrupt: str = "error",
                  use_stamps: bool = True):
@@ -167,7 +180,8 @@ class ShardSplit:
         self.split, self.window = split, int(self.manifest["window"])
         entries = splits[split].get("shards", [])
         stamp = VerifiedStamp(self.root, digest) if use_stamps and verify == "sha256" else None
-        problems = _agreed_problems(self.root, split, entries, verify, stamp)
+        self.version = int(self.manifest["format_version"])
+        problems = _agreed_problems(self.root, split, entries, verify, self.version, self.window, stamp)
         if stamp is not None and writes_stamp:
             stamp.record(self.root, [e["tar"] for i, e in enumerate(entries) if i not in problems])
         self.shards: list[ShardEntry] = []
@@ -185,24 +199,65 @@ class ShardSplit:
                            if self.shards else np.zeros(0, dtype=np.int64))
         self._first_ids = np.array([s.first_id for s in self.shards], dtype=np.int64)
         self._readers: dict[int, ShardReader] = {}
+        self._windows: dict[int, np.ndarray] = {}  # versions 1 and 2: the last decompressed windows
 
     def _reader(self, shard: int) -> ShardReader:
         if shard not in self._readers:
             entry = self.shards[shard]
-            self._readers[shard] = ShardReader(entry.tar, entry.index)
+            self._readers[shard] = ShardReader(entry.tar, entry.index, self.version)
         return self._readers[shard]
 
+    def _locate(self, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard number, sample number within the shard) of each sample id."""
+        shard = np.searchsorted(self._first_ids, sample_ids, side="right") - 1
+        return shard, sample_ids - self._first_ids[shard]
+
     def read_window(self, sample_id: int) -> np.ndarray:
-        """The stored window (uint8 token ids) of a sample id; O(1) through the shard's member index."""
-        shard = int(np.searchsorted(self._first_ids, sample_id, side="right")) - 1
-        entry = self.shards[shard]
-        tokens = self._reader(shard).read_tokens(sample_id - entry.first_id)
+        """The stored window (uint8 token ids, soft-mask flag kept) of a sample id; O(1) through the shard's index."""
+        shard, k = (int(v[0]) for v in self._locate(np.array([sample_id])))
+        if self.version >= 3:
+            return self._reader(shard).read_span(k, 0, self.window, window=self.window)
+        cached = self._windows.pop(sample_id, None)
+        tokens = self._reader(shard).read_tokens(k) if cached is None else cached
         if len(tokens) != self.window:
-            raise ShardFormatError(f"shard {entry.tar}: sample {sample_id} has {len(tokens)} tokens, the manifest "
-                                   f"window is {self.window}")
-        return token_ids(tokens)  # the soft-mask flag of version 2 shards is not used in training yet
+            raise ShardFormatError(f"shard {self.shards[shard].tar}: sample {sample_id} has {len(tokens)} tokens, "
+                                   f"the manifest window is {self.window}")
+        self._windows[sample_id] = tokens  # most recent last
+        while len(self._windows) > self.WINDOW_CACHE:
+            self._windows.pop(next(iter(self._windows)))
+        return tokens
+
+    def read_crops(self, sample_ids: np.ndarray, offsets: np.ndarray, out: np.ndarray) -> None:
+        """Stored bytes of crops (window sample_ids[i] at offsets[i], out.shape[1] bases) into the rows of `out`.
+
+        Version 3 reads only the crops' bases and their windows' run lists (two positional reads per crop)
+        and decodes the batch at once; versions 1 and 2 decompress whole windows (the last few are kept).
+        """
+        rows, length = out.shape
+        if self.version < 3 or length % 4:
+            for row in range(rows):
+                if self.version < 3:
+                    out[row] = self.read_window(int(sample_ids[row]))[offsets[row]:offsets[row] + length]
+                else:
+                    shard, k = (int(v[0]) for v in self._locate(sample_ids[row:row + 1]))
+                    self._reader(shard).read_span(k, int(offsets[row]), length, out[row], self.window)
+            return
+        shards, ks = self._locate(np.asarray(sample_ids, dtype=np.int64))
+        packed, runs = [], []
+        for shard, k, offset in zip(shards.tolist(), ks.tolist(), np.asarray(offsets).tolist(), strict=True):
+            packed_at, runs_at = self._reader(shard).crop_places(k, offset, length)
+            packed.append(packed_at)
+            runs.append(runs_at)
+        runs_sizes = np.array([len(raw) // 4 for raw in runs], dtype=np.int64)
+        try:
+            decode_crops(np.frombuffer(b"".join(packed), dtype=np.uint8).reshape(rows, length // 4),
+                         np.frombuffer(b"".join(runs), dtype="<i4").astype(np.int64), np.cumsum(runs_sizes) - runs_sizes,
+                         runs_sizes, np.asarray(offsets, dtype=np.int64), self.window, out)
+        except RunsError as err:
+            raise ShardFormatError(f"shard {self.shards[int(shards[err.member])].tar}: sample {int(ks[err.member])} has a "
+                                   f"corrupt runs member ({err}); restore the shard or rerun data_prep/shard_genome.py") from None
 
     def __getstate__(self):  # file descriptors are per process (DataLoader workers)
         state = self.__dict__.copy()
-        state["_readers"] = {}
+        state["_readers"], state["_windows"] = {}, {}
         return state

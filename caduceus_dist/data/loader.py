@@ -3,16 +3,16 @@
     stream = TrainStream(data_cfg, rank=r, world_size=W, grad_accum=G)
     stream.load_state_dict(saved)              # optional: exact (or elastic) resume
     for step_batch in stream.iterate():         # one StepBatch per optimizer step, in order
-        for micro in step_batch.micro_batches:  # G dicts: input_ids, targets (B, L) int64;
-            ...                                 # sample_id, crop_offset, strand, epoch (B,) int64
+        for micro in step_batch.micro_batches:  # G dicts: input_ids, targets (B, L) int64, target_softmasked
+            ...                                 # (B, L) bool; source, sample_id, crop_offset, strand, epoch (B,)
         saved = stream.state_dict()             # = step_batch.state: data consumed through this step
 
-Step s consumes the global unit range [P(s), P(s) + global_batch * seq_len / unit) of the order
-in `cursor.py`; global row j of the step starts at unit P(s) + j * seq_len / unit; rank r takes rows
-[r * G * B, (r + 1) * G * B) and micro-batch m the m-th B of those. Everything (which crop, its
-strand, its mask) is a function of (seed, epoch, sample id, offset), so the global batch is the
-same at any world size, resume is "set the step", and batches that were prefetched but never
-consumed are simply regenerated. DataLoader workers build whole micro-batches (no per-sample
+Step s has global rows 0..R-1 (R = the stage's global batch); rank r takes rows [r * G * B, (r + 1) * G * B)
+and micro-batch m the m-th B of those. Which source (genome) a row comes from and which of that source's
+crops it is: `mixture.py`; where that crop lies: `cursor.py`. Everything (which crop, its strand, its
+mask) is a function of (seed, step, row) and the crop's identity, so the global batch is the same at any
+world size, resume is "set the step and the sources' positions", and batches that were prefetched but
+never consumed are simply regenerated. DataLoader workers build whole micro-batches (no per-sample
 Python work); the worker that builds an item does not influence its content.
 """
 
@@ -30,16 +30,17 @@ import torch
 from torch.utils.data import Dataset
 
 from caduceus_dist.data.config import DataConfig
-from caduceus_dist.data.crops import CropSource
 from caduceus_dist.data.curriculum import DataPlanError, Schedule, StepPlan
-from caduceus_dist.data.cursor import TAG_MASK, TAG_STRAND, EpochOrder, derive_key, uniform_float
+from caduceus_dist.data.cursor import TAG_MASK, TAG_STRAND, CropOrder, derive_key, uniform_float
 from caduceus_dist.data.dataset import ShardSplit
 from caduceus_dist.data.masking import MaskingPolicy, masked_crops
+from caduceus_dist.data.mixture import DEFAULT_SOURCE, Mixture, read_sources, source_key
 from caduceus_dist.data.transfer import converted, worker_loader
+from caduceus_dist.shard_format import ShardFormatError
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: caduceus-dist up to issue 11 (one source, grouped window order)
 DEFAULT_SEED = 2222  # the reference's seed (docs/reference-recipe.md §5)
 
 
@@ -47,6 +48,7 @@ DEFAULT_SEED = 2222  # the reference's seed (docs/reference-recipe.md §5)
 class Rows:
     """Provenance of the rows of one batch: which bases, in which orientation, under which epoch key."""
 
+    source: np.ndarray  # index into the stream's sources
     epoch: np.ndarray
     sample_id: np.ndarray
     offset: np.ndarray
@@ -54,8 +56,8 @@ class Rows:
     seq_len: int
 
 
-def crop_keys(seed: int, tag: int, rows: Rows) -> np.ndarray:
-    return derive_key(seed, tag, rows.epoch, rows.sample_id, rows.offset, rows.seq_len)
+def crop_keys(seed: int, tag: int, source_keys: np.ndarray, rows: Rows) -> np.ndarray:
+    return derive_key(seed, tag, source_keys[rows.source], rows.epoch, rows.sample_id, rows.offset, rows.seq_len)
 
 
 def _references(items: list, index: int) -> int:
@@ -93,21 +95,39 @@ class _BatchBuilder:
 
     Returns compact numpy arrays (uint8 tokens): that is what crosses the worker -> trainer pipe,
     8x less than int64 and without one shared-memory segment per tensor. `to_torch` (in the
-    consuming process) widens to int64 and pins.
+    consuming process) widens to int64 and pins. Memory per worker: the (B, L) stored crops and two
+    (2, B, L) output buffers, 5 bytes per token of a micro-batch.
     """
 
-    def __init__(self, split: ShardSplit, seed: int, policy: MaskingPolicy, cache_windows: int):
-        self.crops = CropSource(split.read_window, split.window, cache_windows)
-        self.seed, self.policy = seed, policy
+    def __init__(self, splits: list[ShardSplit], source_keys: np.ndarray, seed: int, policy: MaskingPolicy):
+        self.splits, self.source_keys, self.seed, self.policy = splits, source_keys, seed, policy
         self.masker: str | None = None  # masking backend (masking.MASKERS); None: native where it compiled
         self._outputs = _OutputBuffers()
+        self._stored: np.ndarray | None = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_stored": None}
+
+    def read(self, rows: Rows) -> np.ndarray:
+        """The rows' crops as stored, (B, L) uint8 (valid until the next call)."""
+        shape = (len(rows.sample_id), rows.seq_len)
+        if self._stored is None or self._stored.shape != shape:
+            self._stored = np.empty(shape, dtype=np.uint8)
+        for source in np.unique(rows.source).tolist():
+            mine = np.flatnonzero(rows.source == source)
+            if len(mine) == shape[0]:
+                self.splits[source].read_crops(rows.sample_id, rows.offset, self._stored)
+            else:
+                part = np.empty((len(mine), shape[1]), dtype=np.uint8)
+                self.splits[source].read_crops(rows.sample_id[mine], rows.offset[mine], part)
+                self._stored[mine] = part
+        return self._stored
 
     def build(self, rows: Rows) -> dict:
-        inputs, targets = masked_crops(self.crops, rows.sample_id, rows.offset, rows.strand, rows.seq_len,
-                                       crop_keys(self.seed, TAG_MASK, rows), self.policy, self.masker,
-                                       out=self._outputs.get(len(rows.sample_id), rows.seq_len))
-        return {"input_ids": inputs, "targets": targets, "sample_id": rows.sample_id, "crop_offset": rows.offset,
-                "strand": rows.strand, "epoch": rows.epoch}
+        inputs, targets = masked_crops(self.read(rows), rows.strand, crop_keys(self.seed, TAG_MASK, self.source_keys, rows),
+                                       self.policy, self.masker, out=self._outputs.get(len(rows.sample_id), rows.seq_len))
+        return {"input_ids": inputs, "targets": targets, "source": rows.source, "sample_id": rows.sample_id,
+                "crop_offset": rows.offset, "strand": rows.strand, "epoch": rows.epoch}
 
 
 def resolve_seed(cfg: DataConfig, train_seed: int | None = None) -> int:
@@ -120,8 +140,22 @@ def masking_policy(cfg: DataConfig) -> MaskingPolicy:
     return MaskingPolicy(cfg.mlm_probability, cfg.mask_fraction, cfg.random_fraction)
 
 
-def open_split(cfg: DataConfig, split: str) -> ShardSplit:
-    return ShardSplit(cfg.shards, split, verify=cfg.verify, on_corrupt=cfg.on_corrupt, use_stamps=cfg.verify_cache)
+def source_roots(cfg: DataConfig) -> dict[str, str]:
+    """Source name -> shard root, for both forms of the config (`data.shards` is the source 'default')."""
+    if not cfg.sources:
+        return {DEFAULT_SOURCE: cfg.shards}
+    return {source.name: source.shards for source in cfg.sources}
+
+
+def open_split(cfg: DataConfig, split: str, source: str = DEFAULT_SOURCE) -> ShardSplit:
+    """One source's split; a source whose shards are missing or unreadable is named in the error."""
+    root = source_roots(cfg)[source]
+    try:
+        return ShardSplit(root, split, verify=cfg.verify, on_corrupt=cfg.on_corrupt, use_stamps=cfg.verify_cache)
+    except ShardFormatError as err:
+        if source == DEFAULT_SOURCE:
+            raise
+        raise ShardFormatError(f"data.sources '{source}': {err}") from None
 
 
 @dataclass
@@ -169,37 +203,41 @@ class TrainStream:
             raise DataPlanError(f"rank {rank} is not in [0, world_size {world_size})")
         self.cfg, self.rank, self.world_size, self.grad_accum = cfg, rank, world_size, grad_accum
         self.seed = resolve_seed(cfg, train_seed)
-        self.split = open_split(cfg, cfg.split)
-        self.skipped_shards = list(self.split.skipped)
-        self.schedule = Schedule(cfg, world_size, grad_accum, self.split.window)
-        self.order = EpochOrder(self.split.sample_ids, self.split.window, self.schedule.slab, self.schedule.unit,
-                                cfg.shuffle_windows, self.seed)
-        # a batch spans at most two shuffle groups (while tokens_per_step <= a group): both stay resident
-        self._builder = _BatchBuilder(self.split, self.seed, masking_policy(cfg), 2 * cfg.shuffle_windows)
+        self.names = read_sources(cfg)
+        self.splits = [open_split(cfg, cfg.split, name) for name in self.names]
+        self.skipped_shards = [skipped for split in self.splits for skipped in split.skipped]
+        self.schedule = Schedule(cfg, world_size, grad_accum, {n: s.window for n, s in zip(self.names, self.splits, strict=True)})
+        self.mixture = Mixture(cfg, self.schedule, self.seed, self.names)
+        self.source_keys = np.array([source_key(name) for name in self.names], dtype=np.uint64)
+        self.orders = [CropOrder(split.sample_ids, split.window, self.seed, source_key(name))
+                       for name, split in zip(self.names, self.splits, strict=True)]
+        self._builder = _BatchBuilder(self.splits, self.source_keys, self.seed, masking_policy(cfg))
         self._next_step = 0
-        self._anchor = (0, 0)  # (step, unit position): positions are natural ones shifted to pass through it
+        self._tokens_anchor = (0, 0)  # (step, global tokens consumed before it)
 
     # ---- the plan: pure functions of the step ----
-    def position(self, step: int) -> int:
-        """Global unit position at the start of `step` (units of `plan(step).unit` tokens, all epochs)."""
-        anchor_step, anchor_pos = self._anchor
-        if step < anchor_step:
-            raise DataPlanError(f"step {step} precedes step {anchor_step}, where this stream was resumed with a "
-                                f"different tokens_per_step / curriculum; earlier steps followed the old plan")
-        return self.schedule.advance(anchor_step, anchor_pos, step)
-
     def plan(self, step: int) -> StepPlan:
-        return self.schedule.plan(step, self.position(step))
+        return self.schedule.plan(step)
+
+    def tokens_before(self, step: int) -> int:
+        """Global tokens consumed before `step` (all sources, all epochs)."""
+        anchor_step, anchor_tokens = self._tokens_anchor
+        return anchor_tokens + self.schedule.tokens_before(step) - self.schedule.tokens_before(anchor_step)
 
     def rows(self, step: int, rank: int, micro: int) -> Rows:
         """The rows that `rank` receives in micro-batch `micro` of `step` (any rank: used by the plan CLI)."""
         plan = self.plan(step)
         first = (rank * self.grad_accum + micro) * plan.micro_batch
-        starts = plan.position + (first + np.arange(plan.micro_batch, dtype=np.int64)) * plan.units_per_row
-        located = self.order.locate(starts)
-        strand_keys = derive_key(self.seed, TAG_STRAND, located.epoch, located.sample_id, located.offset, plan.seq_len)
+        assigned = self.mixture.assign(step, first + np.arange(plan.micro_batch, dtype=np.int64))
+        epoch, sample_id, offset = (np.empty(plan.micro_batch, dtype=np.int64) for _ in range(3))
+        for source in np.unique(assigned.source).tolist():
+            mine = np.flatnonzero(assigned.source == source)
+            located = self.orders[source].locate(assigned.crop[mine], plan.seq_len)
+            epoch[mine], sample_id[mine], offset[mine] = located.epoch, located.sample_id, located.offset
+        strand_keys = derive_key(self.seed, TAG_STRAND, self.source_keys[assigned.source], epoch, sample_id, offset,
+                                 plan.seq_len)
         strand = (uniform_float(strand_keys) < self.cfg.rc_probability).astype(np.int64)
-        return Rows(located.epoch, located.sample_id, located.offset, strand, plan.seq_len)
+        return Rows(assigned.source, epoch, sample_id, offset, strand, plan.seq_len)
 
     # ---- iteration ----
     def iterate(self, start_step: int | None = None, stop_step: int | None = None) -> Iterator[StepBatch]:
@@ -229,45 +267,52 @@ class TrainStream:
     # ---- state ----
     def state_dict(self) -> dict:
         step = self._next_step
-        position = self.position(step)
+        positions = self.mixture.positions(step)
         return {
-            "version": STATE_VERSION, "seed": self.seed, "step": step,
-            "tokens": position * self.schedule.unit,  # global data position (all epochs), in tokens
-            "epoch": position // self.order.units_per_epoch,
-            "position": (position % self.order.units_per_epoch) * self.schedule.unit,  # tokens into the epoch
+            "version": STATE_VERSION, "seed": self.seed, "step": step, "tokens": self.tokens_before(step),
             "stage": self.schedule.stage_at(step).index,
-            "order": self._order_fingerprint(),
+            "sources": {name: {"tokens": int(tokens), "epochs": float(tokens / order.epoch_tokens),
+                               "windows": order.windows, "window": order.window}
+                        for name, tokens, order in zip(self.names, positions.tolist(), self.orders, strict=True)},
         }
-
-    def _order_fingerprint(self) -> dict:
-        return {"windows": self.order.windows, "window": self.order.window, "slab": self.order.slab,
-                "group": self.order.group}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue after `state` (saved at any world size): the same global sequence of crops."""
-        if state.get("version") != STATE_VERSION:
-            raise DataPlanError(f"data state: key 'version' is {state.get('version')!r}, expected {STATE_VERSION}")
+        version = state.get("version")
+        if version not in (1, STATE_VERSION):
+            raise DataPlanError(f"data state: key 'version' is {version!r}, expected {STATE_VERSION}")
         if state["seed"] != self.seed:
             raise DataPlanError(f"data state: key 'seed' is {state['seed']} but this run uses seed {self.seed} "
                                 f"(data.seed / train.seed); the data order would change mid-run")
-        mine = self._order_fingerprint()
-        changed = {k: (state["order"].get(k), v) for k, v in mine.items() if state["order"].get(k) != v}
-        if changed:
-            raise DataPlanError(f"data state: the data order depends on {sorted(changed)} which changed "
-                                f"(saved, now) = {changed}; resuming would repeat or skip data. Restore the "
-                                f"original shards / curriculum lengths / data.shuffle_windows")
-        step, tokens = int(state["step"]), int(state["tokens"])
-        unit = self.schedule.unit
-        seq_len = self.schedule.stage_at(step).seq_len
-        if tokens % seq_len:
-            raise DataPlanError(f"data state: position {tokens} tokens is not a multiple of seq_len {seq_len} "
-                                f"at step {step}; cannot continue without skipping data")
-        self._anchor = (0, 0)
-        if tokens // unit != self.schedule.natural_position(step):
-            log.warning("data: tokens per step or curriculum changed since the checkpoint; continuing the data "
-                        "stream from token %d at step %d", tokens, step)
-            self._anchor = (step, tokens // unit)
+        step = int(state["step"])
+        saved = _saved_sources(state, self.names)
+        positions = np.zeros(len(self.names), dtype=np.int64)
+        for i, (name, order) in enumerate(zip(self.names, self.orders, strict=True)):
+            if name not in saved:
+                log.warning("data: source '%s' is new since the checkpoint; it starts at its beginning", name)
+                continue
+            changed = {k: (saved[name][k], now) for k, now in (("windows", order.windows), ("window", order.window))
+                       if saved[name][k] != now}
+            if changed:
+                raise DataPlanError(f"data state: source '{name}' changed since the checkpoint: (saved, now) = "
+                                    f"{changed}; resuming would repeat or skip data. Restore its original shards")
+            positions[i] = int(saved[name]["tokens"])
+        for name in sorted(set(saved) - set(self.names)):
+            log.warning("data: source '%s' of the checkpoint is no longer read (removed, or weight 0 throughout)", name)
+        self.mixture.anchor(step, positions)
+        self._tokens_anchor = (step, int(state["tokens"]))
         self._next_step = step
+
+
+def _saved_sources(state: dict, names: list[str]) -> dict[str, dict]:
+    """Per-source positions of a saved state. Version 1 (one source, the grouped window order this release
+    replaced) continues as the one source from the same token position, with a warning."""
+    if state["version"] >= 2:
+        return state["sources"]
+    log.warning("data: this checkpoint's data order (grouped windows, before the crop shuffle of docs/loading.md) "
+                "is not produced any more; continuing from the same token position in the new order, so the rest "
+                "of its current epoch may repeat or leave out some windows")
+    return {names[0]: {"tokens": state["tokens"], "windows": state["order"]["windows"], "window": state["order"]["window"]}}
 
 
 def _split_epoch(split: str) -> int:
@@ -284,7 +329,8 @@ class _EvalItems(Dataset):
 
 
 class EvalStream:
-    """A fixed evaluation stream: crops in sample-id order, fixed masks, no RC; the same at any world size.
+    """A fixed evaluation stream of one source: crops in sample-id order, fixed masks, no RC; the same at
+    any world size.
 
     Global batch t holds crops [t * B, (t + 1) * B) of the split (the last one may be short); rank r
     gets a contiguous slice (sizes differ by at most one; a rank may get an empty (0, L) batch).
@@ -292,21 +338,22 @@ class EvalStream:
     """
 
     def __init__(self, cfg: DataConfig, split: str, rank: int, world_size: int, max_batches: int | None = None,
-                 train_seed: int | None = None):
+                 train_seed: int | None = None, source: str = DEFAULT_SOURCE):
         cfg.validate()
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.split = open_split(cfg, split)
+        self.cfg, self.rank, self.world_size, self.source = cfg, rank, world_size, source
+        self.split = open_split(cfg, split, source)
         self.seq_len = cfg.eval_seq_len or cfg.seq_len
         if self.split.window % self.seq_len:
             raise DataPlanError(f"eval seq_len {self.seq_len} does not divide the stored window length "
-                                f"{self.split.window} (manifest 'window')")
+                                f"{self.split.window} (manifest 'window' of {self.split.root})")
         self.batch_size = cfg.eval_batch_size or max(1, cfg.tokens_per_step // self.seq_len)
         self.crops_per_window = self.split.window // self.seq_len
         self.crops = len(self.split.sample_ids) * self.crops_per_window
         batches = -(-self.crops // self.batch_size)
         self.batches = batches if max_batches is None else min(batches, max_batches)
         self._epoch = _split_epoch(split)
-        self._builder = _BatchBuilder(self.split, resolve_seed(cfg, train_seed), masking_policy(cfg), cache_windows=4)
+        self._builder = _BatchBuilder([self.split], np.array([source_key(source)], dtype=np.uint64),
+                                      resolve_seed(cfg, train_seed), masking_policy(cfg))
 
     def rows(self, index: int, rank: int | None = None) -> Rows:
         rank = self.rank if rank is None else rank
@@ -315,8 +362,9 @@ class EvalStream:
         lo, hi = (first + size * r // self.world_size for r in (rank, rank + 1))
         crop = np.arange(lo, hi, dtype=np.int64)
         window, piece = np.divmod(crop, self.crops_per_window)
-        return Rows(np.full(len(crop), self._epoch, dtype=np.int64), self.split.sample_ids[window],
-                    piece * self.seq_len, np.zeros(len(crop), dtype=np.int64), self.seq_len)
+        zeros = np.zeros(len(crop), dtype=np.int64)
+        return Rows(zeros, np.full(len(crop), self._epoch, dtype=np.int64), self.split.sample_ids[window],
+                    piece * self.seq_len, zeros, self.seq_len)
 
     def __len__(self) -> int:
         return self.batches
@@ -328,6 +376,7 @@ class EvalStream:
 
 
 def build_eval_loader(cfg: DataConfig, split: str = "valid", rank: int = 0, world_size: int = 1,
-                      max_batches: int | None = None, train_seed: int | None = None) -> EvalStream:
-    """The fixed validation/test stream of `split` for one rank (see EvalStream)."""
-    return EvalStream(cfg, split, rank, world_size, max_batches, train_seed)
+                      max_batches: int | None = None, train_seed: int | None = None,
+                      source: str = DEFAULT_SOURCE) -> EvalStream:
+    """The fixed validation/test stream of `split` of one source for one rank (see EvalStream)."""
+    return EvalStream(cfg, split, rank, world_size, max_batches, train_seed, source)

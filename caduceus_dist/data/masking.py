@@ -6,6 +6,8 @@ target [PAD]); selected positions become [MASK] with probability `mask_fraction`
 [0, 12) with probability `random_fraction`, and stay otherwise; targets are the original id at
 selected positions and [PAD] (4, ignored by the loss) elsewhere. N -> [PAD] and the
 reverse-complement augmentation are applied to the crop before (`crops.py`), as the reference does.
+A target keeps the soft-mask flag of its base (16, docs/shard-format.md §1) for the loss weighting;
+`transfer.to_torch` splits it off into `target_softmasked`. Inputs never carry it.
 
 One uint32 u per position decides everything (thresholds on u): selected iff u < t_sel, [MASK]
 iff u < t_mask, random iff t_mask <= u < t_rand, and the random id is (u - t_mask) * 12 //
@@ -13,9 +15,9 @@ iff u < t_mask, random iff t_mask <= u < t_rand, and the random id is (u - t_mas
 (seed, epoch, sample id, offset, length), never by rank or worker.
 
 Two implementations, bitwise equal (tests/test_data_masking.py checks it): the native kernel
-`caduceus_dist/native/mlm_mask.c` does the crop read, N -> [PAD], reverse complement, draws and
-80/10/10 in one pass per token straight from the window arena (about 4x faster); the NumPy path
-(`CADUCEUS_NATIVE=0` or no C compiler) gathers the crops, then runs `mask_batch`, whose per-token
+`caduceus_dist/native/mlm_mask.c` does N -> [PAD], reverse complement, draws and 80/10/10 in one pass
+per token straight from the stored crops (about 4x faster); the NumPy path (`CADUCEUS_NATIVE=0` or no
+C compiler) orients the crops, then runs `mask_batch`, whose per-token
 steps are branch-free uint8/uint32 arithmetic over cache-sized blocks (masked selects such as
 np.where cost 10x more per token here) and only the ~1.5% randomly replaced positions go by index.
 """
@@ -29,9 +31,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from caduceus_dist import native
-from caduceus_dist.data.crops import FORWARD_LUT, REVERSE_LUT, CropSource
+from caduceus_dist.data.crops import FORWARD_LUT, REVERSE_LUT, orient
 from caduceus_dist.data.cursor import BLOCK_TOKENS, UniformStream, token_blocks
 from caduceus_dist.model.tokenizer import MASK_ID, PAD_ID, VOCAB_SIZE
+from caduceus_dist.shard_format import SOFTMASK_FLAG
 
 _SCALE = 1 << 32
 
@@ -79,7 +82,7 @@ def _outputs(out: np.ndarray | None, rows: int, length: int) -> tuple[np.ndarray
 
 def mask_batch(tokens: np.ndarray, keys: np.ndarray, policy: MaskingPolicy,
                out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(inputs, targets) uint8 (B, L) from prepared tokens (B, L) uint8 and one uint64 key per row
+    """(inputs, targets) uint8 (B, L) from prepared tokens (B, L) uint8 (soft-mask flag allowed) and one uint64 key per row
     (written to out[0], out[1] when `out` (2, B, L) is given)."""
     t_sel, t_mask, t_rand = policy.thresholds()
     inputs, targets = _outputs(out, *tokens.shape)
@@ -94,11 +97,12 @@ def mask_batch(tokens: np.ndarray, keys: np.ndarray, policy: MaskingPolicy,
         np.subtract(tok, np.uint8(PAD_ID), out=tgt)
         tgt *= selected.view(np.uint8)
         tgt += np.uint8(PAD_ID)
-        # inputs = [MASK] where u < t_mask, else tok:  tok - (tok - MASK) * masked
+        # inputs = [MASK] where u < t_mask, else the id (flag dropped):  id - (id - MASK) * masked
         masked = _below(u, t_mask, bool_b)
-        np.subtract(tok, np.uint8(MASK_ID), out=tmp)
+        np.bitwise_and(tok, np.uint8(SOFTMASK_FLAG - 1), out=inp)
+        np.subtract(inp, np.uint8(MASK_ID), out=tmp)
         tmp *= masked.view(np.uint8)
-        np.subtract(tok, tmp, out=inp)
+        inp -= tmp
         if t_rand > t_mask:  # t_mask <= u < t_rand: a uniform id from the position of u inside that band
             selected ^= masked  # selected, not [MASK]: ~3% of positions; the band test is done on those only
             kept = np.flatnonzero(selected)  # a block is whole rows or part of one row: contiguous
@@ -109,9 +113,9 @@ def mask_batch(tokens: np.ndarray, keys: np.ndarray, policy: MaskingPolicy,
     return inputs, targets
 
 
-def _mask_gathered(source: CropSource, sample_ids, offsets, strands, length: int, keys: np.ndarray,
-                   policy: MaskingPolicy, out: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    return mask_batch(source.gather(sample_ids, offsets, strands, length), keys, policy, out)
+def _mask_oriented(stored: np.ndarray, strands: np.ndarray, keys: np.ndarray, policy: MaskingPolicy,
+                   out: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    return mask_batch(orient(stored, strands), keys, policy, out)
 
 
 _POINTER, _I64, _U64, _U8 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint8
@@ -130,40 +134,39 @@ def _kernel():
     return kernel
 
 
-def _mask_in_place(source: CropSource, sample_ids, offsets, strands, length: int, keys: np.ndarray,
-                   policy: MaskingPolicy, out: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def _mask_in_place(stored: np.ndarray, strands: np.ndarray, keys: np.ndarray, policy: MaskingPolicy,
+                   out: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     kernel = _kernel()
     if kernel is None:
         raise RuntimeError("masking backend 'native' is unavailable (CADUCEUS_NATIVE=0 or no C compiler); "
                            "use the 'numpy' backend or leave the backend unset")
     t_sel, t_mask, t_rand = policy.thresholds()
-    inputs, targets = _outputs(out, len(sample_ids), length)
+    rows, length = stored.shape
+    inputs, targets = _outputs(out, rows, length)
+    stored = np.ascontiguousarray(stored, dtype=np.uint8)
+    order = np.arange(rows, dtype=np.int64)
+    starts = order * length
     reverse = np.ascontiguousarray(strands, dtype=np.uint8)
     keys = np.ascontiguousarray(keys, dtype=np.uint64).reshape(-1)
-    for rows, starts in source.placed(sample_ids, offsets, length):
-        rows, starts = (np.ascontiguousarray(a, dtype=np.int64) for a in (rows, starts))
-        row_reverse, row_keys = np.ascontiguousarray(reverse[rows]), np.ascontiguousarray(keys[rows])
-        kernel(source.arena.ctypes.data, starts.ctypes.data, row_reverse.ctypes.data, row_keys.ctypes.data,
-               rows.ctypes.data, len(rows), length, FORWARD_LUT.ctypes.data, REVERSE_LUT.ctypes.data,
-               t_sel, t_mask, t_rand, VOCAB_SIZE, MASK_ID, PAD_ID, inputs.ctypes.data, targets.ctypes.data)
+    kernel(stored.ctypes.data, starts.ctypes.data, reverse.ctypes.data, keys.ctypes.data, order.ctypes.data, rows,
+           length, FORWARD_LUT.ctypes.data, REVERSE_LUT.ctypes.data, t_sel, t_mask, t_rand, VOCAB_SIZE, MASK_ID,
+           PAD_ID, inputs.ctypes.data, targets.ctypes.data)
     return inputs, targets
 
 
-# backend name -> (source, sample ids, offsets, strands, length, keys, policy, out) -> (inputs, targets)
-MASKERS = {"native": _mask_in_place, "numpy": _mask_gathered}
+# backend name -> (stored crops, strands, keys, policy, out) -> (inputs, targets)
+MASKERS = {"native": _mask_in_place, "numpy": _mask_oriented}
 
 
 def default_masker() -> str:
     return "native" if _kernel() is not None else "numpy"
 
 
-def masked_crops(source: CropSource, sample_ids: np.ndarray, offsets: np.ndarray, strands: np.ndarray, length: int,
-                 keys: np.ndarray, policy: MaskingPolicy, backend: str | None = None,
-                 out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(inputs, targets) uint8 (B, length) of the crops (sample_ids, offsets, strands), row i masked with keys[i],
-    written to out[0], out[1] when a (2, B, length) buffer is given.
+def masked_crops(stored: np.ndarray, strands: np.ndarray, keys: np.ndarray, policy: MaskingPolicy,
+                 backend: str | None = None, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, targets) uint8 (B, L) of the stored crops `stored` (B, L), reverse-complemented where
+    strands[i], row i masked with keys[i]; written to out[0], out[1] when a (2, B, L) buffer is given.
 
-    Crop content and masks are the same bytes with either backend; the default is the native one where
-    it compiled.
+    The same bytes with either backend; the default is the native one where it compiled.
     """
-    return MASKERS[backend or default_masker()](source, sample_ids, offsets, strands, length, keys, policy, out)
+    return MASKERS[backend or default_masker()](stored, strands, keys, policy, out)

@@ -2,8 +2,9 @@
 
     python -m caduceus_dist.data.plan --config recipes/cpu_demo.yaml --world-size 4 --steps 0:10 [key=value ...]
 
-One JSON line per (step, rank, micro-batch): the stage and seq_len, and per row the global sample
-id, crop offset in the stored window, strand (0 = as stored, 1 = reverse complement) and epoch.
+One JSON line per (step, rank, micro-batch): the stage and seq_len, and per row the source (genome)
+name, its global sample id, crop offset in the stored window, strand (0 = as stored, 1 = reverse
+complement) and the source's epoch.
 Steps are 0-based data steps (step s is the s-th optimizer step of the run). Only the recipe's
 `data:` section and `train.seed` / `train.grad_accum` are read; other sections are ignored.
 Overrides use the recipe's key names (data.seq_len=4096, train.seed=7). The rows are computed by
@@ -48,33 +49,37 @@ def plan_lines(stream: TrainStream, start: int, stop: int):
             for micro in range(stream.grad_accum):
                 rows = stream.rows(step, rank, micro)
                 yield {"step": step, "rank": rank, "micro": micro, "stage": plan.stage, "seq_len": plan.seq_len,
-                       "sample_id": rows.sample_id.tolist(), "crop_offset": rows.offset.tolist(),
+                       "source": [stream.names[k] for k in rows.source.tolist()], "sample_id": rows.sample_id.tolist(), "crop_offset": rows.offset.tolist(),
                        "strand": rows.strand.tolist(), "epoch": rows.epoch.tolist()}
 
 
-def independent_expectations(windows: int, rows: int) -> tuple[float, float]:
+def independent_expectations(windows: list[int], weights: list[float], rows: int) -> tuple[float, float]:
     """(distinct windows per step, fraction of a step's windows drawn again by the next step) when each of
-    `rows` crops picks one of `windows` windows uniformly and independently."""
-    hit = 1.0 - (1.0 - 1.0 / windows) ** rows  # P(a given window is drawn at least once in a step)
-    return windows * hit, hit
+    `rows` crops picks source k with probability weights[k], then one of its windows[k] windows uniformly,
+    all independently. A window of source k is drawn at least once in a step with probability
+    h_k = 1 - (1 - w_k / W_k)^R; distinct = sum_k W_k h_k; reuse = sum_k W_k h_k^2 / sum_k W_k h_k."""
+    hits = [(count, 1.0 - (1.0 - weight / count) ** rows) for count, weight in zip(windows, weights, strict=True)]
+    distinct = sum(count * hit for count, hit in hits)
+    return distinct, sum(count * hit * hit for count, hit in hits) / distinct
 
 
 def diversity_stats(stream: TrainStream, start: int, stop: int) -> list[dict]:
     """Per stage: mean distinct windows per step and mean reuse by the next step, ours against independent draws."""
-    windows = len(stream.split.sample_ids)
+    windows = [order.windows for order in stream.orders]
     by_stage: dict[int, dict] = {}
-    previous: tuple[int, set[int]] | None = None
+    previous: tuple[int, set[tuple[int, int]]] | None = None
     for step in range(start, stop):
         plan = stream.plan(step)
         drawn = set()
         rows = 0
         for rank in range(stream.world_size):
             for micro in range(stream.grad_accum):
-                ids = stream.rows(step, rank, micro).sample_id
-                drawn.update(ids.tolist())
-                rows += len(ids)
+                batch = stream.rows(step, rank, micro)
+                drawn.update(zip(batch.source.tolist(), batch.sample_id.tolist(), strict=True))
+                rows += len(batch.sample_id)
         stage = by_stage.setdefault(plan.stage, {"stage": plan.stage, "seq_len": plan.seq_len, "rows_per_step": rows,
-                                                 "steps": 0, "distinct": 0, "reuse": [], "first_step": step})
+                                                 "steps": 0, "distinct": 0, "reuse": [], "first_step": step,
+                                                 "weights": stream.mixture.weights_at(step).tolist()})
         stage["steps"] += 1
         stage["distinct"] += len(drawn)
         if previous is not None and previous[0] == plan.stage:
@@ -83,10 +88,10 @@ def diversity_stats(stream: TrainStream, start: int, stop: int) -> list[dict]:
     lines = []
     for stage in by_stage.values():
         distinct, reuse = stage["distinct"] / stage["steps"], stage.pop("reuse")
-        want_distinct, want_reuse = independent_expectations(windows, stage["rows_per_step"])
+        want_distinct, want_reuse = independent_expectations(windows, stage["weights"], stage["rows_per_step"])
         mean_reuse = sum(reuse) / len(reuse) if reuse else None
         lines.append({**{k: stage[k] for k in ("stage", "seq_len", "first_step", "steps", "rows_per_step")},
-                      "windows_in_split": windows, "distinct_windows": round(distinct, 2),
+                      "windows_in_split": sum(windows), "distinct_windows": round(distinct, 2),
                       "distinct_independent": round(want_distinct, 2),
                       "distinct_ratio": round(distinct / want_distinct, 4),
                       "reuse_next_step": None if mean_reuse is None else round(mean_reuse, 4),

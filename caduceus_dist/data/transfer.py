@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from caduceus_dist.data.config import DataConfig
+from caduceus_dist.shard_format import SOFTMASK_FLAG
 
 PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent dies
 # Ctrl-C, SLURM's forwarded USR2 and NCCL's USR1 reach every process of a job. SIGTERM is not among them:
@@ -50,15 +51,23 @@ def worker_loader(dataset: Dataset, sampler: Iterable, cfg: DataConfig, workers:
 
 
 def to_torch(batch: dict, pin: bool) -> dict:
-    """numpy batch -> torch: tokens widened to int64 (numpy's cast: ~5x torch's here), pinned if asked."""
+    """numpy batch -> torch: tokens widened to int64 (numpy's cast: ~5x torch's here), pinned if asked.
+
+    The targets' soft-mask flag (masking.py) becomes its own bool tensor, `target_softmasked`."""
     out = {}
     for key, value in batch.items():
         if isinstance(value, np.ndarray):
-            value = torch.from_numpy(value.astype(np.int64, copy=value.dtype != np.int64))
-            if pin:
-                value = value.pin_memory()
+            if key == "targets":
+                out["target_softmasked"] = _tensor(value >= SOFTMASK_FLAG, pin)
+                value = value & np.uint8(SOFTMASK_FLAG - 1)
+            value = _tensor(value.astype(np.int64, copy=value.dtype != np.int64), pin)
         out[key] = value
     return out
+
+
+def _tensor(array: np.ndarray, pin: bool) -> torch.Tensor:
+    tensor = torch.from_numpy(array)
+    return tensor.pin_memory() if pin else tensor
 
 
 _END = object()

@@ -44,7 +44,7 @@ class StepResult:
         local = all_reduce_tensor(torch.stack([self.loss_sum, self.n_correct]))
         loss_sum, n_correct, n_targets, grad_norm = torch.cat([local, torch.stack(
             [self.n_targets, self.grad_norm])]).tolist()
-        denom = max(n_targets, 1.0)
+        denom = n_targets if n_targets > 0 else 1.0
         return {"loss": loss_sum / denom, "accuracy": n_correct / denom, "grad_norm": grad_norm,
                 "n_targets": n_targets}
 
@@ -60,7 +60,7 @@ class Engine(Protocol):
 
     def train_step(self, micro_batches: list[dict], lr: float) -> StepResult: ...
 
-    def eval_step(self, batch: dict) -> tuple[float, int, int]: ...
+    def eval_step(self, batch: dict) -> dict[str, float]: ...
 
     def save_checkpoint(self, path: Path) -> None: ...
 
@@ -87,24 +87,27 @@ class TrainStepMixin:
         if self.cfg.compile:
             compile_blocks(self.module)
 
-    def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(input ids, targets, whether each target's base was soft-masked, or None for batches without it)."""
         ids = batch["input_ids"].to(self.device, non_blocking=True).long()
         targets = batch["targets"].to(self.device, non_blocking=True).long()
-        return ids, targets
+        softmasked = batch.get("target_softmasked")
+        return ids, targets, None if softmasked is None else softmasked.to(self.device, non_blocking=True)
 
     def train_step(self, micro_batches: list[dict], lr: float) -> StepResult:
         set_lr(self.optimizer, lr)
         on_device = [self._to_device(batch) for batch in micro_batches]
-        local = sum(self.loss.targets_in(targets) for _, targets in on_device).to(torch.float64)
-        global_targets = all_reduce_tensor(local.reshape(1))[0]
+        local = sum(self.loss.targets_in(targets, softmasked) for _, targets, softmasked in on_device)
+        global_targets = all_reduce_tensor(local.to(torch.float64).reshape(1))[0]
         # float64 division, then float32: what multiplying by the Python float world / N did
-        scale = (self.world_size / global_targets.clamp(min=1.0)).to(torch.float32)
+        denominator = torch.where(global_targets > 0, global_targets, 1.0)  # a weighted count may be below 1
+        scale = (self.world_size / denominator).to(torch.float32)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         n_correct = torch.zeros((), dtype=torch.float64, device=self.device)
-        for index, (ids, targets) in enumerate(on_device):
+        for index, (ids, targets, softmasked) in enumerate(on_device):
             last = index == len(on_device) - 1
             with self._accumulation_context(last):
-                sums = self.loss(self._forward(ids), targets)
+                sums = self.loss(self._forward(ids), targets, softmasked)
                 self._backward(sums.loss_sum * scale, last)
             loss_sum += sums.loss_sum.detach().to(torch.float64)
             n_correct += sums.n_correct
@@ -112,13 +115,14 @@ class TrainStepMixin:
         return StepResult(loss_sum, n_correct, global_targets, grad_norm)
 
     @torch.no_grad()
-    def eval_step(self, batch: dict) -> tuple[float, int, int]:
-        ids, targets = self._to_device(batch)
+    def eval_step(self, batch: dict) -> dict[str, float]:
+        """The batch's unweighted evaluation sums (loss.EVAL_SUMS), read on the host."""
+        ids, targets, softmasked = self._to_device(batch)
         if ids.shape[0] == 0:  # this rank's slice of the last batch is empty: still join the collectives
             ids = torch.full((1, ids.shape[1]), self.loss.ignore_index, dtype=ids.dtype, device=ids.device)
-            targets = ids.clone()
-        sums = self.loss(self._forward(ids), targets)
-        return float(sums.loss_sum), int(sums.n_targets), int(sums.n_correct)
+            targets, softmasked = ids.clone(), None
+        sums = self.loss.evaluation(self._forward(ids), targets, softmasked)
+        return {key: float(value) for key, value in sums.items()}
 
     def _accumulation_context(self, last: bool):
         return contextlib.nullcontext()

@@ -7,6 +7,7 @@ every rank computed; nothing in this module talks to other processes.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import resource
 import sys
@@ -119,8 +120,38 @@ def train_line(step: int, max_steps: int, m: dict[str, float]) -> str:
     )
 
 
-def eval_line(step: int, m: dict[str, float]) -> str:
-    return (
+def eval_metrics(prefix: str, sums: dict[str, float]) -> dict[str, float]:
+    """Validation figures from evaluation sums (loss.EVAL_SUMS): loss, perplexity, bits per base and
+    accuracy over every target, and loss and bits per base over upper-case (not soft-masked) bases."""
+    loss = sums["loss_sum"] / max(sums["n_targets"], 1.0)
+    upper = sums["upper_loss_sum"] / max(sums["upper_targets"], 1.0)
+    return {f"{prefix}/loss": loss, f"{prefix}/perplexity": math.exp(loss), f"{prefix}/bits_per_base": loss / math.log(2),
+            f"{prefix}/accuracy": sums["n_correct"] / max(sums["n_targets"], 1.0), f"{prefix}/n_targets": sums["n_targets"],
+            f"{prefix}/loss_uppercase": upper, f"{prefix}/bits_per_base_uppercase": upper / math.log(2)}
+
+
+def mixture_metrics(prefix: str, metrics: dict[str, float], names: tuple[str, ...],
+                    weights: dict[str, float]) -> dict[str, float]:
+    """The mixture's total from each source's figures (`{prefix}/{name}/...` in `metrics`): loss and accuracy
+    weighted by the sources' current weights (renormalised over `names`; equal if all are 0), targets summed."""
+    total = sum(weights.get(name, 0.0) for name in names)
+    share = {name: weights.get(name, 0.0) / total if total > 0 else 1 / len(names) for name in names}
+
+    def mean(key: str) -> float:
+        return sum(share[name] * metrics[f"{prefix}/{name}/{key}"] for name in names)
+
+    loss, upper = mean("loss"), mean("loss_uppercase")
+    return {f"{prefix}/loss": loss, f"{prefix}/perplexity": math.exp(loss), f"{prefix}/bits_per_base": loss / math.log(2),
+            f"{prefix}/accuracy": mean("accuracy"),
+            f"{prefix}/n_targets": sum(metrics[f"{prefix}/{name}/n_targets"] for name in names),
+            f"{prefix}/loss_uppercase": upper, f"{prefix}/bits_per_base_uppercase": upper / math.log(2)}
+
+
+def eval_line(step: int, m: dict[str, float], sources: tuple[str, ...] = ()) -> str:
+    """The console line of an evaluation; with several sources, each source's bits per base follow."""
+    line = (
         f"eval {step:>6} | loss {m['val/loss']:.4f} | ppl {m['val/perplexity']:.3f}"
-        f" | bits/base {m['val/bits_per_base']:.4f} | acc {m['val/accuracy']:.3f} | targets {m['val/n_targets']:,.0f}"
+        f" | bits/base {m['val/bits_per_base']:.4f} (upper-case {m['val/bits_per_base_uppercase']:.4f})"
+        f" | acc {m['val/accuracy']:.3f} | targets {m['val/n_targets']:,.0f}"
     )
+    return line + "".join(f" | {name} {m[f'val/{name}/bits_per_base']:.4f}" for name in sources)

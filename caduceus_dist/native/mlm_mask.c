@@ -1,15 +1,16 @@
 /* MLM corruption of DNA crops in one pass per token: the native path of caduceus_dist/data/masking.py.
  *
- * For each crop (a run of `length` stored token ids inside the window arena, read forwards or, for the
+ * For each crop (a run of `length` stored bytes inside the window arena, read forwards or, for the
  * reverse-complement strand, backwards), this writes the model inputs and the loss targets exactly as
- * the NumPy path does, bit for bit:
+ * the NumPy path does, bit for bit. A stored byte is a token id (< 16) plus the soft-mask flag (16) where
+ * the base was lower case; the tables map id | flag to token | flag, so the flag rides along:
  *
  *   token   = forward_lut[byte] (N -> [PAD])  or  reverse_lut[byte] (complement, N -> [PAD]), read backwards
  *   u       = uint32 number `col` of the row's SplitMix64 stream: z_p = mix64(key + (p + 1) * GOLDEN)
  *             for pair p = col / 2, low half (in memory order) for even col, high half for odd col
- *   target  = token if u < t_sel else pad_id
+ *   target  = token (flag kept, for the loss weighting) if u < t_sel else pad_id
  *   input   = mask_id if u < t_mask; (u - t_mask) * vocab / (t_rand - t_mask) if t_mask <= u < t_rand;
- *             token otherwise
+ *             token without the flag otherwise
  *
  * t_rand <= t_sel (the caller clips it), so "t_mask <= u < t_rand" is "selected, not [MASK], in the random
  * band". Thresholds are in [0, 2^32], hence uint64. Everything is a function of the key and the column,
@@ -59,13 +60,15 @@ static void load_tokens_scalar(const uint8_t *restrict src, int reverse, int64_t
 #if defined(__AVX2__)
 #include <immintrin.h>
 
-/* Stored bytes are token ids (< 16): 32 at a time through the table's first 16 entries (vpshufb),
- * reversed in the register for the reverse strand. Any chunk holding a byte >= 16 takes the scalar
- * table, so the result is lut[byte] for every byte either way. */
+/* Stored bytes are token ids (< 16) plus the soft-mask flag (16): 32 at a time through the table's first
+ * 16 entries (vpshufb on the id), the flag OR-ed back (lut[id | 16] == lut[id] | 16), reversed in the
+ * register for the reverse strand. Any chunk holding a byte >= 32 takes the scalar table, so the result
+ * is lut[byte] for every byte either way. */
 static void load_tokens(const uint8_t *restrict src, int reverse, int64_t cols, const uint8_t *restrict lut,
                         uint8_t *restrict tok) {
     const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)lut));
-    const __m256i high_nibble = _mm256_set1_epi8((char)0xF0);
+    const __m256i above_flag = _mm256_set1_epi8((char)0xE0), flag = _mm256_set1_epi8(0x10);
+    const __m256i id_bits = _mm256_set1_epi8(0x0F);
     const __m256i reverse_lane = _mm256_setr_epi8(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0,
                                                   15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     int64_t j = 0;
@@ -73,8 +76,10 @@ static void load_tokens(const uint8_t *restrict src, int reverse, int64_t cols, 
         __m256i bytes = _mm256_loadu_si256((const __m256i *)(reverse ? src - j - 31 : src + j));
         if (reverse) /* bytes 31..0 of the crop's block order: reverse within lanes, then swap the lanes */
             bytes = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(bytes, reverse_lane), 0x4E);
-        if (_mm256_testz_si256(bytes, high_nibble))
-            _mm256_storeu_si256((__m256i *)(tok + j), _mm256_shuffle_epi8(table, bytes));
+        if (_mm256_testz_si256(bytes, above_flag))
+            _mm256_storeu_si256((__m256i *)(tok + j),
+                                _mm256_or_si256(_mm256_shuffle_epi8(table, _mm256_and_si256(bytes, id_bits)),
+                                                _mm256_and_si256(bytes, flag)));
         else
             load_tokens_scalar(reverse ? src - j : src + j, reverse, 32, lut, tok + j);
     }
@@ -102,7 +107,7 @@ static void select_block(const uint32_t *restrict u, const uint8_t *restrict tok
         uint8_t selected = (uint8_t)-(uint8_t)(u[j] <= sel.last) & sel.any;
         uint8_t masked = (uint8_t)-(uint8_t)(u[j] <= mask.last) & mask.any;
         targets[j] = (uint8_t)((tok[j] & selected) | (pad_id & ~selected));
-        inputs[j] = (uint8_t)((mask_id & masked) | (tok[j] & ~masked));
+        inputs[j] = (uint8_t)((mask_id & masked) | (tok[j] & 0x0F & ~masked));
         in_band[j] = (uint8_t)((uint32_t)(u[j] - band_first) <= band.last) & band.any; /* 0 or 1 */
     }
     memset(in_band + cols, 0, 8); /* a short last block must not see the flags of the block before */

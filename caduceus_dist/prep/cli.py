@@ -56,7 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="reference: docs/reference-recipe.md §2 (rows extended to 2^20, clamped); tile: non-overlapping "
                      "(default: reference with --bed, tile without; tile for the sample)")
     win.add_argument("--samples-per-shard", type=int, help="windows per shard (default: 2^27 bases / window)")
-    win.add_argument("--zstd-level", type=int, default=3, help="zstd level of the token frames (default: 3)")
     win.add_argument("--max-n-fraction", type=float, default=None, metavar="F",
                      help="drop (and count) windows with more than F of their bases N (default: only all-N windows)")
     run = parser.add_argument_group("behaviour")
@@ -64,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="parallel decompression (BGZF) and compression workers (default: 1); the output is "
                      "byte-identical for any number of workers")
     run.add_argument("--worker-kind", choices=sorted(WORKER_KINDS), default="threads",
-                     help="threads (default; zlib/zstd release the GIL, no copying) or processes")
+                     help="threads (default; zlib and numpy release the GIL, no copying) or processes")
     run.add_argument("--strict", action="store_true", help="IUPAC codes and contigs missing from the FASTA are errors")
     run.add_argument("--overwrite", action="store_true", help="replace shards made with different arguments")
     run.add_argument("--quiet", action="store_true", help="no progress bar or summary")
@@ -81,7 +80,7 @@ def config_from_args(args: argparse.Namespace) -> ShardConfig:
         out=args.out, bed=args.bed, split_map=args.split_map, valid_chroms=args.valid_chroms,
         test_chroms=args.test_chroms, contigs=args.contigs, valid_fraction=args.valid_fraction,
         test_fraction=args.test_fraction, split_seed=args.split_seed, window=args.window, tiling=args.tiling,
-        samples_per_shard=args.samples_per_shard, zstd_level=args.zstd_level, max_n_fraction=args.max_n_fraction,
+        samples_per_shard=args.samples_per_shard, max_n_fraction=args.max_n_fraction,
         assembly=args.assembly,
         strict=args.strict, workers=args.workers, worker_kind=args.worker_kind, overwrite=args.overwrite,
         quiet=args.quiet,

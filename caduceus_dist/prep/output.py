@@ -73,7 +73,8 @@ class _OpenShard:
     def append(self, blob: bytes, places: np.ndarray) -> None:
         self.fh.write(blob)
         self.digest.update(blob)
-        rows = places.reshape(-1, INDEX_COLUMNS) + np.array([self.offset, 0, self.offset, 0])  # offsets, not sizes
+        rows = places.reshape(-1, INDEX_COLUMNS).copy()
+        rows[:, 0::2] += self.offset  # member offsets within the shard, not the blob; sizes unchanged
         self.rows.append(rows)
         self.samples += len(rows)
         self.offset += len(blob)
@@ -104,7 +105,7 @@ class ShardSink:
         return base.with_suffix(".tar"), base.with_suffix(".idx")
 
     def add(self, split: str, first_id: int, blob: bytes, places: np.ndarray) -> None:
-        """Append samples `first_id`.. of `split`, packed by `pack_members` (json and tokens member per sample)."""
+        """Append samples `first_id`.. of `split`, packed by `pack_members` (the members of each sample, in order)."""
         number = first_id // self.per_shard
         current = self.open.get(split)
         if current is not None and current.number != number:

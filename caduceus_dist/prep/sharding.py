@@ -1,14 +1,14 @@
-"""FASTA + splits -> WebDataset shards: planning, parallel compression, resumable output, manifest.
+"""FASTA + splits -> WebDataset shards: planning, parallel packing, resumable output, manifest.
 
 Why it is shaped this way:
 - Determinism. The main thread streams the FASTA, decides every window, its split and its sample id
   (FASTA record order, then interval order, then position), and appends every shard's bytes in id order.
-  Workers turn a run of consecutive samples into finished tar members (zstd, JSON, headers) in one task,
+  Workers turn a run of consecutive samples into finished tar members (2-bit bases, runs, JSON, headers) in one task,
   so the bytes on disk cannot depend on `--workers`, and a big record (chr1, chr20) is spread over all
   workers by window ranges.
 - Scaling with threads. Everything per window that holds the GIL is either vectorised (N counts) or in
-  the workers' one-task-per-run packing; zstd compresses a whole run in one GIL-free call, so the main
-  thread and the workers seldom wait for each other (see benchmarks/bench_shard.py for the accounting).
+  the workers' one-task-per-run packing; a run's bases are packed by whole-run numpy operations (which
+  release the GIL), so the main thread and the workers seldom wait for each other (see benchmarks/bench_shard.py for the accounting).
 - Crash safety (`output.py`). Finished shards are journaled with their sha256; a rerun with the
   same arguments keeps those that still match, skips their windows and writes the rest; the manifest is
   written last, atomically.
@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
 import numpy as np
-import zstandard
 
 from caduceus_dist import __version__
 from caduceus_dist.fsio import file_digest
@@ -36,11 +34,13 @@ from caduceus_dist.prep.splits import CONTIG_END, make_split_plan
 from caduceus_dist.prep.tiling import resolve_tiling
 from caduceus_dist.prep.workers import ordered_map, worker_pool
 from caduceus_dist.shard_format import (
+    BASES_SUFFIX,
     FORMAT_NAME,
     FORMAT_VERSION,
     JSON_SUFFIX,
     MANIFEST_NAME,
-    TOKENS_SUFFIX,
+    RUNS_SUFFIX,
+    encode_bases,
     sample_key,
     softmasked,
     token_ids,
@@ -68,7 +68,6 @@ class ShardConfig:
     window: int = 131072
     tiling: str | None = None  # reference with a BED, tile without
     samples_per_shard: int | None = None  # default: TARGET_SHARD_BASES // window
-    zstd_level: int = 3
     max_n_fraction: float | None = None  # drop windows with more N than this fraction; None: only all-N ones
     assembly: str | None = None  # default: the FASTA file name without .fa/.fasta/.gz
     strict: bool = False
@@ -117,26 +116,18 @@ def ensure_sample_shards(shards: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- workers
 
-_LOCAL = threading.local()  # zstd compressors must not be shared between threads
-
-
-def pack_run(tokens: bytearray, window: int, level: int, split: str, first_id: int, common: dict,
+def pack_run(tokens: bytearray, window: int, split: str, first_id: int, common: dict,
              coords: list[tuple[str, int, int, int]]) -> tuple[bytes, np.ndarray]:
     """Worker task: samples `first_id`.. of `split` (`coords`: chrom, start, end, N count; `tokens`: their
     windows back to back) as tar members, the blob and index places that `ShardSink.add` appends."""
-    compressors = _LOCAL.__dict__.setdefault("compressors", {})
-    compressor = compressors.get(level) or compressors.setdefault(level, zstandard.ZstdCompressor(level=level))
-    starts = np.arange(len(coords), dtype="<u8") * window
-    segments = np.column_stack([starts, np.full_like(starts, window)])  # (offset, length) per window
-    # one frame per window, all in one call that releases the GIL (frames equal ZstdCompressor.compress)
-    frames = compressor.multi_compress_to_buffer(zstandard.BufferWithSegments(tokens, segments.tobytes()))
+    encoded = encode_bases(np.frombuffer(tokens, dtype=np.uint8).reshape(len(coords), window))
     members = []
-    for k, (chrom, start, end, n_count) in enumerate(coords):
+    for k, ((chrom, start, end, n_count), (bases, runs)) in enumerate(zip(coords, encoded, strict=True)):
         key = sample_key(split, first_id + k)
         meta = {**common, "id": first_id + k, "chrom": chrom, "start": start, "end": end,
                 "n_fraction": n_count / window}
         members += [(key + JSON_SUFFIX, json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()),
-                    (key + TOKENS_SUFFIX, frames[k])]
+                    (key + BASES_SUFFIX, bases), (key + RUNS_SUFFIX, runs)]
     return pack_members(members)
 
 
@@ -161,14 +152,13 @@ class SampleRun:
     split: str
     first_id: int
     window: int
-    level: int
     common: dict  # metadata every sample of the run shares
     coords: list[tuple[str, int, int, int]] = field(default_factory=list)  # chrom, start, end, N count
     tokens: bytearray = field(default_factory=bytearray)
 
     @property
     def args(self) -> tuple:
-        return self.tokens, self.window, self.level, self.split, self.first_id, self.common, self.coords
+        return self.tokens, self.window, self.split, self.first_id, self.common, self.coords
 
 
 @dataclass
@@ -221,7 +211,7 @@ class RunCutter:
     """Cuts a record's windows into `SampleRun`s: N counts, drops, sample ids, finished shards skipped."""
 
     def __init__(self, cfg: ShardConfig, fasta_sha: str, finished: set[tuple[str, int]], stats: RunStats, plan):
-        self.window, self.level, self.per_shard = cfg.window, cfg.zstd_level, cfg.resolved_samples_per_shard()
+        self.window, self.per_shard = cfg.window, cfg.resolved_samples_per_shard()
         self.max_n = max_n_bases(cfg.window, cfg.max_n_fraction)
         self.common = {"assembly": cfg.resolved_assembly(), "fasta_sha256": fasta_sha, "length": cfg.window,
                        "strand": "+"}
@@ -250,7 +240,7 @@ class RunCutter:
                 continue
             run = self.open.get(split)
             if run is None:
-                run = self.open[split] = SampleRun(split, sample_id, self.window, self.level,
+                run = self.open[split] = SampleRun(split, sample_id, self.window,
                                                    {**self.common, "split": split})
             run.coords.append((record.name, start, end, n_count))
             run.tokens.extend(bases[start:end])  # one memcpy (buffer protocol)

@@ -1,7 +1,7 @@
 """`shard_genome.py --verify DIR`: reread a shard directory and check it against its manifest.
 
 Checks every shard's size and sha256 (tar and index), that the tar parses and its members sit exactly
-where the index says, that ids run 0..n-1 per split across shards, that every sample decompresses to
+where the index says, that ids run 0..n-1 per split across shards, that every sample decodes to
 `window` valid token ids with the recorded N fraction, and that the per-split totals add up. All
 problems are collected so one run lists everything that is wrong.
 """
@@ -18,8 +18,7 @@ from caduceus_dist.fsio import file_mismatch, sha256_file
 from caduceus_dist.model.tokenizer import A_ID, N_ID
 from caduceus_dist.prep.sharding import max_n_bases
 from caduceus_dist.shard_format import (
-    JSON_SUFFIX,
-    TOKENS_SUFFIX,
+    MEMBER_SUFFIXES,
     ShardFormatError,
     ShardReader,
     load_manifest,
@@ -44,13 +43,13 @@ class VerifyReport:
         return not self.problems
 
 
-def _check_tar_layout(tar_path: Path, index: np.ndarray, split: str, first_id: int) -> str | None:
+def _check_tar_layout(tar_path: Path, index: np.ndarray, split: str, first_id: int, version: int) -> str | None:
     with tarfile.open(tar_path, "r:") as tar:
         members = tar.getmembers()
     expected = []
     for k in range(len(index)):
         key = sample_key(split, first_id + k)
-        expected += [(key + JSON_SUFFIX, *index[k, :2]), (key + TOKENS_SUFFIX, *index[k, 2:])]
+        expected += [(key + suffix, *index[k, 2 * m:2 * m + 2]) for m, suffix in enumerate(MEMBER_SUFFIXES[version])]
     found = [(m.name, m.offset_data, m.size) for m in members]
     if len(found) != len(expected):
         return f"{tar_path}: {len(found)} tar members, the index describes {len(expected)}"
@@ -93,7 +92,7 @@ def verify_dataset(root: str | Path) -> VerifyReport:
     root = Path(root)
     report = VerifyReport(root)
     manifest = load_manifest(root)
-    window = manifest["window"]
+    window, version = manifest["window"], manifest["format_version"]
     max_n = max_n_bases(window, manifest.get("args", {}).get("max_n_fraction"))
     for split, info in manifest["splits"].items():
         next_id, windows, n_bases, softmasked_bases = 0, 0, 0, 0
@@ -113,18 +112,18 @@ def verify_dataset(root: str | Path) -> VerifyReport:
                 report.problems.append(f"{idx}: sha256 differs from the manifest")
                 continue
             try:
-                index = read_index(idx)
+                index = read_index(idx, version)
                 if len(index) != entry["samples"]:
                     report.problems.append(f"{idx}: {len(index)} rows, manifest says {entry['samples']} samples")
                     continue
-                layout = _check_tar_layout(tar, index, split, entry["first_id"])
+                layout = _check_tar_layout(tar, index, split, entry["first_id"], version)
                 if layout:
                     report.problems.append(layout)
                     continue
-                reader = ShardReader(tar, idx)
+                reader = ShardReader(tar, idx, version)
                 try:
                     problems, n_count, soft_count = _check_samples(reader, split, entry["first_id"], window, max_n,
-                                                                   manifest["format_version"] >= 2)
+                                                                   version >= 2)
                     report.problems += problems
                     n_bases += n_count
                     softmasked_bases += soft_count

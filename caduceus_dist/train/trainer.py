@@ -23,6 +23,7 @@ import torch
 from caduceus_dist.checkpoint.manager import CheckpointManager
 from caduceus_dist.config import save_resolved
 from caduceus_dist.data import DataPlanError, TrainStream, build_eval_loader
+from caduceus_dist.data.mixture import DEFAULT_SOURCE
 from caduceus_dist.distributed import (
     all_reduce,
     barrier,
@@ -34,12 +35,18 @@ from caduceus_dist.distributed import (
 from caduceus_dist.engine import build_engine
 from caduceus_dist.engine.base import StepResult
 from caduceus_dist.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED, ConfigError
-from caduceus_dist.loss import MaskedLMLoss
-from caduceus_dist.metrics.writer import MetricsWriter, eval_line, peak_flops, peak_memory_gib, train_line
+from caduceus_dist.loss import EVAL_SUMS, MaskedLMLoss
+from caduceus_dist.metrics.writer import (
+    MetricsWriter,
+    eval_line,
+    eval_metrics,
+    mixture_metrics,
+    peak_flops,
+    peak_memory_gib,
+    train_line,
+)
 from caduceus_dist.model import CaduceusForMaskedLM, flops_per_token
 from caduceus_dist.optim.schedule import lr_at
-
-CURSOR_KEYS = ("tokens", "epoch", "position")  # the loader's global cursor, logged at every report
 
 
 def _check_writable(run_dir: Path) -> None:
@@ -113,29 +120,32 @@ class Trainer:
         _check_writable(self.run_dir)  # every rank: a failure on rank 0 alone would leave the others waiting
         seed_everything(cfg.train.seed)
         model = CaduceusForMaskedLM(cfg.model)
-        self.engine = build_engine(cfg, model, self.ctx, self.stream.plan(0).micro_batch, MaskedLMLoss())
-        self.eval_loader = self._eval_loader()
+        self.engine = build_engine(cfg, model, self.ctx, self.stream.plan(0).micro_batch,
+                                   MaskedLMLoss(cfg.loss.softmask_weight))
+        self.eval_loaders = self._eval_loaders()
         self._batches = (batch for batch in ())  # the training stream once _train starts; closed on every way out
         self.manager = CheckpointManager(cfg, self.run_dir, self.engine)
         self.writer = MetricsWriter(cfg.logging, self.run_dir, self.ctx.rank)
         # Rank 0's figure for everyone, so all ranks report the same MFU.
         self.peak_flops, self.peak_reason = broadcast_object(peak_flops(cfg.logging, self.ctx.device))
 
-    def _eval_loader(self):
-        """The validation stream, or None: evaluation off (train.eval_batches=0), or a shard set without the
-        split (sharded without held-out windows), which gets one warning line instead of stopping the run."""
+    def _eval_loaders(self) -> dict:
+        """Source name -> its validation stream. Empty with evaluation off (train.eval_batches=0); a source
+        whose shards lack the split (sharded without held-out windows) gets one warning line instead of
+        stopping the run."""
         cfg = self.cfg
         if cfg.train.eval_batches <= 0:
-            return None
-        windows = self.stream.split.manifest["splits"].get(cfg.train.eval_split, {}).get("windows", 0)
-        if not windows:
-            if self.ctx.rank == 0:
-                print(f"warning: {cfg.data.shards} has no '{cfg.train.eval_split}' windows, so this run does not "
-                      "validate (reshard with --valid-fraction 0.02 to hold some out, or set train.eval_split; "
-                      "train.eval_batches=0 silences this)", flush=True)
-            return None
-        return build_eval_loader(cfg.data, cfg.train.eval_split, self.ctx.rank, self.ctx.world_size,
-                                 cfg.train.eval_batches, train_seed=cfg.train.seed)
+            return {}
+        loaders = {}
+        for name, split in zip(self.stream.names, self.stream.splits, strict=True):
+            if split.manifest["splits"].get(cfg.train.eval_split, {}).get("windows", 0):
+                loaders[name] = build_eval_loader(cfg.data, cfg.train.eval_split, self.ctx.rank, self.ctx.world_size,
+                                                  cfg.train.eval_batches, train_seed=cfg.train.seed, source=name)
+            elif self.ctx.rank == 0:
+                print(f"warning: {split.root} has no '{cfg.train.eval_split}' windows, so this run does not "
+                      "validate on it (reshard with --valid-fraction 0.02 to hold some out, or set "
+                      "train.eval_split; train.eval_batches=0 silences this)", flush=True)
+        return loaders
 
     def run(self) -> int:
         """Train to train.max_steps; EXIT_OK, or EXIT_PREEMPTED after a preemption checkpoint."""
@@ -183,7 +193,7 @@ class Trainer:
             reported = step % cfg.logging.log_every == 0 or step == 1 or step == max_steps
             if reported:  # the only steps that read the step's figures on the host
                 self._report(step, max_steps, result, lr, batch, consumed, window)
-            if self.eval_loader is not None and (step % eval_every == 0 or step == max_steps):
+            if self.eval_loaders and (step % eval_every == 0 or step == max_steps):
                 started = time.perf_counter()
                 self.evaluate(step)
                 window.excluded += time.perf_counter() - started
@@ -235,31 +245,38 @@ class Trainer:
         }
         if self.peak_flops is not None:  # an unknown GPU: MFU is not reported rather than guessed
             metrics["perf/mfu"] = flops_per_token(self.cfg.model, plan.seq_len) * per_device / self.peak_flops
-        for key in CURSOR_KEYS:
-            metrics[f"data/cursor_{key}"] = batch.state[key]
+        metrics["data/cursor_tokens"] = batch.state["tokens"]
+        for name, source in batch.state["sources"].items():  # each genome's progress, in epochs
+            metrics[f"data/epochs/{name}"] = source["epochs"]
         self.writer.scalars(step, metrics)
         self.writer.print(train_line(step, max_steps, metrics))
         window.reset()
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
-        loss_sum = n_targets = n_correct = 0.0
+        """Validation of every source; with several, per-source figures and their mixture-weighted total."""
+        per_source = {name: self._evaluate_source(loader) for name, loader in self.eval_loaders.items()}
+        names = tuple(per_source)
+        if names == (DEFAULT_SOURCE,):
+            metrics = eval_metrics("val", per_source[DEFAULT_SOURCE])
+        else:
+            weights = dict(zip(self.stream.names, self.stream.mixture.weights_at(step).tolist(), strict=True))
+            metrics = {key: value for name in names for key, value in eval_metrics(f"val/{name}", per_source[name]).items()}
+            metrics.update(mixture_metrics("val", metrics, names, weights))
+        self.writer.scalars(step, metrics)
+        self.writer.print(eval_line(step, metrics, () if names == (DEFAULT_SOURCE,) else names))
+        return metrics
+
+    def _evaluate_source(self, loader) -> dict[str, float]:
+        sums = dict.fromkeys(EVAL_SUMS, 0.0)
         self.engine.module.eval()  # no layer of Caduceus behaves differently today; a future one (dropout) must not
         try:
-            for batch in self.eval_loader:
-                batch_loss, batch_targets, batch_correct = self.engine.eval_step(batch)
-                loss_sum += batch_loss
-                n_targets += batch_targets
-                n_correct += batch_correct
+            for batch in loader:
+                for key, value in self.engine.eval_step(batch).items():
+                    sums[key] += value
         finally:
             self.engine.module.train()
-        loss_sum, n_targets, n_correct = all_reduce([loss_sum, n_targets, n_correct], self.ctx.device)
-        loss = loss_sum / max(n_targets, 1.0)
-        metrics = {"val/loss": loss, "val/perplexity": math.exp(loss), "val/bits_per_base": loss / math.log(2),
-                   "val/accuracy": n_correct / max(n_targets, 1.0), "val/n_targets": n_targets}
-        self.writer.scalars(step, metrics)
-        self.writer.print(eval_line(step, metrics))
-        return metrics
+        return dict(zip(EVAL_SUMS, all_reduce([sums[key] for key in EVAL_SUMS], self.ctx.device), strict=True))
 
     def _banner(self, step: int) -> str:
         cfg, plan = self.cfg, self.stream.plan(step)
