@@ -38,6 +38,7 @@ from caduceus_dist.data.cursor import TAG_MASK
 from caduceus_dist.data.loader import crop_keys
 from caduceus_dist.data.masking import default_masker, masked_crops
 from caduceus_dist.model.tokenizer import MASK_ID, N_ID, PAD_ID, SEP_ID, UNK_ID, VOCAB, VOCAB_SIZE
+from caduceus_dist.shard_format import FORMAT_VERSION
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -95,11 +96,17 @@ def timed(fn, seconds: float) -> tuple[float, float]:
     return tokens / (time.perf_counter() - wall), tokens / (time.process_time() - cpu)
 
 
+def current_shards(shards: Path) -> bool:
+    manifest = shards / "manifest.json"
+    return manifest.exists() and json.loads(manifest.read_text())["format_version"] == FORMAT_VERSION
+
+
 def ensure_inputs(shards: Path, fasta_gz: Path, cache: Path) -> Path:
-    if not (shards / "manifest.json").exists():
+    if not current_shards(shards):  # absent, or written by an older format
         print(f"sharding {fasta_gz} into {shards} (once) ...", flush=True)
         subprocess.run([sys.executable, str(REPO / "data_prep" / "shard_genome.py"), "--fasta", str(fasta_gz),
-                        "--out", str(shards), "--assembly", "GRCh37", "--contigs", "all", "--quiet"], check=True)
+                        "--out", str(shards), "--assembly", "GRCh37", "--contigs", "all", "--quiet", "--overwrite"],
+                       check=True)
     plain = cache / (fasta_gz.name.removesuffix(".gz"))
     if not plain.exists():  # pyfaidx random access wants a plain FASTA, as the reference's hg38.ml.fa
         cache.mkdir(parents=True, exist_ok=True)
@@ -115,7 +122,7 @@ def window_starts(shards: Path) -> list[tuple[str, int]]:
     manifest = json.loads((shards / "manifest.json").read_text())
     out = []
     for shard in manifest["splits"]["train"]["shards"]:
-        reader = ShardReader(shards / shard["tar"], shards / shard["index"])
+        reader = ShardReader(shards / shard["tar"], shards / shard["index"], manifest["format_version"])
         out += [(m["chrom"], m["start"]) for m in map(reader.read_meta, range(len(reader)))]
     return out
 
@@ -131,34 +138,23 @@ def one_worker(cfg: DataConfig, masker: str | None):
 def stage_times(cfg: DataConfig, steps: int) -> dict:
     """CPU ms per 2^20 tokens of each stage of a worker's batch (default masker), over `steps` fresh steps."""
     stream = TrainStream(cfg, rank=0, world_size=1, grad_accum=1)
-    builder, cpu, windows = stream._builder, Counter(), 0
+    builder, cpu = stream._builder, Counter()
     out = np.empty((2, STEP_TOKENS // cfg.seq_len, cfg.seq_len), dtype=np.uint8)
-    read_window = builder.crops.read_window
-
-    def counted(sample_id):
-        nonlocal windows
-        windows += 1
-        return read_window(sample_id)
-
-    builder.crops.read_window = counted
-    warm_up = -(-builder.crops.capacity * stream.split.window // STEP_TOKENS) + 1  # every arena page touched
+    warm_up = 2  # kernel build, first touch of the buffers
     for step in range(warm_up + steps):
         clock = [time.process_time()]
         rows = stream.rows(step, 0, 0)
-        keys = crop_keys(builder.seed, TAG_MASK, rows)
+        keys = crop_keys(builder.seed, TAG_MASK, builder.source_keys, rows)
         clock.append(time.process_time())
-        for _ in builder.crops.placed(rows.sample_id, rows.offset, rows.seq_len):  # reads the windows
-            pass
+        stored = builder.read(rows)  # 2-bit bases and run lists of the crops, decoded
         clock.append(time.process_time())
-        masked_crops(builder.crops, rows.sample_id, rows.offset, rows.strand, rows.seq_len, keys, builder.policy,
-                     out=out)  # on the resident windows
+        masked_crops(stored, rows.strand, keys, builder.policy, out=out)
         clock.append(time.process_time())
-        if step < warm_up:  # group tables, kernel build, first touch of the arena's pages
-            windows = 0
+        if step < warm_up:
             continue
         for name, (t0, t1) in zip(["plan", "read", "crop_mask"], pairwise(clock), strict=True):
             cpu[name] += (t1 - t0) * 1e3 / steps
-    return {**cpu, "windows_read_per_step": windows / steps, "window": stream.split.window}
+    return {**cpu, "crops_per_step": STEP_TOKENS // cfg.seq_len}
 
 
 def bench_length(length: int, shards: Path, plain: Path, seconds: float) -> dict:
@@ -177,7 +173,7 @@ def bench_length(length: int, shards: Path, plain: Path, seconds: float) -> dict
     ours_2workers, _ = timed(ours_loader, seconds)  # wall time: the workers' CPU is not in this process
     batches.close()
 
-    window = stages["window"]
+    window = loader_stream.splits[0].window
     tiles = [(chrom, start + k * length) for chrom, start in window_starts(shards) for k in range(window // length)]
     reference = ReferenceDataset(plain, tiles, length, rc_aug=True)
     rng = random.Random(0)
@@ -225,7 +221,7 @@ def main() -> None:
               f"{r['ours_numpy_masking_per_worker_cpu'] / 1e6:.1f} M tokens/s, "
               f"{r['ours_numpy_masking_per_worker_cpu'] / r['reference_per_worker_cpu']:.0f}x)")
         print(f"  stages, CPU ms per step: plan {stages['plan']:.2f} | read {stages['read']:.2f} "
-              f"({stages['windows_read_per_step']:.1f} windows of {stages['window'] // 1024} KiB, zstd) | "
+              f"({stages['crops_per_step']} random crops, 2-bit bases + run lists) | "
               f"crop + RC + mask {stages['crop_mask']:.2f}")
     print("GPU need: 2^20 tokens per optimizer step; the reference's own runs took ~0.42 s/step (1k models, 8 A5000) "
           "and ~1.1 s/step (131k, 8 A100), i.e. 1-2.5 M tokens/s per node.")

@@ -25,7 +25,7 @@ from caduceus_dist.engine import ENGINES
 from caduceus_dist.engine.config import DEVICES, PRECISION_NAMES, EngineConfig
 from caduceus_dist.errors import ConfigError
 from caduceus_dist.fsio import atomic_write
-from caduceus_dist.loss import LossConfig
+from caduceus_dist.loss.config import LossConfig
 from caduceus_dist.metrics.config import LoggingConfig
 from caduceus_dist.model.config import CaduceusConfig
 from caduceus_dist.optim.config import OptimizerConfig, ScheduleConfig

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from caduceus_dist.checkpoint.manager import CheckpointSavesKeepFailing, CheckpointWriteError
     from caduceus_dist.checkpoint.restore import CheckpointError
     from caduceus_dist.config import load_job_config
-    from caduceus_dist.prep.sharding import ensure_sample_shards
+    from caduceus_dist.prep.collection import ensure_sample_data
     from caduceus_dist.shard_format import ShardFormatError
     from caduceus_dist.train.trainer import Trainer
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     cannot_start = {ConfigError: "config error", ShardFormatError: "data error", CheckpointError: "resume error"}
     try:
         cfg = load_job_config(args.config, args.overrides)
-        return Trainer(cfg, prepare_data=lambda data: ensure_sample_shards(data.shards)).run()
+        return Trainer(cfg, prepare_data=lambda data: ensure_sample_data([s.shards for s in data.sources] or [data.shards])).run()
     except tuple(cannot_start) as err:
         label = next(text for kind, text in cannot_start.items() if isinstance(err, kind))
         print(f"{label}: {user_message(err)}", file=sys.stderr, flush=True)

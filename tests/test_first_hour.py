@@ -254,16 +254,16 @@ def test_data_problems_exit_2_with_one_line(tmp_path, sample_shards):
     assert "has no split 'nosuch'" in missing_split.stderr and "Traceback" not in missing_split.stderr
     damaged = tmp_path / "damaged"
     shutil.copytree(sample_shards, damaged)
-    for tar in sorted((damaged / "train").glob("*.tar")):  # break every zstd frame header; sizes stay the same
+    for tar in sorted((damaged / "train").glob("*.tar")):  # break every run list's counts; sizes stay the same
         data = bytearray(tar.read_bytes())
-        for _, _, tokens_offset, _ in read_index(tar.with_suffix(".idx")):
-            data[tokens_offset:tokens_offset + 4] = b"\0\0\0\0"
+        for runs_offset in read_index(tar.with_suffix(".idx"))[:, 4]:
+            data[runs_offset:runs_offset + 4] = b"\xff\xff\xff\x7f"
         tar.write_bytes(bytes(data))
     result = run(PRETRAIN, "--config", DEMO, f"run_dir={tmp_path / 'b'}", f"data.shards={damaged}", *QUICK,
                  "data.num_workers=1", cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("data error:")]
-    assert len(errors) == 1 and "does not decompress" in errors[0]
+    assert len(errors) == 1 and "has a corrupt runs member" in errors[0]
     assert "Traceback" not in result.stderr and "DataLoader worker" not in result.stderr
     debug = run(PRETRAIN, "--debug", "--config", DEMO, f"run_dir={tmp_path / 'c'}", f"data.shards={damaged}",
                 *QUICK, cwd=tmp_path)

@@ -4,6 +4,8 @@ validation metrics checked against an independent evaluation of the saved weight
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,14 +15,17 @@ from test_engine_distributed import pretrain_cmd, read_scalars, run_job
 from caduceus_dist.config import load_job_config
 from caduceus_dist.optim import lr_at
 
+REPO = Path(__file__).resolve().parents[1]
+
 STEPS = 8
 TRAIN_TAGS = {
     "train/loss", "train/accuracy", "train/grad_norm", "train/lr", "train/n_targets", "perf/tokens_per_s",
     "perf/tokens_per_s_per_device", "perf/mfu", "perf/step_time_s", "perf/data_wait_fraction",
     "perf/peak_memory_gib", "data/seq_len", "data/stage", "data/global_batch", "data/consumed_tokens",
-    "data/cursor_tokens", "data/cursor_epoch", "data/cursor_position",
+    "data/cursor_tokens", "data/epochs/default",
 }
-VAL_TAGS = {"val/loss", "val/perplexity", "val/bits_per_base", "val/accuracy", "val/n_targets"}
+VAL_TAGS = {"val/loss", "val/perplexity", "val/bits_per_base", "val/accuracy", "val/n_targets", "val/loss_uppercase",
+            "val/bits_per_base_uppercase"}
 OVERRIDES = [
     "model.d_model=16", "model.n_layer=2", "data.seq_len=128", "data.tokens_per_step=1024",
     "data.curriculum.start_seq_len=64", "data.curriculum.stage_steps=4", "data.num_workers=1",
@@ -112,3 +117,32 @@ def test_validation_metrics_match_an_independent_evaluation(quickstart_run):
     assert value["val/loss"][8] == pytest.approx(loss, rel=1e-5)
     assert value["val/accuracy"][8] == pytest.approx(accuracy, rel=1e-6)
     assert value["val/n_targets"][8] == int(keep.sum())
+
+
+@pytest.mark.slow
+def test_cpu_mixture_recipe_validates_each_genome_and_every_loss_falls(tmp_path):
+    """recipes/cpu_mixture.yaml from a fresh directory: it shards the embedded collection itself, and TensorBoard
+    holds each genome's validation loss (falling from the first evaluation to the last), their weighted total
+    (equal weights in the first phase), the upper-case loss, and each genome's progress in epochs."""
+    command = [sys.executable, str(REPO / "recipes" / "pretrain.py"), "--config", str(REPO / "recipes" / "cpu_mixture.yaml"),
+               "run_dir=runs/mix", "train.max_steps=60", "train.eval_every=10", "checkpoint.every=60",
+               "data.curriculum.stage_steps=20"]
+    result = run_job(command, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-6000:]
+    assert "sharding the embedded three-species collection" in result.stdout
+    value = {tag: dict(points) for tag, points in read_scalars(tmp_path / "runs" / "mix").items()}
+    genomes = ("human", "fly", "yeast")
+    for name in genomes:
+        losses = value[f"val/{name}/loss"]
+        assert sorted(losses) == [10, 20, 30, 40, 50, 60]
+        assert losses[60] < losses[10], (name, losses)
+        assert value[f"val/{name}/bits_per_base"][60] == pytest.approx(losses[60] / math.log(2), rel=1e-5)
+        assert value[f"data/epochs/{name}"][60] > 0
+    for step in (10, 60):
+        for key in ("loss", "loss_uppercase"):
+            mean = sum(value[f"val/{name}/{key}"][step] for name in genomes) / 3
+            assert value[f"val/{key}"][step] == pytest.approx(mean, rel=1e-5)
+    assert value["val/human/loss_uppercase"][60] != value["val/human/loss"][60]  # 41% of its bases are lower case
+    line = next(line for line in result.stdout.splitlines() if line.startswith("eval     60"))
+    for name in genomes:
+        assert f"| {name} {value[f'val/{name}/bits_per_base'][60]:.4f}" in line

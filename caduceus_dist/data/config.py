@@ -155,7 +155,7 @@ class DataConfig:
             if not source.name or not source.shards:
                 raise ValueError(f"data.sources[{i}] needs a name and shards (a shard root), got "
                                  f"name={source.name!r} shards={source.shards!r}")
-            if "/" in source.name or names.count(source.name) > 1:
+            if "/" in source.name or source.name in names[:i]:
                 raise ValueError(f"data.sources[{i}].name {source.name!r} must be unique and contain no '/'")
             if source.weight < 0:
                 raise ValueError(f"data.sources[{i}].weight must be >= 0, got {source.weight}")

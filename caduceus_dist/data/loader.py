@@ -197,23 +197,33 @@ class TrainStream:
     """The training data of one data-parallel rank; see the module docstring."""
 
     def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, grad_accum: int = 1,
-                 train_seed: int | None = None):
+                 train_seed: int | None = None, windows: dict[str, tuple[np.ndarray, int]] | None = None):
         cfg.validate()
         if not 0 <= rank < world_size:
             raise DataPlanError(f"rank {rank} is not in [0, world_size {world_size})")
         self.cfg, self.rank, self.world_size, self.grad_accum = cfg, rank, world_size, grad_accum
         self.seed = resolve_seed(cfg, train_seed)
-        self.names = read_sources(cfg)
-        self.splits = [open_split(cfg, cfg.split, name) for name in self.names]
+        self.names = read_sources(cfg) if windows is None else list(windows)
+        self.splits: list[ShardSplit] = []  # none for a planned stream
+        if windows is None:
+            self.splits = [open_split(cfg, cfg.split, name) for name in self.names]
+            windows = {name: (split.sample_ids, split.window) for name, split in zip(self.names, self.splits, strict=True)}
         self.skipped_shards = [skipped for split in self.splits for skipped in split.skipped]
-        self.schedule = Schedule(cfg, world_size, grad_accum, {n: s.window for n, s in zip(self.names, self.splits, strict=True)})
+        self.schedule = Schedule(cfg, world_size, grad_accum, {name: window for name, (_, window) in windows.items()})
         self.mixture = Mixture(cfg, self.schedule, self.seed, self.names)
         self.source_keys = np.array([source_key(name) for name in self.names], dtype=np.uint64)
-        self.orders = [CropOrder(split.sample_ids, split.window, self.seed, source_key(name))
-                       for name, split in zip(self.names, self.splits, strict=True)]
+        self.orders = [CropOrder(windows[name][0], windows[name][1], self.seed, source_key(name)) for name in self.names]
         self._builder = _BatchBuilder(self.splits, self.source_keys, self.seed, masking_policy(cfg))
         self._next_step = 0
         self._tokens_anchor = (0, 0)  # (step, global tokens consumed before it)
+
+    @classmethod
+    def planned(cls, cfg: DataConfig, windows: dict[str, tuple[int, int]], world_size: int = 1, grad_accum: int = 1,
+                train_seed: int | None = None) -> TrainStream:
+        """The plan of a stream over splits that need not exist: source name -> (windows, window length).
+        Rows, positions and state are those of real shards with that many windows; nothing can be read."""
+        return cls(cfg, 0, world_size, grad_accum, train_seed,
+                   {name: (np.arange(count, dtype=np.int64), window) for name, (count, window) in windows.items()})
 
     # ---- the plan: pure functions of the step ----
     def plan(self, step: int) -> StepPlan:

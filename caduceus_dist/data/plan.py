@@ -12,6 +12,8 @@ the same code path that feeds training, so the plan is what training consumes (t
 
 With --stats, one JSON line per curriculum stage in the steps instead: how diverse the steps' batches
 are against independent uniform draws of crops from the split (docs/loading.md, "Batch diversity").
+With --windows NAME=COUNTxLENGTH the plan is made for splits of that size without reading any shards
+(e.g. hg38's 272k windows of 131,072 bases, before sharding it).
 """
 
 from __future__ import annotations
@@ -107,6 +109,14 @@ def _steps(text: str) -> tuple[int, int]:
     return int(start), int(stop)
 
 
+def _windows(text: str) -> tuple[str, tuple[int, int]]:
+    name, sep, sizes = text.partition("=")
+    count, times, length = sizes.partition("x")
+    if not sep or not times or not count.isdigit() or not length.isdigit() or int(count) < 1 or int(length) < 1:
+        raise argparse.ArgumentTypeError(f"--windows wants NAME=COUNTxLENGTH (e.g. default=272000x131072), got '{text}'")
+    return name, (int(count), int(length))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m caduceus_dist.data.plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="job recipe YAML (its data: section is used)")
@@ -115,12 +125,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=_steps, default=(0, 1), help="A:B, steps A..B-1 (default 0:1)")
     parser.add_argument("--stats", action="store_true",
                         help="per stage: distinct windows per step and reuse by the next step, vs independent draws")
+    parser.add_argument("--windows", metavar="NAME=COUNTxLENGTH", action="append", type=_windows,
+                        help="plan for splits that need not exist (repeat per source; one-source recipes use the "
+                        "name 'default'), e.g. --windows default=272000x131072 for hg38 at 131k windows")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.seq_len=4096")
     args = parser.parse_args(argv)
     try:
         cfg, seed, grad_accum = load_recipe(args.config, args.overrides)
-        stream = TrainStream(cfg, rank=0, world_size=args.world_size, grad_accum=args.grad_accum or grad_accum,
-                             train_seed=seed)
+        topology = {"world_size": args.world_size, "grad_accum": args.grad_accum or grad_accum, "train_seed": seed}
+        if args.windows:
+            stream = TrainStream.planned(cfg, dict(args.windows), **topology)
+        else:
+            stream = TrainStream(cfg, rank=0, **topology)
     except (OSError, ValueError, OmegaConfBaseException, ShardFormatError, DataPlanError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

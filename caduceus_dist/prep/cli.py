@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from caduceus_dist.prep.collection import COLLECTION_NAME, shard_collection
 from caduceus_dist.prep.download import DOWNLOADS, DownloadError, download_assembly
 from caduceus_dist.prep.fasta import FastaError
 from caduceus_dist.prep.sharding import ShardConfig, ShardingError, sample_config, shard_genome
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--contigs", default="primary",
                     help=f"without --bed: contigs to keep for train: {' | '.join(CONTIG_FILTERS)} | a regex (default: primary)")
     io.add_argument("--out", help="output directory (default: ./data/shards/sample for the sample)")
+    io.add_argument("--collection", metavar="YAML",
+                    help="shard every genome of a collection file into OUT/NAME, genomes in parallel up to --workers "
+                    "(caduceus_dist/sample/mixture.yaml is an example; docs/data-prep.md, 'Collections')")
     io.add_argument("--assembly", help="assembly name stored with every sample (default: FASTA file name)")
     win = parser.add_argument_group("windows and shards")
     win.add_argument("--window", type=int, help="bases per stored window (default 131072; 8192 for the sample)")
@@ -164,6 +168,26 @@ def summary(manifest: dict, out: str, seconds: float, bases_written: int) -> str
     return "\n".join([head, *lines, *notes])
 
 
+SINGLE_GENOME_ARGS = ("fasta", "bed", "split_map", "valid_chroms", "test_chroms", "valid_fraction", "test_fraction",
+                      "window", "tiling", "samples_per_shard", "max_n_fraction", "assembly")
+
+
+def _collection(args: argparse.Namespace) -> int:
+    given = [f"--{k.replace('_', '-')}" for k in SINGLE_GENOME_ARGS if getattr(args, k)]
+    if given:
+        raise ShardingError(f"--collection takes its genomes' settings from the YAML file; drop {', '.join(given)} "
+                            "(or set them there, at the top for every genome)")
+    if args.out is None:
+        raise ShardingError("--out is required with --collection (each genome goes to OUT/NAME)")
+    start = time.perf_counter()
+    collection = shard_collection(args.collection, args.out, args.workers, args.overwrite,
+                                  report=(lambda _line: None) if args.quiet else (lambda line: print(line, file=sys.stderr)))
+    if not args.quiet:
+        print(f"wrote {args.out}/{COLLECTION_NAME}: {len(collection['genomes'])} genomes in "
+              f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -177,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"downloaded {', '.join(map(str, paths.values()))}\nnext: python data_prep/shard_genome.py "
                   f"--fasta {fasta} --bed {bed} --out data/shards/hg38 --workers 8")
             return 0
+        if args.collection:
+            return _collection(args)
         cfg = config_from_args(args)
         progress = Progress(cfg.quiet)
         start = time.perf_counter()

@@ -47,19 +47,6 @@ def mlm_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> tuple[
 
 
 @dataclass
-class LossConfig:
-    """The `loss:` section. `softmask_weight` weighs target positions whose base was lower case (soft-masked
-    repeat) in the training loss; 1.0 is the reference, PlantCAD and Evo 2 use 0.1 (docs/training.md,
-    "Soft-masked repeats")."""
-
-    softmask_weight: float = 1.0
-
-    def validate(self) -> None:
-        if not 0.0 <= self.softmask_weight <= 1.0:
-            raise ValueError(f"loss.softmask_weight must be in [0, 1], got {self.softmask_weight}")
-
-
-@dataclass
 class LossSums:
     """One micro-batch's contribution, on the device: the summed loss (differentiable), its target count
     and hits (0-d tensors; nothing here reads a value on the host). With a soft-mask weight below 1 all
