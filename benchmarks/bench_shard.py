@@ -2,8 +2,9 @@
 
     python benchmarks/bench_shard.py                       # GRCh37 chr20 (63 Mbp, BGZF) from ../shared/data
 
-The limit is what any sharder must at least do per base: decompress the input once and zstd-compress the
-same number of bytes (window-sized frames, the same level), single-threaded. Ours adds parsing, token
+The limit is what any sharder must at least do per base: decompress the input once and pack the same
+number of bases into the shard encoding (2-bit bases and run lists per window, `shard_format.encode_bases`),
+single-threaded. Ours adds parsing, token
 lookup, N counting, tar/index writing, sha256 and fsync.
 
 The second worker is judged against the limit's own gain from a second thread, measured in the same run
@@ -30,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import zstandard
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -38,6 +39,7 @@ sys.path.insert(0, str(REPO))
 from caduceus_dist.prep import fasta, sharding  # noqa: E402
 from caduceus_dist.prep.fasta import TRANSLATION, gunzip_chunks  # noqa: E402
 from caduceus_dist.prep.sharding import ShardConfig, shard_genome  # noqa: E402
+from caduceus_dist.shard_format import encode_bases  # noqa: E402
 
 HG38_BASES = 3_100_000_000
 CHUNK = 1 << 22
@@ -65,20 +67,20 @@ def decompress_seconds(path: Path) -> tuple[float, float, bytes]:
     return *min(timings), text
 
 
-def zstd_seconds(payload: bytes, window: int, level: int) -> tuple[float, float]:
-    compressor = zstandard.ZstdCompressor(level=level)
-    view = memoryview(payload)
+def pack_seconds(payload: bytes, window: int) -> tuple[float, float]:
+    tokens = np.frombuffer(payload, dtype=np.uint8)
+    tokens = tokens[:len(tokens) // window * window].reshape(-1, window)
     wall, cpu = time.perf_counter(), time.thread_time()
-    for offset in range(0, len(view) - window + 1, window):
-        compressor.compress(view[offset:offset + window])
+    for first in range(0, len(tokens), 32):  # runs of 32 windows (4 Mbp), as the sharder's workers pack them
+        encode_bases(tokens[first:first + 32])
     return time.perf_counter() - wall, time.thread_time() - cpu
 
 
-def limit_copies_seconds(path: Path, payload: bytes, window: int, level: int, copies: int) -> float:
-    """Wall seconds for `copies` threads each doing the limit's whole work (raw decompress + zstd) at once."""
+def limit_copies_seconds(path: Path, payload: bytes, window: int, copies: int) -> float:
+    """Wall seconds for `copies` threads each doing the limit's whole work (raw decompress + packing) at once."""
     def work(_) -> None:
         raw_decompress(path)
-        zstd_seconds(payload, window, level)
+        pack_seconds(payload, window)
 
     with ThreadPoolExecutor(copies) as pool:
         start = time.perf_counter()
@@ -148,15 +150,15 @@ class Run:
     tasks: TaskClock | None  # worker-thread tasks (None: processes, or no pool with one worker)
 
 
-def shard_once(path: Path, workers: int, kind: str, window: int, level: int, scratch: Path) -> tuple[Run, int]:
+def shard_once(path: Path, workers: int, kind: str, window: int, scratch: Path) -> tuple[Run, int]:
     out = scratch / f"w{workers}"
     shutil.rmtree(out, ignore_errors=True)
     tasks = TaskClock() if kind == "threads" and workers > 1 else None
     with tasks.timing() if tasks else contextlib.nullcontext():
         cpu_before, main_before = cpu_seconds(), time.thread_time()
         start = time.perf_counter()
-        manifest = shard_genome(ShardConfig(fasta=str(path), out=str(out), window=window, zstd_level=level,
-                                            workers=workers, worker_kind=kind, quiet=True))
+        manifest = shard_genome(ShardConfig(fasta=str(path), out=str(out), window=window, workers=workers,
+                                            worker_kind=kind, quiet=True))
         run = Run(time.perf_counter() - start, cpu_seconds() - cpu_before, time.thread_time() - main_before, tasks)
     shutil.rmtree(out)
     return run, manifest["fasta"]["bases"]
@@ -168,14 +170,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--window", type=int, default=131072)
-    parser.add_argument("--zstd-level", type=int, default=3)
     parser.add_argument("--worker-kind", choices=["threads", "processes"], default="threads")
     args = parser.parse_args()
     if not args.fasta.exists():
         sys.exit(f"{args.fasta} not found: pass --fasta or set CADUCEUS_SHARED_DATA")
 
     load_before = os.getloadavg()
-    decompress, zstd, one_copy, two_copies = [], [], [], []
+    decompress, packing, one_copy, two_copies = [], [], [], []
     ours: dict[int, list[Run]] = {w: [] for w in args.workers}
     bases = 0
     with tempfile.TemporaryDirectory(prefix="bench-shard-") as scratch:
@@ -184,24 +185,23 @@ def main() -> None:
             decompress.append((wall, cpu))
             sequence = text.split(b"\n", 1)[1].translate(TRANSLATION, b"\n")
             del text
-            zstd.append(zstd_seconds(sequence, args.window, args.zstd_level))
-            one_copy.append(limit_copies_seconds(args.fasta, sequence, args.window, args.zstd_level, 1))
-            two_copies.append(limit_copies_seconds(args.fasta, sequence, args.window, args.zstd_level, 2))
+            packing.append(pack_seconds(sequence, args.window))
+            one_copy.append(limit_copies_seconds(args.fasta, sequence, args.window, 1))
+            two_copies.append(limit_copies_seconds(args.fasta, sequence, args.window, 2))
             del sequence
             for workers in args.workers:
-                run, bases = shard_once(args.fasta, workers, args.worker_kind, args.window, args.zstd_level,
-                                        Path(scratch))
+                run, bases = shard_once(args.fasta, workers, args.worker_kind, args.window, Path(scratch))
                 ours[workers].append(run)
     load_after = os.getloadavg()
 
-    limit_wall = min(w for w, _ in decompress) + min(w for w, _ in zstd)
-    limit_cpu = min(c for _, c in decompress) + min(c for _, c in zstd)
+    limit_wall = min(w for w, _ in decompress) + min(w for w, _ in packing)
+    limit_cpu = min(c for _, c in decompress) + min(c for _, c in packing)
     limit_gain = 2 * min(one_copy) / min(two_copies)
-    print(f"input: {args.fasta} ({bases / 1e6:.1f} Mbp), window {args.window}, zstd level {args.zstd_level}, "
+    print(f"input: {args.fasta} ({bases / 1e6:.1f} Mbp), window {args.window}, "
           f"{args.worker_kind}, best of {args.repeats}")
     print(f"machine: {os.cpu_count()} CPUs, load average {load_before[0]:.1f} before / {load_after[0]:.1f} after "
           "(shared with other jobs: wall times are lower bounds; CPU times are much less affected by the load)")
-    print(f"limit  decompress + zstd, one thread: wall {limit_wall:.2f} s -> {bases / limit_wall / 1e6:.1f} Mbp/s; "
+    print(f"limit  decompress + pack, one thread: wall {limit_wall:.2f} s -> {bases / limit_wall / 1e6:.1f} Mbp/s; "
           f"CPU {limit_cpu:.2f} s; two copies at once in two threads: {limit_gain:.2f}x the work per second "
           "of one (2.00 on two idle cores)")
     first = None
