@@ -17,9 +17,11 @@ split, stable across reruns and worker counts):
   A=0 C=1 G=2 T=3 (an N is stored as A and listed in the runs). Any span of bases is one read away,
   and decoding costs a table lookup per byte, so a crop of L bases costs L bases of work, whatever the
   window (docs/shard-format.md §1 measures the zstd frames this replaced).
-- ``KEY.runs.i32`` (version 3): little-endian int32: the number of N runs, the number of soft-masked
-  runs, then the N runs and the soft-masked (lower-case in the FASTA) runs as (start, end) pairs,
-  0-based half-open, sorted and disjoint.
+- ``KEY.runs.i32`` (version 3): little-endian int32: the number of N runs and of soft-masked runs; a
+  block table, for each b in 0..ceil(length / RUN_BLOCK): the index of the first N run and of the first
+  soft-masked run ending after base b * RUN_BLOCK; then the N runs and the soft-masked (lower-case in
+  the FASTA) runs as (start, end) pairs, 0-based half-open, sorted and disjoint. A crop reads only the
+  runs the table says may overlap it.
 - ``KEY.tokens.zst`` (versions 1 and 2, read only): one zstd frame of ``length`` stored bytes.
 
 A stored byte, what readers get: the CaduceusTokenizer id of the base (A=7 C=8 G=9 T=10 N=11) plus
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +57,7 @@ MEMBER_SUFFIXES = {1: (JSON_SUFFIX, TOKENS_SUFFIX), 2: (JSON_SUFFIX, TOKENS_SUFF
                    3: (JSON_SUFFIX, BASES_SUFFIX, RUNS_SUFFIX)}
 INDEX_COLUMNS = 2 * len(MEMBER_SUFFIXES[FORMAT_VERSION])  # (offset, size) per member, as written today
 TAR_BLOCK = 512
+RUN_BLOCK = 4096  # bases between the block-table entries of a runs member
 _CODE_TO_ID = np.array([A_ID, C_ID, G_ID, T_ID], dtype=np.uint8)
 _ID_TO_CODE = np.zeros(256, dtype=np.uint8)
 _ID_TO_CODE[_CODE_TO_ID] = np.arange(4, dtype=np.uint8)
@@ -114,40 +118,34 @@ def _runs(mask: np.ndarray) -> np.ndarray:
     return np.split(pairs, split_at)
 
 
+def _table_ints(length: int) -> int:
+    """int32 entries of a runs member's block table: two per block boundary, RUN_BLOCK bases apart."""
+    return 2 * (-(-length // RUN_BLOCK) + 1)
+
+
 def encode_bases(stored: np.ndarray) -> list[tuple[bytes, bytes]]:
     """Version 3 members (bases.2bit, runs.i32) of each row of (n, length) stored bytes."""
     stored = np.asarray(stored, dtype=np.uint8)
+    length = stored.shape[1]
     ids = token_ids(stored)
     codes = _ID_TO_CODE[ids]
-    pad = -stored.shape[1] % 4
+    pad = -length % 4
     if pad:
         codes = np.pad(codes, ((0, 0), (0, pad)))
     codes = codes.reshape(len(stored), -1, 4)
     packed = codes[..., 0] | codes[..., 1] << 2 | codes[..., 2] << 4 | codes[..., 3] << 6
+    boundaries = np.arange(0, _table_ints(length) // 2) * RUN_BLOCK
     members = []
     for row, n_runs, soft_runs in zip(packed, _runs(ids == N_ID), _runs(softmasked(stored)), strict=True):
+        # block b: the first N run and the first soft-masked run ending after base b * RUN_BLOCK
+        table = np.column_stack([np.searchsorted(runs[:, 1], boundaries, side="right") for runs in (n_runs, soft_runs)])
         header = np.array([len(n_runs), len(soft_runs)], dtype="<i4")
-        members.append((row.tobytes(), b"".join(a.tobytes() for a in (header, n_runs, soft_runs))))
+        members.append((row.tobytes(), b"".join(a.astype("<i4").tobytes() for a in (header, table, n_runs, soft_runs))))
     return members
 
 
-def _run_table(values: np.ndarray, first: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Runs of several runs.i32 members laid end to end in `values` (int64), member m at values[first[m]:
-    first[m] + sizes[m]]: (member, start, end, soft-masked?) per run. ValueError if a member's counts do
-    not match its size."""
-    counts = values[first], values[first + 1]
-    if np.any(sizes < 2) or np.any(counts[0] < 0) or np.any(counts[1] < 0) or np.any(sizes != 2 + 2 * (counts[0] + counts[1])):
-        bad = int(np.flatnonzero((sizes < 2) | (sizes != 2 + 2 * (counts[0] + counts[1])))[0])
-        raise RunsError(bad, "its run counts do not match its size")
-    per_member = counts[0] + counts[1]
-    member = np.repeat(np.arange(len(first)), per_member)
-    j = np.arange(len(member)) - np.repeat(np.cumsum(per_member) - per_member, per_member)
-    where = np.repeat(first + 2, per_member) + 2 * j
-    return member, values[where], values[where + 1], j >= np.repeat(counts[0], per_member)
-
-
 class RunsError(ValueError):
-    """A malformed runs.i32 member; `member` says which of the members decoded together."""
+    """A malformed runs.i32 member; `member` says which of the crops decoded together it belongs to."""
 
     def __init__(self, member: int, why: str):
         super().__init__(why)
@@ -155,48 +153,55 @@ class RunsError(ValueError):
 
 
 def parse_runs(raw: bytes, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """(N runs, soft-masked runs), each (k, 2) int64, of one runs.i32 member; ValueError if it is malformed."""
-    if len(raw) % 4:
-        raise ValueError("its size is not a whole number of int32")
-    _, starts, ends, soft = _run_table(np.frombuffer(raw, dtype="<i4").astype(np.int64), np.zeros(1, np.int64),
-                                       np.array([len(raw) // 4]))
-    _check_runs(starts, ends, np.full(len(starts), length))
-    runs = np.column_stack([starts, ends])
-    for kind in (runs[~soft], runs[soft]):
-        if np.any(kind[1:, 0] < kind[:-1, 1]):
+    """(N runs, soft-masked runs), each (k, 2) int64, of one whole runs.i32 member; ValueError if malformed."""
+    values = np.frombuffer(raw[:len(raw) - len(raw) % 4], dtype="<i4").astype(np.int64)
+    table = _table_ints(length)
+    if len(raw) % 4 or len(values) < 2 or min(values[:2]) < 0 or len(values) != 2 + table + 2 * (values[0] + values[1]):
+        raise ValueError("its run counts do not match its size")
+    pairs = values[2 + table:].reshape(-1, 2)
+    n_runs, soft_runs = pairs[:values[0]], pairs[values[0]:]
+    for runs in (n_runs, soft_runs):
+        _check_runs(runs[:, 0], runs[:, 1], length)
+        if np.any(runs[1:, 0] < runs[:-1, 1]):
             raise ValueError("its runs are unsorted or overlap")
-    return runs[~soft], runs[soft]
+    return n_runs, soft_runs
 
 
-def _check_runs(starts: np.ndarray, ends: np.ndarray, lengths: np.ndarray) -> None:
-    bad = (starts < 0) | (ends <= starts) | (ends > lengths)
+def _check_runs(starts: np.ndarray, ends: np.ndarray, length: int) -> None:
+    bad = (starts < 0) | (ends <= starts) | (ends > length)
     if bad.any():
         raise RunsError(int(np.flatnonzero(bad)[0]), "a run is empty or outside the window")
 
 
-def decode_crops(packed: np.ndarray, runs_values: np.ndarray, runs_first: np.ndarray, runs_sizes: np.ndarray,
+def decode_crops(packed: np.ndarray, runs: tuple[np.ndarray, np.ndarray], members: tuple[np.ndarray, np.ndarray],
                  offsets: np.ndarray, window: int, out: np.ndarray) -> None:
     """Stored bytes of B crops of L bases (out: (B, L), L a multiple of 4) from their packed bytes (B, L / 4)
-    and their windows' runs.i32 members (end to end in runs_values, int64). Raises RunsError naming the
-    crop whose runs are malformed (the caller names its shard and sample)."""
+    and the runs that may overlap them: (N runs, soft-masked runs), each (k, 2) window coordinates, and the
+    crop each run belongs to. Raises RunsError naming the crop whose runs are malformed."""
     rows, length = out.shape
     out[:] = _UNPACK32[packed].view(np.uint8).reshape(rows, length)
-    member, starts, ends, soft = _run_table(runs_values, runs_first, runs_sizes)
-    try:
-        _check_runs(starts, ends, np.full(len(starts), window))
-    except RunsError as err:
-        raise RunsError(int(member[err.member]), str(err)) from None
-    first = np.maximum(starts - offsets[member], 0)
-    last = np.minimum(ends - offsets[member], length)
-    keep = np.flatnonzero(last > first)
     flat = out.reshape(-1)
-    for row, a, b, flag in zip(member[keep].tolist(), first[keep].tolist(), last[keep].tolist(), soft[keep].tolist(),
-                               strict=True):
-        view = flat[row * length + a:row * length + b]
-        if flag:
-            view |= SOFTMASK_FLAG
+    for kind, (pairs, member) in enumerate(zip(runs, members, strict=True)):
+        try:
+            _check_runs(pairs[:, 0], pairs[:, 1], window)
+        except RunsError as err:
+            raise RunsError(int(member[err.member]), str(err)) from None
+        # the runs clipped to their crops, as positions in the flat batch
+        first = member * length + np.clip(pairs[:, 0] - offsets[member], 0, length)
+        last = member * length + np.clip(pairs[:, 1] - offsets[member], 0, length)
+        covered = _positions(first, last)
+        if kind:
+            flat[covered] |= SOFTMASK_FLAG
         else:
-            view[:] = N_ID
+            flat[covered] = N_ID
+
+
+def _positions(first: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """Every position of the half-open ranges [first, last) (empty ones allowed), as one index array: the cost
+    is the bases covered, with no Python loop over the ranges."""
+    lengths = np.maximum(last - first, 0)
+    ends = np.cumsum(lengths)
+    return np.repeat(first - ends + lengths, lengths) + np.arange(int(ends[-1]) if len(ends) else 0)
 
 
 def decode_span(packed: np.ndarray, first_byte: int, n_runs: np.ndarray, soft_runs: np.ndarray, start: int,
@@ -270,14 +275,30 @@ class ShardReader:
             raise ShardFormatError(f"shard {self.tar_path}: sample {k} has a corrupt runs member ({exc}); "
                                    f"restore the shard or rerun data_prep/shard_genome.py") from None
 
-    def crop_places(self, k: int, start: int, length: int) -> tuple[bytes, bytes]:
+    def crop_places(self, k: int, start: int, length: int, window: int) -> tuple[bytes, bytes, bytes]:
         """Version 3, start and length multiples of 4: the packed bytes of bases [start, start + length) of
-        sample k and its runs.i32 member (what `decode_crops` decodes)."""
+        sample k, and its N and soft-masked runs that may overlap them ((start, end) int32 pairs), found
+        through the runs member's block table: the reads are bounded by the crop, not the window."""
         bases_off, bases_size, runs_off, runs_size = (int(v) for v in self.index[k, 2:6])
         if start + length > 4 * bases_size:
             raise ShardFormatError(f"shard {self.tar_path}: sample {k} holds {4 * bases_size} bases at most, "
                                    f"bases {start}..{start + length} were asked for")
-        return self._pread(bases_off + start // 4, length // 4), self._pread(runs_off, runs_size)
+        first_block, end_block = start // RUN_BLOCK, -(-(start + length) // RUN_BLOCK)
+        head = struct.unpack(f"<{2 * end_block + 4}i", self._pread(runs_off, 8 * end_block + 16))
+        n_count, soft_count = head[0], head[1]
+        table = _table_ints(window)
+        if n_count < 0 or soft_count < 0 or runs_size != 4 * (2 + table + 2 * (n_count + soft_count)):
+            raise ShardFormatError(f"shard {self.tar_path}: sample {k} has a corrupt runs member (its run counts "
+                                   f"do not match its size); restore the shard or rerun data_prep/shard_genome.py")
+        pairs_off = runs_off + 4 * (2 + table)
+        slices = []
+        for kind, (count, before) in enumerate(((n_count, 0), (soft_count, n_count))):
+            lo, hi = head[2 + 2 * first_block + kind], min(head[2 + 2 * end_block + kind] + 1, count)
+            if not 0 <= lo <= count:
+                raise ShardFormatError(f"shard {self.tar_path}: sample {k} has a corrupt runs member (its block "
+                                       f"table points outside its runs); restore the shard or rerun data_prep/shard_genome.py")
+            slices.append(self._pread(pairs_off + 8 * (before + lo), 8 * (hi - lo)) if hi > lo else b"")
+        return self._pread(bases_off + start // 4, length // 4), slices[0], slices[1]
 
     def read_span(self, k: int, start: int, length: int, out: np.ndarray | None = None,
                   window: int | None = None) -> np.ndarray:

@@ -40,7 +40,7 @@ SAMPLE = REPO / "caduceus_dist" / "sample" / "hg38_sample.fa.gz"  # embedded: ev
 
 def pack_2bit(stored: np.ndarray) -> tuple[bytes, bytes]:
     """Version 3 members of one window, written independently of `shard_format.encode_bases`: a per-base
-    weighted sum for the 2-bit codes, itertools.groupby for the runs."""
+    weighted sum for the 2-bit codes, itertools.groupby for the runs, a linear search for the block table."""
     ids = (stored & 15).astype(np.int64)
     codes = np.where(ids == 11, 0, ids - 7)
     codes = np.concatenate([codes, np.zeros(-len(codes) % 4, dtype=np.int64)]).reshape(-1, 4)
@@ -54,7 +54,10 @@ def pack_2bit(stored: np.ndarray) -> tuple[bytes, bytes]:
                 pairs += [position, position + size]
             position += size
         runs.append(pairs)
-    table = [len(runs[0]) // 2, len(runs[1]) // 2, *runs[0], *runs[1]]
+    blocks = []  # per 4096-base boundary: the first run of each kind ending after it
+    for boundary in range(0, 4096 * (-(-len(stored) // 4096) + 1), 4096):
+        blocks += [next((i for i, end in enumerate(pairs[1::2]) if end > boundary), len(pairs) // 2) for pairs in runs]
+    table = [len(runs[0]) // 2, len(runs[1]) // 2, *blocks, *runs[0], *runs[1]]
     return packed, np.array(table, dtype="<i4").tobytes()
 
 

@@ -160,20 +160,22 @@ def test_masks_change_between_epochs_but_not_between_runs(shards):
         assert torch.equal(again["input_ids"][i], first[int(again["sample_id"][i])])
 
 
-@pytest.mark.parametrize("version", [2, 3])
-def test_read_crops_gives_the_stored_bases_of_every_crop(tmp_path, version):
+@pytest.mark.parametrize(("version", "window"), [(2, 1024), (3, 1024), (3, 8192)])
+def test_read_crops_gives_the_stored_bases_of_every_crop(tmp_path, version, window):
     """`ShardSplit.read_crops` against the stored windows: soft-mask flags and N runs, lengths that are and are not
-    multiples of 4 (the batch decoder and the per-crop one), more windows than version 2's cache holds."""
+    multiples of 4 (the batch decoder and the per-crop one), crops in every block of a runs member's block
+    table (8192-base windows: two blocks), more windows than version 2's cache holds."""
     tokens = softmasked_tokens()
-    write_dataset(tmp_path, 1024, {"train": [30, 50]}, tokens=tokens, version=version)
+    count = 80 * 1024 // window
+    write_dataset(tmp_path, window, {"train": [count // 2, count - count // 2]}, tokens=tokens, version=version)
     split = ShardSplit(tmp_path, "train")
     split.WINDOW_CACHE = 8
-    windows = tokens[:80 * 1024].reshape(80, 1024)
+    windows = tokens[:count * window].reshape(count, window)
     rng = np.random.default_rng(0)
-    for length in (256, 1024, 128, 4, 7, 341):
+    for length in (256, 1024, 128, 4, 7, 341, window):
         for _ in range(3):
-            ids = rng.integers(0, 80, 20)
-            offsets = rng.integers(0, 1024 // length, 20) * length
+            ids = rng.integers(0, count, 20)
+            offsets = rng.integers(0, window // length, 20) * length
             out = np.empty((20, length), dtype=np.uint8)
             split.read_crops(ids, offsets, out)
             for row, (i, o) in enumerate(zip(ids, offsets, strict=True)):

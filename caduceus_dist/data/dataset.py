@@ -230,8 +230,9 @@ class ShardSplit:
     def read_crops(self, sample_ids: np.ndarray, offsets: np.ndarray, out: np.ndarray) -> None:
         """Stored bytes of crops (window sample_ids[i] at offsets[i], out.shape[1] bases) into the rows of `out`.
 
-        Version 3 reads only the crops' bases and their windows' run lists (two positional reads per crop)
-        and decodes the batch at once; versions 1 and 2 decompress whole windows (the last few are kept).
+        Version 3 reads only the crops' bases and the runs that may overlap them (three or four positional
+        reads per crop, each bounded by the crop) and decodes the batch at once; versions 1 and 2 decompress
+        whole windows (the last few are kept).
         """
         rows, length = out.shape
         if self.version < 3 or length % 4:
@@ -243,16 +244,19 @@ class ShardSplit:
                     self._reader(shard).read_span(k, int(offsets[row]), length, out[row], self.window)
             return
         shards, ks = self._locate(np.asarray(sample_ids, dtype=np.int64))
-        packed, runs = [], []
+        packed, n_runs, soft_runs = [], [], []
         for shard, k, offset in zip(shards.tolist(), ks.tolist(), np.asarray(offsets).tolist(), strict=True):
-            packed_at, runs_at = self._reader(shard).crop_places(k, offset, length)
-            packed.append(packed_at)
-            runs.append(runs_at)
-        runs_sizes = np.array([len(raw) // 4 for raw in runs], dtype=np.int64)
+            bases, n_pairs, soft_pairs = self._reader(shard).crop_places(k, offset, length, self.window)
+            packed.append(bases)
+            n_runs.append(n_pairs)
+            soft_runs.append(soft_pairs)
+        runs, members = [], []
+        for pieces in (n_runs, soft_runs):
+            runs.append(np.frombuffer(b"".join(pieces), dtype="<i4").astype(np.int64).reshape(-1, 2))
+            members.append(np.repeat(np.arange(rows), [len(piece) // 8 for piece in pieces]))
         try:
-            decode_crops(np.frombuffer(b"".join(packed), dtype=np.uint8).reshape(rows, length // 4),
-                         np.frombuffer(b"".join(runs), dtype="<i4").astype(np.int64), np.cumsum(runs_sizes) - runs_sizes,
-                         runs_sizes, np.asarray(offsets, dtype=np.int64), self.window, out)
+            decode_crops(np.frombuffer(b"".join(packed), dtype=np.uint8).reshape(rows, length // 4), tuple(runs),
+                         tuple(members), np.asarray(offsets, dtype=np.int64), self.window, out)
         except RunsError as err:
             raise ShardFormatError(f"shard {self.shards[int(shards[err.member])].tar}: sample {int(ks[err.member])} has a "
                                    f"corrupt runs member ({err}); restore the shard or rerun data_prep/shard_genome.py") from None
