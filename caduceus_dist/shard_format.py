@@ -108,14 +108,21 @@ def read_index(path: str | os.PathLike, version: int = FORMAT_VERSION) -> np.nda
     return np.frombuffer(raw, dtype="<i8").reshape(-1, columns)
 
 
-def _runs(mask: np.ndarray) -> np.ndarray:
-    """(start, end) pairs of the True runs of each row of a (n, length) bool array: a list of int32 (k, 2)."""
-    edges = np.diff(mask.astype(np.int8), axis=1, prepend=0, append=0)
-    rows_up, starts = np.nonzero(edges == 1)
-    _, ends = np.nonzero(edges == -1)
-    split_at = np.searchsorted(rows_up, np.arange(1, len(mask)))
-    pairs = np.column_stack([starts, ends]).astype("<i4")
-    return np.split(pairs, split_at)
+def _runs(mask: np.ndarray) -> list[np.ndarray]:
+    """(start, end) pairs of the True runs of each row of a (n, length) bool array: a list of int64 (k, 2).
+
+    One pass over the rows laid end to end with a False column between them, so each run's rising and
+    falling edges come in order and never cross a row."""
+    rows, length = mask.shape
+    padded = np.zeros((rows, length + 1), dtype=bool)
+    padded[:, :length] = mask
+    flat = padded.reshape(-1)
+    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1  # positions where a run starts or ends
+    if flat[0]:
+        edges = np.concatenate([[0], edges])
+    row, column = np.divmod(edges, length + 1)
+    pairs = column.reshape(-1, 2)
+    return np.split(pairs, np.searchsorted(row[0::2], np.arange(1, rows)))
 
 
 def _table_ints(length: int) -> int:
