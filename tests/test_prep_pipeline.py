@@ -660,3 +660,30 @@ def test_a_run_that_wrote_no_shard_does_not_block_other_arguments(tmp_path):
         shard_genome(ShardConfig(fasta=str(chrm_only), out=str(out), window=4096, quiet=True))
     manifest = shard_genome(ShardConfig(fasta=str(chrm_only), out=str(out), window=2048, contigs="all", quiet=True))
     assert manifest["splits"]["train"]["windows"] == 20_000 // 2048
+
+
+def test_holdout_contigs_puts_whole_contigs_in_valid_and_test_by_a_seeded_draw(tmp_path):
+    """`--holdout contigs`: each of 60 contigs goes to one split as a whole, drawn by a hash of (seed, contig):
+    counts within 5 sigma of the fractions, the same contigs again with the same seed, others with another."""
+    text = gzip.decompress((SAMPLE / "hg38_sample.fa.gz").read_bytes()).decode()
+    real = text.split(">chrM")[0].split("\n", 1)[1].replace("\n", "")
+    fasta = tmp_path / "many.fa"
+    fasta.write_text("".join(f">contig{i}\n{real[i * 3000:i * 3000 + 2048]}\n" for i in range(60)))
+
+    def contigs_by_split(seed: int, run: str = "") -> dict[str, set[str]]:
+        out = tmp_path / f"seed{seed}{run}"
+        manifest = shard_genome(ShardConfig(fasta=str(fasta), out=str(out), window=512, contigs="all", quiet=True,
+                                            valid_fraction=0.2, test_fraction=0.2, holdout="contigs", split_seed=seed))
+        found: dict[str, set[str]] = {}
+        for split, info in manifest["splits"].items():
+            for entry in info["shards"]:
+                reader = ShardReader(out / entry["tar"], out / entry["index"], manifest["format_version"])
+                found.setdefault(split, set()).update(reader.read_meta(k)["chrom"] for k in range(len(reader)))
+        return found
+
+    first = contigs_by_split(0)
+    assert set().union(*first.values()) == {f"contig{i}" for i in range(60)}
+    assert sum(map(len, first.values())) == 60  # a contig is never split between splits
+    for split in ("valid", "test"):
+        assert abs(len(first[split]) - 12) <= 5 * (60 * 0.2 * 0.8) ** 0.5
+    assert contigs_by_split(0, "again") == first and contigs_by_split(1) != first

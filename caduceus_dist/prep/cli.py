@@ -15,7 +15,7 @@ from caduceus_dist.prep.collection import COLLECTION_NAME, shard_collection
 from caduceus_dist.prep.download import DOWNLOADS, DownloadError, download_assembly
 from caduceus_dist.prep.fasta import FastaError
 from caduceus_dist.prep.sharding import ShardConfig, ShardingError, sample_config, shard_genome
-from caduceus_dist.prep.splits import CONTIG_FILTERS, SplitError
+from caduceus_dist.prep.splits import CONTIG_FILTERS, HOLDOUT_UNITS, SplitError
 from caduceus_dist.prep.tiling import TilingError
 from caduceus_dist.prep.verify import format_report, verify_dataset
 from caduceus_dist.prep.workers import WORKER_KINDS
@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "for genomes with too few contigs to hold whole ones out (e.g. 0.02)")
     io.add_argument("--test-fraction", type=float, default=0.0, help="without --bed: the same for test")
     io.add_argument("--split-seed", type=int, default=0, help="seed of the windows --*-fraction holds out (default: 0)")
+    io.add_argument("--holdout", choices=HOLDOUT_UNITS, default="windows",
+                    help="what --*-fraction holds out: windows (default) or whole contigs, each drawn by a hash of "
+                    "(seed, contig): for genomes with many contigs, as GPN holds out chromosomes")
     io.add_argument("--contigs", default="primary",
                     help=f"without --bed: contigs to keep for train: {' | '.join(CONTIG_FILTERS)} | a regex (default: primary)")
     io.add_argument("--out", help="output directory (default: ./data/shards/sample for the sample)")
@@ -83,7 +86,8 @@ def config_from_args(args: argparse.Namespace) -> ShardConfig:
     common = dict(
         out=args.out, bed=args.bed, split_map=args.split_map, valid_chroms=args.valid_chroms,
         test_chroms=args.test_chroms, contigs=args.contigs, valid_fraction=args.valid_fraction,
-        test_fraction=args.test_fraction, split_seed=args.split_seed, window=args.window, tiling=args.tiling,
+        test_fraction=args.test_fraction, split_seed=args.split_seed, holdout=args.holdout, window=args.window,
+        tiling=args.tiling,
         samples_per_shard=args.samples_per_shard, max_n_fraction=args.max_n_fraction,
         assembly=args.assembly,
         strict=args.strict, workers=args.workers, worker_kind=args.worker_kind, overwrite=args.overwrite,
@@ -142,7 +146,7 @@ def summary(manifest: dict, out: str, seconds: float, bases_written: int) -> str
     else:
         head = f"{out} is already complete ({layout}): same arguments and input, every shard intact; nothing written"
     args, notes = manifest["args"], []
-    held = [f"{args[f'{split}_fraction']:g} of the windows as {split}" for split in ("valid", "test")
+    held = [f"{args[f'{split}_fraction']:g} of the {args.get('holdout', 'windows')} as {split}" for split in ("valid", "test")
             if args.get(f"{split}_fraction")]
     if held:
         notes.append(f"note: held out {' and '.join(held)} at random (--split-seed {args['split_seed']})")

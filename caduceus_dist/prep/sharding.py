@@ -65,6 +65,7 @@ class ShardConfig:
     valid_fraction: float = 0.0  # whole contigs: windows held out at random as valid (seeded by split_seed)
     test_fraction: float = 0.0
     split_seed: int = 0
+    holdout: str = "windows"  # what a fraction holds out: windows, or whole contigs
     window: int = 131072
     tiling: str | None = None  # reference with a BED, tile without
     samples_per_shard: int | None = None  # default: TARGET_SHARD_BASES // window
@@ -77,7 +78,7 @@ class ShardConfig:
     quiet: bool = False
 
     RUN_ONLY = ("workers", "worker_kind", "overwrite", "quiet")  # do not change the bytes written
-    HOLDOUT = ("valid_fraction", "test_fraction", "split_seed")  # recorded only when a fraction is held out
+    HOLDOUT = ("valid_fraction", "test_fraction", "split_seed", "holdout")  # recorded only when a fraction is held out
 
     def resolved_samples_per_shard(self) -> int:
         return self.samples_per_shard or max(1, TARGET_SHARD_BASES // self.window)
@@ -296,7 +297,7 @@ def shard_genome(cfg: ShardConfig, progress: Callable[[int, int, int], None] | N
                             "(leave it out to drop only all-N windows)")
     tiling, tile = resolve_tiling(cfg.tiling, cfg.window, cfg.bed is not None)
     plan = make_split_plan(cfg.bed, cfg.split_map, cfg.valid_chroms, cfg.test_chroms, cfg.contigs,
-                           cfg.valid_fraction, cfg.test_fraction, cfg.split_seed)
+                           cfg.valid_fraction, cfg.test_fraction, cfg.split_seed, cfg.holdout)
     reader = FastaReader(cfg.fasta, strict=cfg.strict)
     fasta_digest = file_digest(cfg.fasta)
     fasta_sha, fasta_size = fasta_digest.sha256, fasta_digest.bytes

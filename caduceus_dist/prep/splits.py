@@ -17,6 +17,8 @@ from pathlib import Path
 SPLIT_COLUMN_LABELS = ("train", "valid", "test")
 CONTIG_END = 1 << 62  # "to the end of the contig" for whole-contig intervals
 SPLIT_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+HOLDOUT_UNITS = ("windows", "contigs")  # what --valid-fraction / --test-fraction hold out
+
 # Contig filters for whole-contig mode: primary assembly chromosomes with or without the "chr" prefix.
 CONTIG_FILTERS = {
     "primary": r"^(chr)?([0-9]+|X|Y|M|MT)$",
@@ -193,12 +195,14 @@ def bare_contig(name: str) -> str:
 @dataclass
 class ContigSplitPlan(SplitPlan):
     """Whole contigs: listed valid/test contigs, every other contig that passes the filter is train, except
-    the windows a seeded fraction holds out (for genomes with too few contigs to hold whole ones out)."""
+    what a seeded fraction holds out: windows (`holdout` "windows", for genomes with too few contigs to hold
+    whole ones out) or whole contigs ("contigs", as GPN holds out chromosomes per species)."""
 
     chrom_to_split: dict[str, str] = field(default_factory=dict)  # the user's contig names
     contig_filter: re.Pattern = re.compile(".*")
     fractions: dict[str, float] = field(default_factory=dict)  # split -> fraction of train windows held out
     seed: int = 0
+    holdout: str = "windows"  # what a fraction draws: HOLDOUT_UNITS
     options: dict[str, str] = field(default_factory=dict)  # split -> the option that asked for it
 
     def __post_init__(self) -> None:
@@ -211,13 +215,18 @@ class ContigSplitPlan(SplitPlan):
             if not self.contig_filter.match(chrom):
                 self.skipped_contigs.append(chrom)
                 return []
-            split = "train"
+            split = self._drawn(chrom) if self.holdout == "contigs" else "train"
         return [Interval(chrom, 0, CONTIG_END, split, 0)]
 
     def window_split(self, interval: Interval, start: int) -> str:
-        if interval.split != "train" or not self.fractions:
+        if interval.split != "train" or self.holdout == "contigs":
             return interval.split
-        digest = hashlib.blake2b(f"{self.seed}:{interval.chrom}:{start}".encode(), digest_size=8).digest()
+        return self._drawn(f"{interval.chrom}:{start}")
+
+    def _drawn(self, key: str) -> str:
+        """The split a seeded fraction gives `key` (a contig, or a contig's window): a hash of (seed, key)
+        against the cumulative fractions, so the same key lands in the same split in every run."""
+        digest = hashlib.blake2b(f"{self.seed}:{key}".encode(), digest_size=8).digest()
         draw, bound = int.from_bytes(digest, "little") / 2**64, 0.0
         for split, fraction in self.fractions.items():
             bound += fraction
@@ -237,7 +246,7 @@ class ContigSplitPlan(SplitPlan):
 
 
 def _contig_plan(valid_chroms: list[str], test_chroms: list[str], contigs: str, valid_fraction: float = 0.0,
-                 test_fraction: float = 0.0, split_seed: int = 0, **_) -> SplitPlan:
+                 test_fraction: float = 0.0, split_seed: int = 0, holdout: str = "windows", **_) -> SplitPlan:
     chrom_to_split = {c: "valid" for c in valid_chroms}
     for chrom in test_chroms:
         if bare_contig(chrom) in {bare_contig(c) for c in chrom_to_split}:
@@ -249,10 +258,13 @@ def _contig_plan(valid_chroms: list[str], test_chroms: list[str], contigs: str, 
             raise SplitError(f"--{split}-fraction must be between 0 and 1, got {fraction}")
     if sum(fractions.values()) >= 1:
         raise SplitError(f"--valid-fraction + --test-fraction must be < 1, got {sum(fractions.values())}")
+    if holdout not in HOLDOUT_UNITS:
+        raise SplitError(f"--holdout must be one of {', '.join(HOLDOUT_UNITS)}, got {holdout!r}")
     options = {"valid": f"--valid-chroms {','.join(valid_chroms)}" if valid_chroms else None,
                "test": f"--test-chroms {','.join(test_chroms)}" if test_chroms else None}
     for split, fraction in fractions.items():
-        options[split] = f"--{split}-fraction {fraction}" + (f" and {options[split]}" if options[split] else "")
+        options[split] = (f"--{split}-fraction {fraction} --holdout {holdout}"
+                          + (f" and {options[split]}" if options[split] else ""))
     pattern = CONTIG_FILTERS.get(contigs, contigs)
     try:
         compiled = re.compile(pattern)
@@ -261,7 +273,7 @@ def _contig_plan(valid_chroms: list[str], test_chroms: list[str], contigs: str, 
             f"--contigs {contigs!r} is neither {' nor '.join(CONTIG_FILTERS)} nor a valid regular expression ({exc})"
         ) from None
     return ContigSplitPlan(chrom_to_split=chrom_to_split, contig_filter=compiled, fractions=fractions,
-                           seed=split_seed, options={k: v for k, v in options.items() if v})
+                           seed=split_seed, holdout=holdout, options={k: v for k, v in options.items() if v})
 
 
 SPLIT_MODES = {
@@ -281,7 +293,7 @@ def split_mode_for(bed: str | None, split_map: str | None) -> str:
 
 def make_split_plan(
     bed: str | None, split_map: str | None, valid_chroms: list[str], test_chroms: list[str], contigs: str,
-    valid_fraction: float = 0.0, test_fraction: float = 0.0, split_seed: int = 0,
+    valid_fraction: float = 0.0, test_fraction: float = 0.0, split_seed: int = 0, holdout: str = "windows",
 ) -> SplitPlan:
     mode = split_mode_for(bed, split_map)
     if bed is not None and (valid_chroms or test_chroms or valid_fraction or test_fraction):
@@ -290,5 +302,5 @@ def make_split_plan(
     return SPLIT_MODES[mode](
         bed=Path(bed) if bed else None, split_map=split_map, valid_chroms=valid_chroms,
         test_chroms=test_chroms, contigs=contigs, valid_fraction=valid_fraction, test_fraction=test_fraction,
-        split_seed=split_seed,
+        split_seed=split_seed, holdout=holdout,
     )
