@@ -89,28 +89,35 @@ def assert_each_base_once(crops: list[tuple], windows: int, epoch: int = 0) -> N
     assert coverage.min() == 1 and coverage.max() == 1, (coverage.min(), coverage.max())
 
 
-def test_exact_resume_with_prefetched_batches(shards):
-    cfg = config(shards, prefetch_factor=4)
-    reference = [sb for sb in TrainStream(cfg, 0, 2, 2).iterate(0, 8)]
+BATCH_KEYS = ("input_ids", "targets", "target_softmasked", "source", "sample_id", "crop_offset", "strand", "epoch")
 
-    interrupted = TrainStream(cfg, 0, 2, 2)
-    it = interrupted.iterate(0, 8)
-    for _ in range(3):
-        next(it)  # 2 workers x prefetch 4 = up to 8 more micro-batches were already built
+
+def resume_after(cfg: DataConfig, rank: int, world_size: int, grad_accum: int, done: int, stop: int):
+    """(state, replayed StepBatches, uninterrupted StepBatches) for a stream interrupted after `done` steps
+    with its workers' prefetched batches unconsumed, then resumed from its state to `stop`."""
+    reference = list(TrainStream(cfg, rank, world_size, grad_accum).iterate(0, stop))
+    interrupted = TrainStream(cfg, rank, world_size, grad_accum)
+    it = interrupted.iterate(0, stop)
+    for _ in range(done):
+        next(it)
     state = interrupted.state_dict()
     it.close()
-    assert state["step"] == 3 and state["tokens"] == 3 * cfg.tokens_per_step
-
-    resumed = TrainStream(cfg, 0, 2, 2)
+    resumed = TrainStream(cfg, rank, world_size, grad_accum)
     resumed.load_state_dict(state)
-    replay = list(resumed.iterate(stop_step=8))
-    assert [sb.step for sb in replay] == list(range(3, 8))
-    for got, want in zip(replay, reference[3:], strict=True):
+    replay = list(resumed.iterate(stop_step=stop))
+    assert [sb.step for sb in replay] == list(range(done, stop))
+    for got, want in zip(replay, reference[done:], strict=True):
         for a, b in zip(got.micro_batches, want.micro_batches, strict=True):
-            for key in ("input_ids", "targets", "target_softmasked", "source", "sample_id", "crop_offset", "strand",
-                        "epoch"):
+            for key in BATCH_KEYS:
                 assert torch.equal(a[key], b[key]), key
     assert replay[-1].state == resumed.state_dict()
+    return state
+
+
+def test_exact_resume_with_prefetched_batches(shards):
+    cfg = config(shards, prefetch_factor=4)  # 2 workers x prefetch 4 = up to 8 more micro-batches built
+    state = resume_after(cfg, 0, 2, 2, done=3, stop=8)
+    assert state["step"] == 3 and state["tokens"] == 3 * cfg.tokens_per_step
 
 
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 4)])

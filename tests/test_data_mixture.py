@@ -16,6 +16,7 @@ import pyfaidx
 import pytest
 import torch
 from test_data_fixtures import softmasked_tokens, write_dataset
+from test_data_loader import resume_after
 
 from caduceus_dist.data import DataConfig, TrainStream
 from caduceus_dist.data.config import MixturePhase, SourceConfig
@@ -138,22 +139,8 @@ PHASES = [MixturePhase(start_step=0, weights={"big": 2.0, "mid": 1.0, "small": 1
 
 
 def test_exact_resume_across_a_phase_change_gives_the_same_batches(roots):
-    cfg = mixture(roots, {}, PHASES, num_workers=2)
-    reference = list(TrainStream(cfg, 1, 2, 2).iterate(0, 8))
-    first = TrainStream(cfg, 1, 2, 2)
-    it = first.iterate(0, 8)
-    for _ in range(3):
-        next(it)
-    state = first.state_dict()
-    it.close()
-    resumed = TrainStream(cfg, 1, 2, 2)
-    resumed.load_state_dict(state)
-    replay = list(resumed.iterate(stop_step=8))
-    assert [sb.step for sb in replay] == list(range(3, 8))
-    for got, want in zip(replay, reference[3:], strict=True):
-        for a, b in zip(got.micro_batches, want.micro_batches, strict=True):
-            for key in ("input_ids", "targets", "target_softmasked", "source", "sample_id", "crop_offset", "strand"):
-                assert torch.equal(a[key], b[key]), key
+    state = resume_after(mixture(roots, {}, PHASES, num_workers=2), 1, 2, 2, done=3, stop=8)  # phase 2 from step 4
+    assert set(state["sources"]) == {"big", "mid", "small"} and state["sources"]["small"]["tokens"] > 0
 
 
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (2, 4)])
