@@ -83,11 +83,9 @@ class Mixture:
 
     # ---- per-step counts ----
     def weights_at(self, step: int) -> np.ndarray:
+        """The sources' normalised weights at `step` (its phase's)."""
         phase = int(np.searchsorted(self.phase_starts, step, side="right")) - 1
         return np.diff(self.cumulative[phase], prepend=0.0)
-
-    def phase_at(self, step: int) -> int:
-        return int(np.searchsorted(self.phase_starts, step, side="right")) - 1
 
     def boundaries(self, steps: np.ndarray, rows: int) -> np.ndarray:
         """(len(steps), K + 1) row boundaries b_0 = 0 .. b_K = rows of steps that all have `rows` rows."""
