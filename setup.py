@@ -13,7 +13,8 @@ setup(
         "deepspeed>=0.16",
         "webdataset>=0.2.100",
         "omegaconf>=2.3",
-        "zstandard>=0.22",
+        "pyyaml>=6",  # genome collection files
+        "zstandard>=0.22",  # reads shard format versions 1 and 2
         "tensorboard>=2.16",
         "submitit>=1.5",
         "safetensors>=0.4",
