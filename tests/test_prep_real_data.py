@@ -8,9 +8,12 @@ from pathlib import Path
 import pytest
 from test_prep_pipeline import assert_round_trip, tree
 
+from caduceus_dist.data.dataset import ShardSplit
+from caduceus_dist.prep.collection import shard_collection
 from caduceus_dist.prep.sharding import ShardConfig, shard_genome
 from caduceus_dist.prep.tiling import REFERENCE_SPAN
 from caduceus_dist.prep.verify import verify_dataset
+from caduceus_dist.shard_format import ShardReader
 
 pytestmark = pytest.mark.shared_data
 
@@ -100,3 +103,39 @@ def test_soft_masking_survives_sharding_base_for_base(shared_data, tmp_path, gen
     lower = sum(text.count(c) for c in "acgtn")
     assert 0.2 * lower < stored_lower <= lower  # the windows leave out each contig's tail only
     assert verify_dataset(out).ok
+
+
+def test_collection_of_real_genomes_with_each_split_rule(shared_data, tmp_path):
+    """Three real genomes of ../shared/data/genomes/more, one split rule each: fly chr2R (soft-masked by UCSC)
+    with a held-out fraction of windows, U. maydis (36 records) with a held-out fraction of whole contigs,
+    E. coli K-12 with nothing held out. The fungus's valid split is whole contigs; the fly's soft-masked base
+    count is the FASTA's lower case in its stored windows."""
+    more = shared_data / "genomes" / "more"
+    collection = tmp_path / "genomes.yaml"
+    collection.write_text(
+        "window: 65536\ncontigs: all\ngenomes:\n"
+        f"  - {{name: fly, fasta: {more / 'Dmel_dm3_chr2R.softmasked.fa.gz'}, taxon: 7227, valid_fraction: 0.05}}\n"
+        f"  - {{name: fungus, fasta: {more / 'Umay_521_genome.fa.gz'}, valid_fraction: 0.2, holdout: contigs,"
+        " split_seed: 3}\n"
+        f"  - {{name: ecoli, fasta: {more / 'Ecol_K12_MG1655.fa.gz'}}}\n")
+    result = shard_collection(collection, tmp_path / "out", workers=2, report=lambda _line: None)
+    splits = {g["name"]: g["splits"] for g in result["genomes"]}
+    assert set(splits["ecoli"]) == {"train"} and splits["ecoli"]["train"]["windows"] == 4_639_675 // 65536
+    for name in ("fly", "fungus", "ecoli"):
+        assert verify_dataset(tmp_path / "out" / name).ok
+    def contigs(split: str) -> set[str]:
+        shards = ShardSplit(tmp_path / "out" / "fungus", split)
+        found = set()
+        for entry in shards.shards:
+            reader = ShardReader(entry.tar, entry.index, shards.version)
+            found.update(reader.read_meta(k)["chrom"] for k in range(entry.samples))
+        return found
+
+    held, kept = contigs("valid"), contigs("train")
+    assert held and kept and not held & kept  # whole contigs on one side only
+    text = gzip.decompress((more / "Dmel_dm3_chr2R.softmasked.fa.gz").read_bytes()).decode()
+    sequence = "".join(text.split("\n", 1)[1].split())
+    stored = sum(info["windows"] for info in splits["fly"].values())
+    assert stored == len(sequence) // 65536
+    lower = sum(1 for c in sequence[:stored * 65536] if c.islower())
+    assert sum(info["softmasked_bases"] for info in splits["fly"].values()) == lower > 0
