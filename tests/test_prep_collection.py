@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,3 +91,32 @@ def test_collection_cli_refuses_single_genome_options_and_reruns_without_work(tm
     refused = subprocess.run([*command, "--window", "4096"], capture_output=True, text=True, cwd=tmp_path)
     assert refused.returncode == 2 and "--collection takes its genomes' settings from the YAML file; drop --window" \
         in refused.stderr
+
+
+def test_ctrl_c_stops_every_genome_keeps_finished_shards_and_the_rerun_completes(tmp_path):
+    """SIGINT to the whole process group (what a terminal's Ctrl-C does) while the genomes shard in parallel
+    processes, each slowed down so the signal lands mid-run: exit 130, no partial file anywhere, and a rerun
+    of the same command gives the same bytes as an uninterrupted run."""
+    slowed = ("import sys, time\n"
+              "from caduceus_dist.prep import sharding\n"
+              "from caduceus_dist.prep.cli import main\n"
+              "pack = sharding.pack_run\n"
+              "sharding.pack_run = lambda *args: (time.sleep(2.0), pack(*args))[1]\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    args = ["--collection", str(SAMPLE_COLLECTION), "--out", str(tmp_path / "out"), "--workers", "3", "--quiet"]
+    child = subprocess.Popen([sys.executable, "-c", slowed, *args], cwd=tmp_path, start_new_session=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = [tmp_path / "out" / name / ".shard_genome" for name in ("human", "fly", "yeast")]
+    deadline = time.monotonic() + 60
+    while not all(p.exists() for p in started) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # every genome is inside its one run of windows (2 s of packing each)
+    os.killpg(child.pid, signal.SIGINT)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 130, err
+    assert "interrupted; finished shards are kept" in err
+    assert not list((tmp_path / "out").rglob("*.partial")) and not (tmp_path / "out" / "collection.json").exists()
+    assert subprocess.run([sys.executable, "-c", slowed, *args], cwd=tmp_path).returncode == 0
+    shard_collection(SAMPLE_COLLECTION, tmp_path / "clean", report=lambda _line: None)
+    for name in ("human", "fly", "yeast"):
+        assert tree(tmp_path / "out" / name) == tree(tmp_path / "clean" / name)
