@@ -12,6 +12,7 @@ data.shards, checkpoint.every, checkpoint.keep.
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,25 @@ def _reset_section(merged, key: str, source: str):
     return merged
 
 
+def _override_item(merged, key: str, value: str, source: str) -> None:
+    """Set a key inside a list item (`data.sources[1].weight=0.5`): the index must exist; the value is typed
+    as YAML, as every override is."""
+    for match in re.finditer(r"\[(\d+)\]", key):
+        prefix = key[:match.start()]
+        items = OmegaConf.select(merged, prefix, default=None)
+        if not OmegaConf.is_list(items):
+            raise ConfigError(f"{source}: '{prefix}' is not a list")
+        if int(match.group(1)) >= len(items):
+            raise ConfigError(f"{source}: '{prefix}' has {len(items)} item(s), so index {match.group(1)} does not exist; "
+                              f"set the whole list in the recipe to add one")
+    try:
+        OmegaConf.update(merged, key, OmegaConf.from_dotlist([f"value={value}"]).value, merge=True)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: wrong type or value for '{key}': {_first_line(err)}") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{source}: unknown key or bad value for '{key}': {_first_line(err)}") from None
+
+
 def load_job_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
     """Schema defaults, then the YAML recipe at `path`, then `key=value` overrides; validated."""
     merged = OmegaConf.structured(JobConfig)
@@ -97,6 +117,9 @@ def load_job_config(path: str | os.PathLike | None = None, overrides: list[str] 
         key, _, value = item.partition("=")
         if value.strip() == "{}":
             merged = _reset_section(merged, key.strip(), f"override '{item}'")
+            continue
+        if "[" in key:  # an item of a list, e.g. data.sources[0].weight=2
+            _override_item(merged, key.strip(), value, f"override '{item}'")
             continue
         merged = _merge(merged, OmegaConf.from_dotlist([item]), f"override '{item}'")
     try:

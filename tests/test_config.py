@@ -67,6 +67,24 @@ def test_bad_overrides_name_the_key(overrides, needle):
     assert needle in str(err.value)
 
 
+def test_overrides_reach_list_items_and_name_what_is_wrong():
+    """`data.sources[1].weight=0.5` sets one item of a list of sections (recipes/cpu_mixture.yaml); a missing index,
+    an unknown key or a wrong type is one ConfigError naming the override."""
+    mixture = REPO / "recipes" / "cpu_mixture.yaml"
+    cfg = load_job_config(mixture, ["data.sources[1].weight=0.5", "data.sources[0].shards=/elsewhere",
+                                    "data.mixture_schedule[1].start_step=200", "loss.softmask_weight=0.25"])
+    assert [(s.name, s.weight) for s in cfg.data.sources] == [("human", 1.0), ("fly", 0.5), ("yeast", 1.0)]
+    assert cfg.data.sources[0].shards == "/elsewhere" and cfg.data.mixture_schedule[1].start_step == 200
+    assert cfg.loss.softmask_weight == 0.25
+    for override, needle in [("data.sources[5].weight=1", "'data.sources' has 3 item(s), so index 5 does not exist"),
+                             ("data.sources[0].shardz=x", "Key 'shardz' not in 'SourceConfig'"),
+                             ("data.sources[1].weight=abc", "wrong type or value for 'data.sources[1].weight'"),
+                             ("train.seed[0]=1", "'train.seed' is not a list")]:
+        with pytest.raises(ConfigError) as err:
+            load_job_config(mixture, [override])
+        assert needle in str(err.value) and f"override '{override}'" in str(err.value)
+
+
 def test_bad_recipe_file_names_file_and_key(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("train:\n  max_steps: 3\n  warmup: 4\n")
