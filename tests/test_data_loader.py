@@ -297,7 +297,9 @@ def test_plan_stats_count_the_plans_windows_and_state_the_independent_draw_value
     assert plan_main(["--steps", "0:12", *overrides]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert plan_main(["--steps", "0:12", "--stats", *overrides]) == 0
-    stats = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    printed = capsys.readouterr()
+    stats = [json.loads(line) for line in printed.out.splitlines()]
+    assert "distinct_independent = sum_k W_k h_k" in printed.err  # the formulas, once, beside the JSON lines
     assert [(s["stage"], s["steps"], s["seq_len"], s["rows_per_step"]) for s in stats] == [(0, 5, 256, 32), (1, 7, 1024, 8)]
     for stage in stats:
         steps = range(stage["first_step"], stage["first_step"] + stage["steps"])

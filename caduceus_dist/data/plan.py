@@ -55,6 +55,11 @@ def plan_lines(stream: TrainStream, start: int, stop: int):
                        "strand": rows.strand.tolist(), "epoch": rows.epoch.tolist()}
 
 
+INDEPENDENT_FORMULAS = ("independent draws (each of n crops picks source k with probability w_k, then one of its W_k "
+                        "windows): h_k = 1 - (1 - w_k / W_k)^n; distinct_independent = sum_k W_k h_k; "
+                        "reuse_independent = sum_k W_k h_k^2 / sum_k W_k h_k")
+
+
 def independent_expectations(windows: list[int], weights: list[float], rows: int) -> tuple[float, float]:
     """(distinct windows per step, fraction of a step's windows drawn again by the next step) when each of
     `rows` crops picks source k with probability weights[k], then one of its windows[k] windows uniformly,
@@ -140,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, OmegaConfBaseException, ShardFormatError, DataPlanError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.stats:
+        print(INDEPENDENT_FORMULAS, file=sys.stderr)
     try:
         for line in diversity_stats(stream, *args.steps) if args.stats else plan_lines(stream, *args.steps):
             print(json.dumps(line, separators=(",", ":")))
