@@ -186,16 +186,22 @@ def decode_crops(packed: np.ndarray, runs: tuple[np.ndarray, np.ndarray], member
     and the runs that may overlap them: (N runs, soft-masked runs), each (k, 2) window coordinates, and the
     crop each run belongs to. Raises RunsError naming the crop whose runs are malformed."""
     rows, length = out.shape
-    out[:] = _UNPACK32[packed].view(np.uint8).reshape(rows, length)
-    flat = out.reshape(-1)
-    for kind, (pairs, member) in enumerate(zip(runs, members, strict=True)):
+    for pairs, member in zip(runs, members, strict=True):
         try:
             _check_runs(pairs[:, 0], pairs[:, 1], window)
         except RunsError as err:
             raise RunsError(int(member[err.member]), str(err)) from None
-        # the runs clipped to their crops, as positions in the flat batch
-        first = member * length + np.clip(pairs[:, 0] - offsets[member], 0, length)
-        last = member * length + np.clip(pairs[:, 1] - offsets[member], 0, length)
+    out[:] = _UNPACK32[packed].view(np.uint8).reshape(rows, length)
+    _mark_runs(out.reshape(-1), length, runs, members, offsets)
+
+
+def _mark_runs(flat: np.ndarray, length: int, runs: tuple[np.ndarray, np.ndarray],
+               members: tuple[np.ndarray, np.ndarray], offsets: np.ndarray) -> None:
+    """Crops of `length` bases laid end to end in `flat`, crop m from base offsets[m] of its window: the N runs
+    become N, the soft-masked runs get the flag (runs in window coordinates, `members` the crop of each)."""
+    for kind, (pairs, member) in enumerate(zip(runs, members, strict=True)):
+        first = member * length + np.clip(pairs[:, 0] - offsets[member], 0, length)  # clipped to the crop,
+        last = member * length + np.clip(pairs[:, 1] - offsets[member], 0, length)  # as positions in `flat`
         covered = _positions(first, last)
         if kind:
             flat[covered] |= SOFTMASK_FLAG
@@ -216,12 +222,9 @@ def decode_span(packed: np.ndarray, first_byte: int, n_runs: np.ndarray, soft_ru
     """Stored bytes of bases [start, start + length) into `out`, from the packed bytes that begin at byte
     `first_byte` of the window and the window's runs."""
     shift = start - 4 * first_byte
-    out[:] = _UNPACK[packed].reshape(-1)[shift:shift + length]
-    end = start + length
-    for runs, apply in ((n_runs, _set_n), (soft_runs, _set_flag)):
-        first, last = np.searchsorted(runs[:, 1], start, side="right"), np.searchsorted(runs[:, 0], end)
-        for run_start, run_end in runs[first:last].tolist():
-            apply(out[max(run_start, start) - start:min(run_end, end) - start])
+    out[:] = _UNPACK32[packed].view(np.uint8)[shift:shift + length]
+    _mark_runs(out, length, (n_runs, soft_runs), (np.zeros(len(n_runs), np.int64), np.zeros(len(soft_runs), np.int64)),
+               np.array([start]))
 
 
 def decode_members(bases: bytes, runs: bytes, length: int) -> np.ndarray:
@@ -230,14 +233,6 @@ def decode_members(bases: bytes, runs: bytes, length: int) -> np.ndarray:
     out = np.empty(length, dtype=np.uint8)
     decode_span(np.frombuffer(bases, dtype=np.uint8), 0, *parse_runs(runs, length), 0, length, out)
     return out
-
-
-def _set_n(view: np.ndarray) -> None:
-    view[:] = N_ID
-
-
-def _set_flag(view: np.ndarray) -> None:
-    view |= SOFTMASK_FLAG
 
 
 @dataclass(frozen=True)
@@ -286,10 +281,7 @@ class ShardReader:
         """Version 3, start and length multiples of 4: the packed bytes of bases [start, start + length) of
         sample k, and its N and soft-masked runs that may overlap them ((start, end) int32 pairs), found
         through the runs member's block table: the reads are bounded by the crop, not the window."""
-        bases_off, bases_size, runs_off, runs_size = (int(v) for v in self.index[k, 2:6])
-        if start + length > 4 * bases_size:
-            raise ShardFormatError(f"shard {self.tar_path}: sample {k} holds {4 * bases_size} bases at most, "
-                                   f"bases {start}..{start + length} were asked for")
+        runs_off, runs_size = (int(v) for v in self.index[k, 4:6])
         first_block, end_block = start // RUN_BLOCK, -(-(start + length) // RUN_BLOCK)
         head = struct.unpack(f"<{2 * end_block + 4}i", self._pread(runs_off, 8 * end_block + 16))
         n_count, soft_count = head[0], head[1]
@@ -305,31 +297,34 @@ class ShardReader:
                 raise ShardFormatError(f"shard {self.tar_path}: sample {k} has a corrupt runs member (its block "
                                        f"table points outside its runs); restore the shard or rerun data_prep/shard_genome.py")
             slices.append(self._pread(pairs_off + 8 * (before + lo), 8 * (hi - lo)) if hi > lo else b"")
-        return self._pread(bases_off + start // 4, length // 4), slices[0], slices[1]
+        return self._packed(k, start, length), slices[0], slices[1]
 
-    def read_span(self, k: int, start: int, length: int, out: np.ndarray | None = None,
-                  window: int | None = None) -> np.ndarray:
-        """Stored bytes of bases [start, start + length) of sample k; version 3 reads and decodes only those
-        (`window`, the sample's length, saves working it out)."""
+    def _packed(self, k: int, start: int, length: int) -> bytes:
+        """Version 3: the packed bytes holding bases [start, start + length) of sample k (from byte start // 4)."""
+        bases_off, bases_size = (int(v) for v in self.index[k, 2:4])
+        end_byte = -(-(start + length) // 4)
+        if end_byte > bases_size:
+            raise ShardFormatError(f"shard {self.tar_path}: sample {k} holds {4 * bases_size} bases at most, "
+                                   f"bases {start}..{start + length} were asked for")
+        return self._pread(bases_off + start // 4, end_byte - start // 4)
+
+    def read_span(self, k: int, start: int, length: int, window: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Stored bytes of bases [start, start + length) of sample k, a window of `window` bases; version 3
+        reads and decodes only those (and the window's runs)."""
         if out is None:
             out = np.empty(length, dtype=np.uint8)
         if self.version < 3:
             out[:] = self.read_tokens(k)[start:start + length]
             return out
-        bases_off, bases_size = (int(v) for v in self.index[k, 2:4])
-        first_byte, end_byte = start // 4, -(-(start + length) // 4)
-        if end_byte > bases_size:
-            raise ShardFormatError(f"shard {self.tar_path}: sample {k} holds {4 * bases_size} bases at most, "
-                                   f"bases {start}..{start + length} were asked for")
-        packed = np.frombuffer(self._pread(bases_off + first_byte, end_byte - first_byte), dtype=np.uint8)
-        decode_span(packed, first_byte, *self.runs(k, window or 4 * bases_size), start, length, out)
+        packed = np.frombuffer(self._packed(k, start, length), dtype=np.uint8)
+        decode_span(packed, start // 4, *self.runs(k, window), start, length, out)
         return out
 
     def read_tokens(self, k: int) -> np.ndarray:
         """The whole sample's stored bytes."""
         if self.version >= 3:
             length = int(self.read_meta(k)["length"])
-            return self.read_span(k, 0, length, window=length)
+            return self.read_span(k, 0, length, length)
         tok_off, tok_size = (int(v) for v in self.index[k, 2:4])
         try:
             raw = self._decompressor.decompress(self._pread(tok_off, tok_size))

@@ -60,8 +60,9 @@ def _check_shard(root: Path, entry: dict, verify: str, version: int, window: int
     rows = read_index(index, version)
     if len(rows) != entry["samples"]:
         raise ShardFormatError(f"shard index {index} has {len(rows)} rows but the manifest says {entry['samples']} samples")
-    if version >= 3 and np.any(rows[:, 3] != -(-window // 4)):  # 2-bit bases: the size tells the length
-        k = int(np.flatnonzero(rows[:, 3] != -(-window // 4))[0])
+    wrong_length = np.flatnonzero(rows[:, 3] != -(-window // 4)) if version >= 3 else ()  # 2-bit size = length
+    if len(wrong_length):
+        k = int(wrong_length[0])
         raise ShardFormatError(f"shard {tar}: sample {k} has room for {4 * int(rows[k, 3])} bases, the manifest window "
                                f"is {window}; rerun data_prep/shard_genome.py")
     if verify == "sha256" and sha256_file(tar) != entry["sha256"]:
@@ -216,7 +217,7 @@ class ShardSplit:
         """The stored window (uint8 token ids, soft-mask flag kept) of a sample id; O(1) through the shard's index."""
         shard, k = (int(v[0]) for v in self._locate(np.array([sample_id])))
         if self.version >= 3:
-            return self._reader(shard).read_span(k, 0, self.window, window=self.window)
+            return self._reader(shard).read_span(k, 0, self.window, self.window)
         cached = self._windows.pop(sample_id, None)
         tokens = self._reader(shard).read_tokens(k) if cached is None else cached
         if len(tokens) != self.window:
@@ -235,15 +236,16 @@ class ShardSplit:
         whole windows (the last few are kept).
         """
         rows, length = out.shape
-        if self.version < 3 or length % 4:
+        if self.version < 3:
             for row in range(rows):
-                if self.version < 3:
-                    out[row] = self.read_window(int(sample_ids[row]))[offsets[row]:offsets[row] + length]
-                else:
-                    shard, k = (int(v[0]) for v in self._locate(sample_ids[row:row + 1]))
-                    self._reader(shard).read_span(k, int(offsets[row]), length, out[row], self.window)
+                out[row] = self.read_window(int(sample_ids[row]))[offsets[row]:offsets[row] + length]
             return
         shards, ks = self._locate(np.asarray(sample_ids, dtype=np.int64))
+        if length % 4:  # crops not on whole packed bytes (short test lengths): one at a time
+            for row, (shard, k, offset) in enumerate(zip(shards.tolist(), ks.tolist(), np.asarray(offsets).tolist(),
+                                                         strict=True)):
+                self._reader(shard).read_span(k, offset, length, self.window, out[row])
+            return
         packed, n_runs, soft_runs = [], [], []
         for shard, k, offset in zip(shards.tolist(), ks.tolist(), np.asarray(offsets).tolist(), strict=True):
             bases, n_pairs, soft_pairs = self._reader(shard).crop_places(k, offset, length, self.window)
