@@ -123,11 +123,9 @@ def train_line(step: int, max_steps: int, m: dict[str, float]) -> str:
 def eval_metrics(prefix: str, sums: dict[str, float]) -> dict[str, float]:
     """Validation figures from evaluation sums (loss.EVAL_SUMS): loss, perplexity, bits per base and
     accuracy over every target, and loss and bits per base over upper-case (not soft-masked) bases."""
-    loss = sums["loss_sum"] / max(sums["n_targets"], 1.0)
-    upper = sums["upper_loss_sum"] / max(sums["upper_targets"], 1.0)
-    return {f"{prefix}/loss": loss, f"{prefix}/perplexity": math.exp(loss), f"{prefix}/bits_per_base": loss / math.log(2),
-            f"{prefix}/accuracy": sums["n_correct"] / max(sums["n_targets"], 1.0), f"{prefix}/n_targets": sums["n_targets"],
-            f"{prefix}/loss_uppercase": upper, f"{prefix}/bits_per_base_uppercase": upper / math.log(2)}
+    return _validation_figures(prefix, sums["loss_sum"] / max(sums["n_targets"], 1.0),
+                               sums["n_correct"] / max(sums["n_targets"], 1.0), sums["n_targets"],
+                               sums["upper_loss_sum"] / max(sums["upper_targets"], 1.0))
 
 
 def mixture_metrics(prefix: str, metrics: dict[str, float], names: tuple[str, ...],
@@ -140,10 +138,13 @@ def mixture_metrics(prefix: str, metrics: dict[str, float], names: tuple[str, ..
     def mean(key: str) -> float:
         return sum(share[name] * metrics[f"{prefix}/{name}/{key}"] for name in names)
 
-    loss, upper = mean("loss"), mean("loss_uppercase")
+    return _validation_figures(prefix, mean("loss"), mean("accuracy"),
+                               sum(metrics[f"{prefix}/{name}/n_targets"] for name in names), mean("loss_uppercase"))
+
+
+def _validation_figures(prefix: str, loss: float, accuracy: float, n_targets: float, upper: float) -> dict[str, float]:
     return {f"{prefix}/loss": loss, f"{prefix}/perplexity": math.exp(loss), f"{prefix}/bits_per_base": loss / math.log(2),
-            f"{prefix}/accuracy": mean("accuracy"),
-            f"{prefix}/n_targets": sum(metrics[f"{prefix}/{name}/n_targets"] for name in names),
+            f"{prefix}/accuracy": accuracy, f"{prefix}/n_targets": n_targets,
             f"{prefix}/loss_uppercase": upper, f"{prefix}/bits_per_base_uppercase": upper / math.log(2)}
 
 
