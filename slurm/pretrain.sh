@@ -81,9 +81,19 @@ log "recipe $CONFIG overrides: $*"
 [ "$RESTARTS" -gt 0 ] && log "requeued run: training resumes from the run's checkpoints/latest"
 
 # Forward through SLURM (every process of the job's steps, not this shell), rather than to srun, which
-# may not have its own signal handlers yet when the signal comes early.
+# may not have its own signal handlers yet when the signal comes early. Not before rank 0 has created
+# READY_FILE (its handlers are in, so every node's launcher is past its start-up and ignores the signal
+# until its trainer listens): a task that slurmstepd has just started still dies of the signal.
+export CADUCEUS_READY_FILE="${TMPDIR:-/tmp}/caduceus-ready-$SLURM_JOB_ID-${SLURM_RESTART_COUNT:-0}"
+rm -f "$CADUCEUS_READY_FILE"
+trap 'rm -f "$CADUCEUS_READY_FILE"' EXIT
 SIGNALLED=""
-signal_training() { scancel --signal="$1" "$SLURM_JOB_ID" 2>/dev/null; LAST_FORWARD=$SECONDS; }
+LAST_FORWARD=""
+signal_training() {
+  [ -e "$CADUCEUS_READY_FILE" ] || return 0
+  scancel --signal="$1" "$SLURM_JOB_ID" 2>/dev/null
+  LAST_FORWARD=$SECONDS
+}
 forward() {
   SIGNALLED=$1
   log "received SIG$1: forwarding it to the training processes (they save a checkpoint together and exit 75)"
@@ -100,12 +110,12 @@ srun --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" --kill-on-ba
   --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" "$ENTRY" --config "$CONFIG" "$@" &
 STEP_PID=$!
 
-# Wait in short sleeps so traps run promptly; repeat a forwarded signal in case it landed before the
-# step existed or before the training processes had installed their handlers (they ignore it until then).
+# Wait in short sleeps so traps run promptly; send a signal that came before READY_FILE as soon as it
+# exists, and repeat it in case it reached a rank before its handlers were in (it ignores it until then).
 FORWARD_EVERY=${FORWARD_EVERY:-30}
 while kill -0 "$STEP_PID" 2>/dev/null; do
   sleep 1 & wait $! 2>/dev/null
-  if [ -n "$SIGNALLED" ] && [ $(( SECONDS - LAST_FORWARD )) -ge "$FORWARD_EVERY" ]; then
+  if [ -n "$SIGNALLED" ] && { [ -z "$LAST_FORWARD" ] || [ $(( SECONDS - LAST_FORWARD )) -ge "$FORWARD_EVERY" ]; }; then
     signal_training "$SIGNALLED"
   fi
 done

@@ -17,6 +17,7 @@ import threading
 
 log = logging.getLogger(__name__)
 
+READY_FILE_ENV = "CADUCEUS_READY_FILE"  # set by slurm/pretrain.sh
 NONE, PREEMPT, INTERRUPT = 0, 1, 2  # what a rank received; the ranks agree on the largest (all-reduce MAX)
 
 
@@ -32,6 +33,7 @@ class PreemptionFlag:
         for name in dict.fromkeys([*signal_names, "SIGINT"]):
             signum = signal.Signals[name]
             self._previous[signum] = signal.signal(signum, self._handle)
+        _announce_listening()
 
     def _handle(self, signum: int, frame) -> None:
         if signum == signal.SIGINT and self.received == signal.SIGINT:
@@ -57,3 +59,16 @@ class PreemptionFlag:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous.clear()
+
+
+def _announce_listening() -> None:
+    """Rank 0 creates $CADUCEUS_READY_FILE once its handlers are in: slurm/pretrain.sh forwards signals only
+    after that, when every node's launcher is past the start-up moment in which a signal still kills it."""
+    path = os.environ.get(READY_FILE_ENV)
+    if not path or os.environ.get("RANK", "0") != "0":
+        return
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as err:
+        log.warning("cannot create %s (%s): the batch script will not forward preemption signals", path, err)
