@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -84,34 +85,59 @@ class Mamba(nn.Module):
         return backend if backend is not None else resolve_backend(self.backend, device)
 
     def forward(self, hidden: Tensor) -> Tensor:
-        """(B, L, D) -> (B, L, D), causal left to right."""
+        """(B, L, D) -> (B, L, D), causal left to right (a whole sequence: no sharding)."""
         y = mamba_core([self], self.in_proj(hidden).unsqueeze(0))
         return self.out_proj(y[0])
+
+
+class SequenceSharding(Protocol):
+    """How the sequence ops see a sequence split over ranks (context parallelism). The model only calls
+    these three operations; engine/context_parallel.py implements them with collectives
+    (docs/context-parallel.md). Without one (None) the whole sequence is on this rank."""
+
+    def exchange(self, tensor: Tensor, scatter_dim: int, gather_dim: int) -> Tensor:
+        """All-to-all: split `scatter_dim` over the ranks, concatenate what arrives along `gather_dim`."""
+
+    def channels(self, total: int) -> slice:
+        """This rank's slice of `total` channels (the inverse of exchange's split)."""
+
+    def sum_partials(self, tensor: Tensor) -> Tensor:
+        """The sum of every rank's `tensor` (differentiable: the gradient is summed too)."""
 
 
 def _stack(mambas: Sequence[Mamba], get) -> Tensor:
     return torch.stack([get(m) for m in mambas])
 
 
-def mamba_core(mambas: Sequence[Mamba], xz: Tensor) -> Tensor:
-    """Conv, projections and scan of G Mamba mixers at once: xz (G, B, L, 2E) -> gated y (G, B, L, E)."""
+def mamba_core(mambas: Sequence[Mamba], xz: Tensor, sharding: SequenceSharding | None = None) -> Tensor:
+    """Conv, projections and scan of G Mamba mixers at once: xz (G, B, L, 2E) -> gated y (G, B, L, E).
+
+    With `sharding`, xz holds this rank's slice of the channels of x and of z over the whole length:
+    conv, dt_proj and the scan are per channel, and x_proj's partial products are summed over the ranks
+    (in fp32, whatever the autocast dtype)."""
     first = mambas[0]
     backend = first.kernels(xz.device)
+    channels = slice(None) if sharding is None else sharding.channels(first.d_inner)
     x, z = xz.chunk(2, dim=-1)
-    conv_bias = None if first.conv1d.bias is None else _stack(mambas, lambda m: m.conv1d.bias)
-    x = backend.causal_conv1d_silu(x, _stack(mambas, lambda m: m.conv1d.weight[:, 0, :]), conv_bias)
-    x_dbl = torch.matmul(x, _stack(mambas, lambda m: m.x_proj.weight).transpose(1, 2).unsqueeze(1))
+    conv_bias = None if first.conv1d.bias is None else _stack(mambas, lambda m: m.conv1d.bias[channels])
+    x = backend.causal_conv1d_silu(x, _stack(mambas, lambda m: m.conv1d.weight[channels, 0, :]), conv_bias)
+    x_dbl = torch.matmul(x, _stack(mambas, lambda m: m.x_proj.weight[:, channels]).transpose(1, 2).unsqueeze(1))
+    if sharding is not None:
+        x_dbl = sharding.sum_partials(x_dbl.float()).to(x_dbl.dtype)
     dt_low, Bm, Cm = x_dbl.split([first.dt_rank, first.d_state, first.d_state], dim=-1)
-    delta = torch.matmul(dt_low, _stack(mambas, lambda m: m.dt_proj.weight).transpose(1, 2).unsqueeze(1))
-    A = -torch.exp(_stack(mambas, lambda m: m.A_log).float())
+    delta = torch.matmul(dt_low, _stack(mambas, lambda m: m.dt_proj.weight[channels]).transpose(1, 2).unsqueeze(1))
+    A = -torch.exp(_stack(mambas, lambda m: m.A_log[channels]).float())
     return backend.selective_scan(
-        x, delta, A, Bm, Cm, _stack(mambas, lambda m: m.D), z,
-        _stack(mambas, lambda m: m.dt_proj.bias), first.scan_chunk_size,
+        x, delta, A, Bm, Cm, _stack(mambas, lambda m: m.D[channels]), z,
+        _stack(mambas, lambda m: m.dt_proj.bias[channels]), first.scan_chunk_size,
     )
 
 
 class BiMambaWrapper(nn.Module):
-    """mamba_fwd(h) combined with flip_L(mamba_rev(flip_L(h))); in_proj/out_proj tied when weight_tie."""
+    """mamba_fwd(h) combined with flip_L(mamba_rev(flip_L(h))); in_proj/out_proj tied when weight_tie.
+
+    Every length flip happens inside `mix`, on the scan inputs and outputs, so the same code serves a
+    sequence split over ranks: there the scans see the whole length for a slice of the channels."""
 
     def __init__(self, d_model: int, bidirectional: bool = True, bidirectional_strategy: str = "add",
                  bidirectional_weight_tie: bool = True, **mamba_kwargs) -> None:
@@ -119,6 +145,7 @@ class BiMambaWrapper(nn.Module):
         self.bidirectional = bidirectional
         self.strategy = bidirectional_strategy
         self.weight_tie = bidirectional_weight_tie
+        self.sharding: SequenceSharding | None = None  # set by context parallelism, never saved
         self.mamba_fwd = Mamba(d_model, **mamba_kwargs)
         self.mamba_rev = Mamba(d_model, **mamba_kwargs) if bidirectional else None
         if bidirectional and bidirectional_weight_tie:
@@ -128,19 +155,48 @@ class BiMambaWrapper(nn.Module):
             self.mamba_rev.out_proj.bias = self.mamba_fwd.out_proj.bias
 
     def forward(self, hidden: Tensor) -> Tensor:
+        return self.mix([(hidden, False)])[0]
+
+    def _scans(self, swapped: bool) -> list[tuple[Mamba, bool]]:
+        """(mixer, runs right to left) of each scan. `swapped` trades the directions' parameters: the RC half
+        of a PS layer, flipLC(m(flipLC(h))) = flip_C(m_swapped(flip_C(h))) (docs/context-parallel.md §2)."""
         fwd, rev = self.mamba_fwd, self.mamba_rev
         if rev is None:
-            return fwd(hidden)
-        xz = fwd.in_proj(hidden)
-        if torch.is_grad_enabled():
-            xz_rev = xz.flip(1) if self.weight_tie else rev.in_proj(hidden.flip(1))
-            y_fwd, y_rev = mamba_core([fwd, rev], torch.stack([xz, xz_rev]))
-        else:
-            y_fwd = mamba_core([fwd], xz[None])[0]
-            xz = xz.flip(1) if self.weight_tie else rev.in_proj(hidden.flip(1))  # the forward input is done with
-            y_rev = mamba_core([rev], xz[None])[0]
-        if self.weight_tie and self.strategy == "add":  # out_proj is linear and shared: project the sum once
-            return fwd.out_proj(y_fwd + y_rev.flip(1))
-        out_fwd, out_rev = fwd.out_proj(y_fwd), rev.out_proj(y_rev).flip(1)
-        return out_fwd + out_rev if self.strategy == "add" else out_fwd * out_rev
+            return [(fwd, swapped)]
+        return [(rev, False), (fwd, True)] if swapped else [(fwd, False), (rev, True)]
 
+    def mix(self, inputs: list[tuple[Tensor, bool]]) -> list[Tensor]:
+        """Each (hidden (B, L, D), swapped) through the mixer. In training all scans of all inputs run as
+        one grouped call (one conv, one batched x_proj/dt_proj, one scan); without autograd one after the
+        other, which bounds the transient memory of long inputs (docs/inference.md §3)."""
+        sharding = self.sharding
+        scans = [(index, mamba, backward) for index, (_, swapped) in enumerate(inputs)
+                 for mamba, backward in self._scans(swapped)]
+        projected: dict[tuple[int, int], Tensor] = {}  # (input, in_proj) -> xz, shared by tied directions
+        for index, mamba, _ in scans:
+            projected.setdefault((index, id(mamba.in_proj)), mamba.in_proj(inputs[index][0]))
+        if sharding is not None:  # (B, L/cp, 2E) -> (B, L, 2E/cp): x and z keep matching channels
+            keys = list(projected)
+            stacked = torch.stack([projected[key] for key in keys]).unflatten(-1, (2, -1))
+            exchanged = sharding.exchange(stacked, scatter_dim=-1, gather_dim=2).flatten(-2)
+            projected = dict(zip(keys, exchanged.unbind(0), strict=True))
+        xz = [projected[index, id(mamba.in_proj)] for index, mamba, _ in scans]
+        xz = [t.flip(1) if backward else t for t, (_, _, backward) in zip(xz, scans, strict=True)]
+        mambas = [mamba for _, mamba, _ in scans]
+        if torch.is_grad_enabled():
+            ys = list(mamba_core(mambas, torch.stack(xz), sharding).unbind(0))
+        else:
+            ys = [mamba_core([mamba], t[None], sharding)[0] for mamba, t in zip(mambas, xz, strict=True)]
+        ys = [y.flip(1) if backward else y for y, (_, _, backward) in zip(ys, scans, strict=True)]
+        return [self._combine([(mamba, y) for (index, mamba, _), y in zip(scans, ys, strict=True) if index == wanted])
+                for wanted in range(len(inputs))]
+
+    def _combine(self, outputs: list[tuple[Mamba, Tensor]]) -> Tensor:
+        """The input's scan outputs, aligned by position, through out_proj and the bidirectional strategy."""
+        def to_positions(y: Tensor) -> Tensor:
+            return y if self.sharding is None else self.sharding.exchange(y, scatter_dim=1, gather_dim=-1)
+
+        if len(outputs) == 1 or (self.weight_tie and self.strategy == "add"):  # linear and shared: project the sum
+            return outputs[0][0].out_proj(to_positions(sum(y for _, y in outputs)))
+        projected = [mamba.out_proj(to_positions(y)) for mamba, y in outputs]
+        return projected[0] + projected[1] if self.strategy == "add" else projected[0] * projected[1]

@@ -11,11 +11,6 @@ import torch
 from torch import Tensor, nn
 
 
-def flip_lc(x: Tensor) -> Tensor:
-    """Flip over the length and channel dims (B, L, C)."""
-    return x.flip(-2, -1)
-
-
 class Norm(nn.Module):
     """RMSNorm (rms_norm=True, weight only) or LayerNorm, computed in fp32, output in `out_dtype`."""
 
@@ -84,8 +79,11 @@ class RCPSEmbedding(nn.Module):
 
 
 class RCPSWrapper(nn.Module):
-    """[m(h1) | flipLC(m(flipLC(h2)))]. Training runs both halves as one batch of 2B sequences; without
-    autograd they run one after the other, which halves the mixer's transient memory (docs/inference.md §3)."""
+    """[m(h1) | flipLC(m(flipLC(h2)))], with m a BiMambaWrapper. The RC half is computed as
+    flip_C(m_swapped(flip_C(h2))), m's two scan directions trading parameters (docs/context-parallel.md §2):
+    equal, and no length flip of the hidden states, which context parallelism splits over ranks. Training
+    runs both halves as one grouped call; without autograd they run one after the other, which halves
+    the mixer's transient memory (docs/inference.md §3)."""
 
     def __init__(self, submodule: nn.Module) -> None:
         super().__init__()
@@ -93,11 +91,12 @@ class RCPSWrapper(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         first, second = hidden.chunk(2, dim=-1)
-        if not torch.is_grad_enabled():
-            return torch.cat([self.submodule(first), flip_lc(self.submodule(flip_lc(second)))], dim=-1)
-        out = self.submodule(torch.cat([first, flip_lc(second)], dim=0))
-        out_first, out_second = out.chunk(2, dim=0)
-        return torch.cat([out_first, flip_lc(out_second)], dim=-1)
+        halves = [(first, False), (second.flip(-1), True)]
+        if torch.is_grad_enabled():
+            out_first, out_second = self.submodule.mix(halves)
+        else:
+            out_first, out_second = (self.submodule.mix([half])[0] for half in halves)
+        return torch.cat([out_first, out_second.flip(-1)], dim=-1)
 
 
 class RCPSLMHead(nn.Module):
