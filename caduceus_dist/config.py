@@ -150,6 +150,13 @@ def validate(cfg: JobConfig) -> None:
              "engine.precision=fp16 is not supported with engine.name=fsdp2 (use bf16, or the deepspeed/ddp engines)")
     _require(cfg.engine.deepspeed_config is None or cfg.engine.name == "deepspeed",
              f"engine.deepspeed_config is set but engine.name is '{cfg.engine.name}' (it only applies to deepspeed)")
+    _require(cfg.engine.cp >= 1, f"engine.cp must be >= 1, got {cfg.engine.cp}")
+    _require(cfg.engine.cp == 1 or cfg.engine.name != "deepspeed",
+             f"engine.cp={cfg.engine.cp} is not supported with engine.name=deepspeed (DeepSpeed's sequence "
+             "parallelism is for attention); use engine.name=fsdp2 or ddp for context parallelism")
+    _require(cfg.model.d_inner % cfg.engine.cp == 0,
+             f"engine.cp={cfg.engine.cp} must divide the Mamba inner width model.d_model x expand = "
+             f"{cfg.model.d_inner} (each CP rank scans an equal slice of those channels)")
     _require(cfg.schedule.name in SCHEDULES, f"schedule.name: '{cfg.schedule.name}' is not one of {sorted(SCHEDULES)}")
     _require(0.0 <= cfg.schedule.warmup_fraction < 1.0,
              f"schedule.warmup_fraction must be in [0, 1), got {cfg.schedule.warmup_fraction}")

@@ -16,17 +16,34 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from caduceus_dist.errors import EXIT_OK, EXIT_PREEMPTED
+from caduceus_dist.errors import EXIT_OK, EXIT_PREEMPTED, ConfigError
 
 REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
 
 @dataclass
 class DistContext:
+    """Where this process sits. With context parallelism the world is a (dp, cp) mesh: the `cp_size`
+    consecutive ranks of a CP group share sequences, each holding a slice of their positions."""
+
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    cp_size: int = 1
+    cp_group: Any = None  # the process group of this rank's CP group (None when cp_size is 1)
+
+    @property
+    def cp_rank(self) -> int:
+        return self.rank % self.cp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.cp_size
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.cp_size
 
 
 def free_port() -> int:
@@ -35,11 +52,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed(device: str = "auto") -> DistContext:
+def init_distributed(device: str = "auto", cp: int = 1) -> DistContext:
     """Join (or create) the process group; torchrun, the deepspeed launcher and plain python alike.
 
     A plain `python` run gets a one-process group too, so the training loop has a single code path.
-    `device`: auto (CUDA when available) | cpu | cuda.
+    `device`: auto (CUDA when available) | cpu | cuda. `cp`: the context-parallel degree (engine.cp).
     """
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
@@ -52,9 +69,18 @@ def init_distributed(device: str = "auto") -> DistContext:
         where = torch.device("cuda", local_rank)
     else:
         where = torch.device("cpu")
+    if cp < 1 or world % cp:
+        raise ConfigError(f"engine.cp={cp} does not divide the world size {world}: the ranks form data-parallel "
+                          f"groups of engine.cp ranks that share sequences; use a divisor of {world}, or launch a "
+                          "multiple of engine.cp processes")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
-    return DistContext(rank, world, local_rank, where)
+    group = None
+    if cp > 1:  # rows: data-parallel replicas; columns: the CP ranks of one replica (neighbours, same node)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        group = init_device_mesh(where.type, (world // cp, cp), mesh_dim_names=("dp", "cp"))["cp"].get_group()
+    return DistContext(rank, world, local_rank, where, cp, group)
 
 
 def is_collective() -> bool:

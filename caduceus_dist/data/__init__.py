@@ -19,6 +19,7 @@ _EXPORTS = {
     "EvalStream": "loader",
     "StepBatch": "loader",
     "TrainStream": "loader",
+    "SequenceSlice": "loader",
     "build_eval_loader": "loader",
 }
 

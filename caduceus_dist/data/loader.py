@@ -7,9 +7,11 @@
             ...                                 # (B, L) bool; source, sample_id, crop_offset, strand, epoch (B,)
         saved = stream.state_dict()             # = step_batch.state: data consumed through this step
 
-Step s has global rows 0..R-1 (R = the stage's global batch); rank r takes rows [r * G * B, (r + 1) * G * B)
-and micro-batch m the m-th B of those. Which source (genome) a row comes from and which of that source's
-crops it is: `mixture.py`; where that crop lies: `cursor.py`. Everything (which crop, its strand, its
+Step s has global rows 0..R-1 (R = the stage's global batch); data-parallel rank r takes rows
+[r * G * B, (r + 1) * G * B) and micro-batch m the m-th B of those. With context parallelism each of the
+cp ranks of a group takes its contiguous slice of those rows' positions (`SequenceSlice`). Which source
+(genome) a row comes from and which of that source's crops it is: `mixture.py`; where that crop lies:
+`cursor.py`. Everything (which crop, its strand, its
 mask) is a function of (seed, step, row) and the crop's identity, so the global batch is the same at any
 world size, resume is "set the step and the sources' positions", and batches that were prefetched but
 never consumed are simply regenerated. DataLoader workers build whole micro-batches (no per-sample
@@ -54,6 +56,28 @@ class Rows:
     offset: np.ndarray
     strand: np.ndarray  # 0 = as stored (+), 1 = reverse complement
     seq_len: int
+
+
+@dataclass(frozen=True)
+class SequenceSlice:
+    """Rank `index` of the `count` ranks of a context-parallel group: positions [index L/count, (index+1) L/count)
+    of every sequence. The whole crop is built (and masked) first, so the masks do not depend on `count`."""
+
+    index: int = 0
+    count: int = 1
+
+    def check(self, seq_len: int, what: str) -> None:
+        if seq_len % self.count:
+            raise DataPlanError(f"{what} {seq_len} is not divisible by engine.cp={self.count}: each rank of a "
+                                f"context-parallel group takes an equal slice of every sequence; use a multiple of "
+                                f"{self.count} (or a smaller engine.cp)")
+
+    def apply(self, batch: dict) -> dict:
+        if self.count > 1:
+            for key in ("input_ids", "targets"):
+                width = batch[key].shape[1] // self.count
+                batch[key] = np.ascontiguousarray(batch[key][:, self.index * width:(self.index + 1) * width])
+        return batch
 
 
 def crop_keys(seed: int, tag: int, source_keys: np.ndarray, rows: Rows) -> np.ndarray:
@@ -174,7 +198,7 @@ class _TrainItems(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         step, micro = key
-        batch = self.stream._builder.build(self.stream.rows(step, self.stream.rank, micro))
+        batch = self.stream.cp_slice.apply(self.stream._builder.build(self.stream.rows(step, self.stream.rank, micro)))
         batch["step"], batch["micro"] = step, micro
         return batch
 
@@ -197,11 +221,14 @@ class TrainStream:
     """The training data of one data-parallel rank; see the module docstring."""
 
     def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, grad_accum: int = 1,
-                 train_seed: int | None = None, windows: dict[str, tuple[np.ndarray, int]] | None = None):
+                 train_seed: int | None = None, windows: dict[str, tuple[np.ndarray, int]] | None = None,
+                 cp_slice: SequenceSlice = SequenceSlice()):
+        """rank, world_size: this rank among the data-parallel ranks; cp_slice: its share of each sequence."""
         cfg.validate()
         if not 0 <= rank < world_size:
             raise DataPlanError(f"rank {rank} is not in [0, world_size {world_size})")
         self.cfg, self.rank, self.world_size, self.grad_accum = cfg, rank, world_size, grad_accum
+        self.cp_slice = cp_slice
         self.seed = resolve_seed(cfg, train_seed)
         self.names = read_sources(cfg) if windows is None else list(windows)
         self.splits: list[ShardSplit] = []  # none for a planned stream
@@ -210,6 +237,8 @@ class TrainStream:
             windows = {name: (split.sample_ids, split.window) for name, split in zip(self.names, self.splits, strict=True)}
         self.skipped_shards = [skipped for split in self.splits for skipped in split.skipped]
         self.schedule = Schedule(cfg, world_size, grad_accum, {name: window for name, (_, window) in windows.items()})
+        for stage in self.schedule.stages:
+            cp_slice.check(stage.seq_len, f"data.seq_len of curriculum stage {stage.index}")
         self.mixture = Mixture(cfg, self.schedule, self.seed, self.names)
         self.source_keys = np.array([source_key(name) for name in self.names], dtype=np.uint64)
         self.orders = [CropOrder(windows[name][0], windows[name][1], self.seed, source_key(name)) for name in self.names]
@@ -331,11 +360,11 @@ def _split_epoch(split: str) -> int:
 
 
 class _EvalItems(Dataset):
-    def __init__(self, builder: _BatchBuilder, rows_of):
-        self.builder, self.rows_of = builder, rows_of
+    def __init__(self, builder: _BatchBuilder, rows_of, cp_slice: SequenceSlice):
+        self.builder, self.rows_of, self.cp_slice = builder, rows_of, cp_slice
 
     def __getitem__(self, index: int) -> dict:
-        return self.builder.build(self.rows_of(index))
+        return self.cp_slice.apply(self.builder.build(self.rows_of(index)))
 
 
 class EvalStream:
@@ -348,11 +377,12 @@ class EvalStream:
     """
 
     def __init__(self, cfg: DataConfig, split: str, rank: int, world_size: int, max_batches: int | None = None,
-                 train_seed: int | None = None, source: str = DEFAULT_SOURCE):
+                 train_seed: int | None = None, source: str = DEFAULT_SOURCE, cp_slice: SequenceSlice = SequenceSlice()):
         cfg.validate()
-        self.cfg, self.rank, self.world_size, self.source = cfg, rank, world_size, source
+        self.cfg, self.rank, self.world_size, self.source, self.cp_slice = cfg, rank, world_size, source, cp_slice
         self.split = open_split(cfg, split, source)
         self.seq_len = cfg.eval_seq_len or cfg.seq_len
+        cp_slice.check(self.seq_len, "the evaluation length (data.eval_seq_len or data.seq_len)")
         if self.split.window % self.seq_len:
             raise DataPlanError(f"eval seq_len {self.seq_len} does not divide the stored window length "
                                 f"{self.split.window} (manifest 'window' of {self.split.root})")
@@ -380,13 +410,13 @@ class EvalStream:
         return self.batches
 
     def __iter__(self) -> Iterator[dict]:
-        loader = worker_loader(_EvalItems(self._builder, self.rows), range(self.batches), self.cfg,
+        loader = worker_loader(_EvalItems(self._builder, self.rows, self.cp_slice), range(self.batches), self.cfg,
                                min(self.cfg.num_workers, self.batches), torch.Generator().manual_seed(0))
         return converted(loader, self.cfg, depth=2)
 
 
 def build_eval_loader(cfg: DataConfig, split: str = "valid", rank: int = 0, world_size: int = 1,
                       max_batches: int | None = None, train_seed: int | None = None,
-                      source: str = DEFAULT_SOURCE) -> EvalStream:
-    """The fixed validation/test stream of `split` of one source for one rank (see EvalStream)."""
-    return EvalStream(cfg, split, rank, world_size, max_batches, train_seed, source)
+                      source: str = DEFAULT_SOURCE, cp_slice: SequenceSlice = SequenceSlice()) -> EvalStream:
+    """The fixed validation/test stream of `split` of one source for one data-parallel rank (see EvalStream)."""
+    return EvalStream(cfg, split, rank, world_size, max_batches, train_seed, source, cp_slice)

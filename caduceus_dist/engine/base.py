@@ -22,6 +22,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from caduceus_dist.distributed import DistContext, all_reduce_tensor
+from caduceus_dist.engine.context_parallel import ChannelAllToAll, apply_context_parallel
 from caduceus_dist.loss import MaskedLMLoss
 from caduceus_dist.optim.adamw import set_lr
 
@@ -84,6 +85,8 @@ class TrainStepMixin:
         self.rank, self.world_size, self.device = ctx.rank, ctx.world_size, ctx.device
         self.loss = loss
         self.module = model.to(self.device)
+        if ctx.cp_size > 1:
+            apply_context_parallel(self.module, ChannelAllToAll(ctx.cp_group, ctx.cp_rank, ctx.cp_size))
         if self.cfg.compile:
             compile_blocks(self.module)
 

@@ -17,6 +17,9 @@ class EngineConfig:
     - fsdp2: `fully_shard` per Caduceus layer, then the root; bf16 uses a MixedPrecisionPolicy
       (bf16 compute, fp32 gradient reduction, fp32 master weights).
     - ddp: one process, or DistributedDataParallel when launched with several ranks.
+
+    `cp` (context parallelism, fsdp2 and ddp): each sequence is split over `cp` consecutive ranks, so the
+    world is (world / cp) data-parallel replicas x cp; docs/context-parallel.md.
     """
 
     name: str = "ddp"
@@ -26,3 +29,4 @@ class EngineConfig:
     fsdp_reshard_after_forward: bool = True
     compile: bool = False  # torch.compile each Caduceus layer
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    cp: int = 1  # context-parallel degree: ranks that share each sequence

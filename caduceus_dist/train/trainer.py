@@ -22,7 +22,7 @@ import torch
 
 from caduceus_dist.checkpoint.manager import CheckpointManager
 from caduceus_dist.config import save_resolved
-from caduceus_dist.data import DataPlanError, TrainStream, build_eval_loader
+from caduceus_dist.data import DataPlanError, SequenceSlice, TrainStream, build_eval_loader
 from caduceus_dist.data.mixture import DEFAULT_SOURCE
 from caduceus_dist.distributed import (
     all_reduce,
@@ -105,15 +105,16 @@ class Trainer:
             # That mode also NaN-fills every torch.empty to expose uninitialised reads: 50x slower
             # DeepSpeed steps on CPU, and no result changes.
             torch.utils.deterministic.fill_uninitialized_memory = False
-        self.ctx = init_distributed(cfg.engine.device)
+        self.ctx = init_distributed(cfg.engine.device, cfg.engine.cp)
+        self.cp_slice = SequenceSlice(self.ctx.cp_rank, self.ctx.cp_size)
         self.threads, self.threads_reason = choose_cpu_threads(ranks_on_this_host())
         torch.set_num_threads(self.threads)
         if self.ctx.rank == 0 and prepare_data is not None:
             prepare_data(cfg.data)
         barrier()
         try:  # tokens_per_step / seq_len / world size / grad_accum must divide: fail before writing anything
-            self.stream = TrainStream(cfg.data, self.ctx.rank, self.ctx.world_size, cfg.train.grad_accum,
-                                      train_seed=cfg.train.seed)
+            self.stream = TrainStream(cfg.data, self.ctx.dp_rank, self.ctx.dp_size, cfg.train.grad_accum,
+                                      train_seed=cfg.train.seed, cp_slice=self.cp_slice)
         except DataPlanError as err:
             raise ConfigError(str(err) if str(err).startswith("data") else f"data: {err}") from None
         self.run_dir = Path(cfg.run_dir)  # created only once the data plan is known to be valid
@@ -139,8 +140,8 @@ class Trainer:
         loaders = {}
         for name, split in zip(self.stream.names, self.stream.splits, strict=True):
             if split.manifest["splits"].get(cfg.train.eval_split, {}).get("windows", 0):
-                loaders[name] = build_eval_loader(cfg.data, cfg.train.eval_split, self.ctx.rank, self.ctx.world_size,
-                                                  cfg.train.eval_batches, train_seed=cfg.train.seed, source=name)
+                loaders[name] = build_eval_loader(cfg.data, cfg.train.eval_split, self.ctx.dp_rank, self.ctx.dp_size,
+                                                  cfg.train.eval_batches, cfg.train.seed, name, self.cp_slice)
             elif self.ctx.rank == 0:
                 print(f"warning: {split.root} has no '{cfg.train.eval_split}' windows, so this run does not "
                       "validate on it (reshard with --valid-fraction 0.02 to hold some out, or set "
@@ -285,8 +286,10 @@ class Trainer:
                 f"{', ZeRO-' + str(cfg.engine.zero_stage) if cfg.engine.name == 'deepspeed' else ''})"
                 f" | world {self.ctx.world_size} on {self.ctx.device.type} | model {n_params:,} params (local)"
                 f" | L {plan.seq_len} x global batch {plan.global_batch} = {plan.tokens_per_step:,} tokens/step"
-                f" (micro {plan.micro_batch} x accum {cfg.train.grad_accum} x {self.ctx.world_size} ranks)"
-                f" | steps {step}->{cfg.train.max_steps} | run_dir {self.run_dir}\n"
+                f" (micro {plan.micro_batch} x accum {cfg.train.grad_accum} x {self.ctx.dp_size} data-parallel ranks)"
+                + (f" | context parallel: {self.ctx.cp_size} ranks x {plan.seq_len // self.ctx.cp_size} positions"
+                   if self.ctx.cp_size > 1 else "")
+                + f" | steps {step}->{cfg.train.max_steps} | run_dir {self.run_dir}\n"
                 f"  {self.threads} CPU thread(s) per rank ({self.threads_reason}); "
                 + (f"MFU against {self.peak_flops / 1e9:,.0f} GFLOP/s per device ({self.peak_reason})"
                    if self.peak_flops is not None else self.peak_reason))
