@@ -68,7 +68,7 @@ class SequenceSlice:
 
     def check(self, seq_len: int, what: str) -> None:
         if seq_len % self.count:
-            raise DataPlanError(f"{what} {seq_len} is not divisible by engine.cp={self.count}: each rank of a "
+            raise DataPlanError(f"{what} = {seq_len} is not divisible by engine.cp={self.count}: each rank of a "
                                 f"context-parallel group takes an equal slice of every sequence; use a multiple of "
                                 f"{self.count} (or a smaller engine.cp)")
 
@@ -238,7 +238,7 @@ class TrainStream:
         self.skipped_shards = [skipped for split in self.splits for skipped in split.skipped]
         self.schedule = Schedule(cfg, world_size, grad_accum, {name: window for name, (_, window) in windows.items()})
         for stage in self.schedule.stages:
-            cp_slice.check(stage.seq_len, f"data.seq_len of curriculum stage {stage.index}")
+            cp_slice.check(stage.seq_len, f"data.seq_len (curriculum stage {stage.index})")
         self.mixture = Mixture(cfg, self.schedule, self.seed, self.names)
         self.source_keys = np.array([source_key(name) for name in self.names], dtype=np.uint64)
         self.orders = [CropOrder(windows[name][0], windows[name][1], self.seed, source_key(name)) for name in self.names]
