@@ -9,7 +9,10 @@ from dataclasses import dataclass
 class TrainConfig:
     """`eval_every` 0 = every max_steps/5 steps, as the reference; `eval_batches` per validation
     (the same global batches at any world size); `deterministic` turns on torch's deterministic
-    algorithms (bitwise-reproducible CPU runs, at some speed cost)."""
+    algorithms (bitwise-reproducible CPU runs, at some speed cost). `init_from`: the weights a new run
+    starts from (a Hugging Face directory as `python -m caduceus_dist.export` writes or the hub serves, or a
+    safetensors / Lightning .ckpt file), e.g. a 131k model continued at 2^20 bases (context extension);
+    the optimizer, schedule and data start fresh, and a run that resumes from its own checkpoint ignores it."""
 
     max_steps: int = 1000
     seed: int = 2222
@@ -18,3 +21,4 @@ class TrainConfig:
     eval_batches: int = 8
     eval_split: str = "valid"
     deterministic: bool = False
+    init_from: str | None = None

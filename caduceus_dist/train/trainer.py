@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from caduceus_dist.checkpoint.manager import CheckpointManager
+from caduceus_dist.checkpoint.manifest import CHECKPOINTS, read_latest
 from caduceus_dist.config import save_resolved
 from caduceus_dist.data import DataPlanError, SequenceSlice, TrainStream, build_eval_loader
 from caduceus_dist.data.mixture import DEFAULT_SOURCE
@@ -117,10 +118,15 @@ class Trainer:
                                       train_seed=cfg.train.seed, cp_slice=self.cp_slice)
         except DataPlanError as err:
             raise ConfigError(str(err) if str(err).startswith("data") else f"data: {err}") from None
-        self.run_dir = Path(cfg.run_dir)  # created only once the data plan is known to be valid
-        _check_writable(self.run_dir)  # every rank: a failure on rank 0 alone would leave the others waiting
+        self.run_dir = Path(cfg.run_dir)
         seed_everything(cfg.train.seed)
         model = CaduceusForMaskedLM(cfg.model)
+        self.init_note: str | None = None
+        if cfg.train.init_from and read_latest(self.run_dir / CHECKPOINTS) is None:
+            self._initialise(model, cfg.train.init_from)
+        # created only once the data plan and the initial weights are known to be good; every rank checks
+        # (a failure on rank 0 alone would leave the others waiting)
+        _check_writable(self.run_dir)
         self.engine = build_engine(cfg, model, self.ctx, self.stream.plan(0).micro_batch,
                                    MaskedLMLoss(cfg.loss.softmask_weight))
         self.eval_loaders = self._eval_loaders()
@@ -129,6 +135,16 @@ class Trainer:
         self.writer = MetricsWriter(cfg.logging, self.run_dir, self.ctx.rank)
         # Rank 0's figure for everyone, so all ranks report the same MFU.
         self.peak_flops, self.peak_reason = broadcast_object(peak_flops(cfg.logging, self.ctx.device))
+
+    def _initialise(self, model: CaduceusForMaskedLM, source: str) -> None:
+        """Every rank reads the weights of train.init_from (strict: names and shapes must match the recipe's model)."""
+        from caduceus_dist.model.hf_io import load_weights
+
+        try:
+            load_weights(model, source)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"train.init_from: {err}") from None
+        self.init_note = f"weights of {source} (train.init_from)"
 
     def _eval_loaders(self) -> dict:
         """Source name -> its validation stream. Empty with evaluation off (train.eval_batches=0); a source
@@ -178,6 +194,8 @@ class Trainer:
                 return EXIT_OK
             self.writer.print(f"resumed at step {step} from {self.run_dir}")
         self.writer.print(self._banner(step))
+        if client is None and self.init_note:
+            self.writer.print(f"starting from the {self.init_note}")
         self._batches = batches = self.stream.iterate(step)
         window = _Window()
         while step < max_steps:
