@@ -252,3 +252,16 @@ def test_slices_of_a_batch_are_the_whole_batch_in_order():
         np.testing.assert_array_equal(np.concatenate([part[key] for part in parts], axis=1), batch[key])
         assert all(part[key].flags.c_contiguous and part[key].shape == (2, 4) for part in parts)
     assert all((part["sample_id"] == batch["sample_id"]).all() for part in parts)
+
+
+def test_ps_1m_plans_one_sequence_per_data_parallel_rank_split_over_eight():
+    """recipes/ps_1m.yaml on one 8-GPU node (dp 1 x cp 8) and on two (dp 2: twice the tokens per step)."""
+    cfg = load_job_config(str(REPO / "recipes" / "ps_1m.yaml"))
+    assert (cfg.engine.name, cfg.engine.cp, cfg.data.seq_len) == ("fsdp2", 8, 2**20)
+    windows = {"default": (1000, 2**20)}
+    node = TrainStream.planned(cfg.data, windows)
+    assert [(s.seq_len, s.global_batch) for s in node.schedule.stages] == [(2**18, 4), (2**19, 2), (2**20, 1)]
+    for stage in node.schedule.stages:
+        SequenceSlice(7, 8).check(stage.seq_len, "stage")
+    two_nodes = load_job_config(str(REPO / "recipes" / "ps_1m.yaml"), ["data.tokens_per_step=2097152"])
+    assert TrainStream.planned(two_nodes.data, windows, world_size=2).plan(10**6).micro_batch == 1
