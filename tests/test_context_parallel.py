@@ -265,3 +265,22 @@ def test_ps_1m_plans_one_sequence_per_data_parallel_rank_split_over_eight():
         SequenceSlice(7, 8).check(stage.seq_len, "stage")
     two_nodes = load_job_config(str(REPO / "recipes" / "ps_1m.yaml"), ["data.tokens_per_step=2097152"])
     assert TrainStream.planned(two_nodes.data, windows, world_size=2).plan(10**6).micro_batch == 1
+
+
+def test_windows_of_2_21_bases_feed_a_curriculum_that_grows_to_them_split_over_ranks(shared_data, tmp_path):
+    """GRCh37 chr20 (soft-masked by windowmasker) sharded in 2^21-base windows; a curriculum 2^19 -> 2^21 over
+    them; at 2^21 the two CP ranks' slices of a step are the halves of the one-rank batch, masks included."""
+    fasta = shared_data / "genomes" / "more" / "Hsap_GRCh37_chr20.windowmasker.softmasked.fa.gz"
+    subprocess.run([sys.executable, str(REPO / "data_prep" / "shard_genome.py"), "--fasta", str(fasta), "--window",
+                    str(2**21), "--valid-fraction", "0.1", "--out", str(tmp_path / "shards"), "--quiet"], check=True)
+    cfg = DataConfig(shards=str(tmp_path / "shards"), seq_len=2**21, tokens_per_step=2**21, num_workers=0)
+    cfg.curriculum.start_seq_len, cfg.curriculum.stage_steps = 2**19, 2
+    whole = TrainStream(cfg)
+    assert [s.seq_len for s in whole.schedule.stages] == [2**19, 2**20, 2**21]
+    halves = [TrainStream(cfg, cp_slice=SequenceSlice(i, 2)) for i in range(2)]
+    expected = next(whole.iterate(4, 5)).micro_batches[0]
+    parts = [next(stream.iterate(4, 5)).micro_batches[0] for stream in halves]
+    assert expected["input_ids"].shape == (1, 2**21) and parts[0]["input_ids"].shape == (1, 2**20)
+    for key in ("input_ids", "targets", "target_softmasked"):
+        assert np.array_equal(np.concatenate([p[key].numpy() for p in parts], axis=1), expected[key].numpy()), key
+    assert expected["target_softmasked"].any()  # windowmasker's lower case reaches the loss
