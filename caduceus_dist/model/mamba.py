@@ -172,15 +172,19 @@ class BiMambaWrapper(nn.Module):
         sharding = self.sharding
         scans = [(index, mamba, backward) for index, (_, swapped) in enumerate(inputs)
                  for mamba, backward in self._scans(swapped)]
-        projected: dict[tuple[int, int], Tensor] = {}  # (input, in_proj) -> xz, shared by tied directions
+        def key(index: int, mamba: Mamba) -> tuple[int, int]:  # tied directions share one in_proj weight
+            return index, id(mamba.in_proj.weight)
+
+        projected: dict[tuple[int, int], Tensor] = {}
         for index, mamba, _ in scans:
-            projected.setdefault((index, id(mamba.in_proj)), mamba.in_proj(inputs[index][0]))
+            if key(index, mamba) not in projected:
+                projected[key(index, mamba)] = mamba.in_proj(inputs[index][0])
         if sharding is not None:  # (B, L/cp, 2E) -> (B, L, 2E/cp): x and z keep matching channels
             keys = list(projected)
             stacked = torch.stack([projected[key] for key in keys]).unflatten(-1, (2, -1))
             exchanged = sharding.exchange(stacked, scatter_dim=-1, gather_dim=2).flatten(-2)
             projected = dict(zip(keys, exchanged.unbind(0), strict=True))
-        xz = [projected[index, id(mamba.in_proj)] for index, mamba, _ in scans]
+        xz = [projected[key(index, mamba)] for index, mamba, _ in scans]
         xz = [t.flip(1) if backward else t for t, (_, _, backward) in zip(xz, scans, strict=True)]
         mambas = [mamba for _, mamba, _ in scans]
         if torch.is_grad_enabled():
