@@ -177,7 +177,7 @@ def test_cpu_demo_at_cp2_on_two_processes_logs_the_losses_of_one_process(tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_sigkill_at_cp2_then_resume_is_bitwise_the_uninterrupted_run(tmp_path, tmp_path_factory, jobs):
+def test_sigkill_at_cp2_then_resume_is_bitwise_the_uninterrupted_run(tmp_path, tmp_path_factory, jobs):  # noqa: F811
     straight = demo_run(2, tmp_path_factory)
     run_dir = tmp_path / "run"
     args = demo_args(run_dir, sample_shards(tmp_path_factory), 2)
