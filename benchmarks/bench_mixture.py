@@ -87,7 +87,7 @@ def bench_diversity() -> list[dict]:
                  ("ps_131k.yaml", ["data.curriculum.start_seq_len=1024", "data.curriculum.stage_steps=200"], 1600)}
     out = []
     for name, (recipe, overrides, steps) in cases.items():
-        cfg, seed, accum = load_recipe(str(REPO / "recipes" / recipe), overrides)
+        cfg, seed, accum, _ = load_recipe(str(REPO / "recipes" / recipe), overrides)
         stream = TrainStream.planned(cfg, {"default": (272000, 131072)}, 1, accum, seed)
         for stage in diversity_stats(stream, 0, steps):
             out.append({"case": name, **stage})

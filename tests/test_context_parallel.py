@@ -127,23 +127,24 @@ def test_cp_ranks_match_one_rank_logits_loss_and_every_gradient(cp, free_port):
 STEPS = 20
 
 
-def demo_args(run_dir: Path, shards: Path, cp: int, *extra: str) -> list[str]:
-    """The cpu_demo recipe under FSDP2 for STEPS steps (all at L 128), checkpoints every 5, validation at 10 and 20."""
-    return [f"run_dir={run_dir}", f"data.shards={shards}", "engine.name=fsdp2", f"engine.cp={cp}",
+def demo_args(run_dir: Path, shards: Path, cp: int, engine: str = "fsdp2") -> list[str]:
+    """The cpu_demo recipe for STEPS steps (all at L 128), checkpoints every 5, validation at 10 and 20."""
+    return [f"run_dir={run_dir}", f"data.shards={shards}", f"engine.name={engine}", f"engine.cp={cp}",
             f"train.max_steps={STEPS}", "train.eval_every=10", "train.eval_batches=2", "logging.log_every=1",
-            "checkpoint.every=5", "checkpoint.keep=0", "logging.peak_flops_per_device=1e9", *extra]
+            "checkpoint.every=5", "checkpoint.keep=0", "logging.peak_flops_per_device=1e9"]
 
 
-_RUNS: dict[int, Path] = {}
+_RUNS: dict[tuple[int, str], Path] = {}
 
 
-def demo_run(cp: int, tmp_path_factory) -> Path:
+def demo_run(cp: int, tmp_path_factory, engine: str = "fsdp2") -> Path:
     """The uninterrupted run at context-parallel degree `cp` on `cp` processes (once per session)."""
-    if cp not in _RUNS:
-        run_dir = tmp_path_factory.mktemp(f"cp{cp}")
-        Job(cp, demo_args(run_dir, sample_shards(tmp_path_factory), cp), run_dir / "logs", port()).check(timeout=400)
-        _RUNS[cp] = run_dir
-    return _RUNS[cp]
+    if (cp, engine) not in _RUNS:
+        run_dir = tmp_path_factory.mktemp(f"cp{cp}_{engine}")
+        args = demo_args(run_dir, sample_shards(tmp_path_factory), cp, engine)
+        Job(cp, args, run_dir / "logs", port()).check(timeout=400)
+        _RUNS[cp, engine] = run_dir
+    return _RUNS[cp, engine]
 
 
 def scalars(run_dir: Path, tag: str) -> dict[int, float]:
@@ -166,8 +167,9 @@ def assert_close_losses(actual: dict[int, float], expected: dict[int, float], st
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_cpu_demo_at_cp2_on_two_processes_logs_the_losses_of_one_process(tmp_path_factory):
-    one, two = demo_run(1, tmp_path_factory), demo_run(2, tmp_path_factory)
+@pytest.mark.parametrize("engine", ["fsdp2", "ddp"])
+def test_cpu_demo_at_cp2_on_two_processes_logs_the_losses_of_one_process(engine, tmp_path_factory):
+    one, two = demo_run(1, tmp_path_factory, engine), demo_run(2, tmp_path_factory, engine)
     assert_close_losses(scalars(two, "train/loss"), scalars(one, "train/loss"), range(1, STEPS + 1))
     assert_close_losses(scalars(two, "val/loss"), scalars(one, "val/loss"), (10, 20))
     assert scalars(two, "val/n_targets") == scalars(one, "val/n_targets")  # the same validation targets
@@ -284,3 +286,16 @@ def test_windows_of_2_21_bases_feed_a_curriculum_that_grows_to_them_split_over_r
     for key in ("input_ids", "targets", "target_softmasked"):
         assert np.array_equal(np.concatenate([p[key].numpy() for p in parts], axis=1), expected[key].numpy()), key
     assert expected["target_softmasked"].any()  # windowmasker's lower case reaches the loss
+
+
+def test_the_plan_cli_counts_data_parallel_ranks_and_names_the_cp_ranks(capsys):
+    from caduceus_dist.data.plan import main as plan_main
+
+    recipe = str(REPO / "recipes" / "ps_1m.yaml")
+    assert plan_main(["--config", recipe, "--world-size", "16", "--windows", "default=2900x1048576",
+                      "--steps", "999:1000", "data.tokens_per_step=2097152"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(line["rank"], line["cp_ranks"], line["seq_len"]) for line in lines] == [
+        (0, list(range(8)), 2**20), (1, list(range(8, 16)), 2**20)]
+    assert plan_main(["--config", recipe, "--world-size", "12", "--windows", "default=2900x1048576"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --world-size 12 is not divisible by the recipe's engine.cp=8"

@@ -2,11 +2,12 @@
 
     python -m caduceus_dist.data.plan --config recipes/cpu_demo.yaml --world-size 4 --steps 0:10 [key=value ...]
 
-One JSON line per (step, rank, micro-batch): the stage and seq_len, and per row the source (genome)
-name, its global sample id, crop offset in the stored window, strand (0 = as stored, 1 = reverse
-complement) and the source's epoch.
+One JSON line per (step, data-parallel rank, micro-batch): the stage and seq_len, and per row the source
+(genome) name, its global sample id, crop offset in the stored window, strand (0 = as stored, 1 = reverse
+complement) and the source's epoch. With the recipe's engine.cp = C, --world-size processes form
+world / C data-parallel ranks, and `cp_ranks` lists the C processes that split each of its rows.
 Steps are 0-based data steps (step s is the s-th optimizer step of the run). Only the recipe's
-`data:` section and `train.seed` / `train.grad_accum` are read; other sections are ignored.
+`data:` section, `train.seed` / `train.grad_accum` and `engine.cp` are read; other sections are ignored.
 Overrides use the recipe's key names (data.seq_len=4096, train.seed=7). The rows are computed by
 the same code path that feeds training, so the plan is what training consumes (tests check it).
 
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+from typing import NamedTuple
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -32,8 +34,15 @@ from caduceus_dist.data.loader import TrainStream
 from caduceus_dist.shard_format import ShardFormatError
 
 
-def load_recipe(path: str | None, overrides: list[str]) -> tuple[DataConfig, int | None, int]:
-    """(DataConfig, train.seed, train.grad_accum) from a job recipe plus key=value overrides."""
+class Recipe(NamedTuple):
+    data: DataConfig
+    seed: int | None
+    grad_accum: int
+    cp: int  # engine.cp: consecutive ranks that share each sequence
+
+
+def load_recipe(path: str | None, overrides: list[str]) -> Recipe:
+    """The data-plan keys of a job recipe plus key=value overrides."""
     raw = OmegaConf.load(path) if path else OmegaConf.create({})
     for item in overrides:
         if "=" not in item:
@@ -41,16 +50,20 @@ def load_recipe(path: str | None, overrides: list[str]) -> tuple[DataConfig, int
     raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(overrides))
     data = OmegaConf.merge(OmegaConf.structured(DataConfig), raw.get("data") or {})
     train = raw.get("train") or {}
-    return OmegaConf.to_object(data), train.get("seed"), int(train.get("grad_accum", 1))
+    return Recipe(OmegaConf.to_object(data), train.get("seed"), int(train.get("grad_accum", 1)),
+                  int((raw.get("engine") or {}).get("cp", 1)))
 
 
-def plan_lines(stream: TrainStream, start: int, stop: int):
+def plan_lines(stream: TrainStream, start: int, stop: int, cp: int = 1):
+    """`rank` is the data-parallel rank; with engine.cp > 1, `cp_ranks` are the processes that share its rows
+    (each takes seq_len / cp consecutive positions of every row)."""
     for step in range(start, stop):
         plan = stream.plan(step)
         for rank in range(stream.world_size):
             for micro in range(stream.grad_accum):
                 rows = stream.rows(step, rank, micro)
-                yield {"step": step, "rank": rank, "micro": micro, "stage": plan.stage, "seq_len": plan.seq_len,
+                shared = {"cp_ranks": list(range(rank * cp, (rank + 1) * cp))} if cp > 1 else {}
+                yield {"step": step, "rank": rank, **shared, "micro": micro, "stage": plan.stage, "seq_len": plan.seq_len,
                        "source": [stream.names[k] for k in rows.source.tolist()], "sample_id": rows.sample_id.tolist(), "crop_offset": rows.offset.tolist(),
                        "strand": rows.strand.tolist(), "epoch": rows.epoch.tolist()}
 
@@ -136,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.seq_len=4096")
     args = parser.parse_args(argv)
     try:
-        cfg, seed, grad_accum = load_recipe(args.config, args.overrides)
-        topology = {"world_size": args.world_size, "grad_accum": args.grad_accum or grad_accum, "train_seed": seed}
+        cfg, seed, grad_accum, cp = load_recipe(args.config, args.overrides)
+        if args.world_size % cp:
+            raise DataPlanError(f"--world-size {args.world_size} is not divisible by the recipe's engine.cp={cp}")
+        topology = {"world_size": args.world_size // cp, "grad_accum": args.grad_accum or grad_accum, "train_seed": seed}
         if args.windows:
             stream = TrainStream.planned(cfg, dict(args.windows), **topology)
         else:
@@ -148,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stats:
         print(INDEPENDENT_FORMULAS, file=sys.stderr)
     try:
-        for line in diversity_stats(stream, *args.steps) if args.stats else plan_lines(stream, *args.steps):
+        for line in diversity_stats(stream, *args.steps) if args.stats else plan_lines(stream, *args.steps, cp):
             print(json.dumps(line, separators=(",", ":")))
         sys.stdout.flush()
     except BrokenPipeError:  # `... | head`: the reader has all it wanted
