@@ -143,7 +143,7 @@ def test_ddp_two_ranks_times_one_micro_batch_equals_one_rank_times_two(sample_sh
                                                                        tmp_path, free_port):
     scalars, log = train(tmp_path, "ddp2", "torchrun", free_port, sample_shards, "engine.name=ddp",
                          "train.grad_accum=1")
-    assert "micro 4 x accum 1 x 2 ranks" in log
+    assert "micro 4 x accum 1 x 2 data-parallel ranks" in log
     assert_matches_reference(scalars, single_process_reference)
     # every rank-reduced metric is the global one: the per-step grad norms agree too
     got = [v for _, v in scalars["train/grad_norm"]]

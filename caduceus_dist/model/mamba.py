@@ -168,32 +168,38 @@ class BiMambaWrapper(nn.Module):
     def mix(self, inputs: list[tuple[Tensor, bool]]) -> list[Tensor]:
         """Each (hidden (B, L, D), swapped) through the mixer. In training all scans of all inputs run as
         one grouped call (one conv, one batched x_proj/dt_proj, one scan); without autograd one after the
-        other, which bounds the transient memory of long inputs (docs/inference.md §3)."""
-        sharding = self.sharding
+        other, each flipped input made only when its scan runs, which bounds the transient memory of long
+        inputs (docs/inference.md §3)."""
         scans = [(index, mamba, backward) for index, (_, swapped) in enumerate(inputs)
                  for mamba, backward in self._scans(swapped)]
-        def key(index: int, mamba: Mamba) -> tuple[int, int]:  # tied directions share one in_proj weight
-            return index, id(mamba.in_proj.weight)
+        projected = self._project(inputs, scans)
 
-        projected: dict[tuple[int, int], Tensor] = {}
-        for index, mamba, _ in scans:
-            if key(index, mamba) not in projected:
-                projected[key(index, mamba)] = mamba.in_proj(inputs[index][0])
-        if sharding is not None:  # (B, L/cp, 2E) -> (B, L, 2E/cp): x and z keep matching channels
-            keys = list(projected)
-            stacked = torch.stack([projected[key] for key in keys]).unflatten(-1, (2, -1))
-            exchanged = sharding.exchange(stacked, scatter_dim=-1, gather_dim=2).flatten(-2)
-            projected = dict(zip(keys, exchanged.unbind(0), strict=True))
-        xz = [projected[key(index, mamba)] for index, mamba, _ in scans]
-        xz = [t.flip(1) if backward else t for t, (_, _, backward) in zip(xz, scans, strict=True)]
-        mambas = [mamba for _, mamba, _ in scans]
+        def scan_input(index: int, mamba: Mamba, backward: bool) -> Tensor:
+            xz = projected[index, id(mamba.in_proj.weight)]
+            return xz.flip(1) if backward else xz
+
         if torch.is_grad_enabled():
-            ys = list(mamba_core(mambas, torch.stack(xz), sharding).unbind(0))
+            stacked = torch.stack([scan_input(*scan) for scan in scans])
+            ys = mamba_core([mamba for _, mamba, _ in scans], stacked, self.sharding).unbind(0)
         else:
-            ys = [mamba_core([mamba], t[None], sharding)[0] for mamba, t in zip(mambas, xz, strict=True)]
-        ys = [y.flip(1) if backward else y for y, (_, _, backward) in zip(ys, scans, strict=True)]
-        return [self._combine([(mamba, y) for (index, mamba, _), y in zip(scans, ys, strict=True) if index == wanted])
+            ys = [mamba_core([scan[1]], scan_input(*scan)[None], self.sharding)[0] for scan in scans]
+        aligned = [y.flip(1) if backward else y for y, (_, _, backward) in zip(ys, scans, strict=True)]
+        return [self._combine([(mamba, y) for (index, mamba, _), y in zip(scans, aligned, strict=True) if index == wanted])
                 for wanted in range(len(inputs))]
+
+    def _project(self, inputs: list[tuple[Tensor, bool]], scans: list[tuple[int, Mamba, bool]]) -> dict:
+        """(input, in_proj weight) -> xz, once per input for tied directions; with a sharding, exchanged to
+        the whole length for this rank's channels: (B, L/cp, 2E) -> (B, L, 2E/cp), x and z alike."""
+        projected = {}
+        for index, mamba, _ in scans:
+            key = (index, id(mamba.in_proj.weight))
+            if key not in projected:
+                projected[key] = mamba.in_proj(inputs[index][0])
+        if self.sharding is None:
+            return projected
+        stacked = torch.stack(list(projected.values())).unflatten(-1, (2, -1))
+        exchanged = self.sharding.exchange(stacked, scatter_dim=-1, gather_dim=2).flatten(-2)
+        return dict(zip(projected, exchanged.unbind(0), strict=True))
 
     def _combine(self, outputs: list[tuple[Mamba, Tensor]]) -> Tensor:
         """The input's scan outputs, aligned by position, through out_proj and the bidirectional strategy."""
@@ -201,6 +207,7 @@ class BiMambaWrapper(nn.Module):
             return y if self.sharding is None else self.sharding.exchange(y, scatter_dim=1, gather_dim=-1)
 
         if len(outputs) == 1 or (self.weight_tie and self.strategy == "add"):  # linear and shared: project the sum
-            return outputs[0][0].out_proj(to_positions(sum(y for _, y in outputs)))
+            total = outputs[0][1] if len(outputs) == 1 else outputs[0][1] + outputs[1][1]
+            return outputs[0][0].out_proj(to_positions(total))
         projected = [mamba.out_proj(to_positions(y)) for mamba, y in outputs]
         return projected[0] + projected[1] if self.strategy == "add" else projected[0] * projected[1]
