@@ -175,7 +175,7 @@ class BiMambaWrapper(nn.Module):
         projected = self._project(inputs, scans)
 
         def scan_input(index: int, mamba: Mamba, backward: bool) -> Tensor:
-            xz = projected[index, id(mamba.in_proj.weight)]
+            xz = projected[index, id(self._projections(mamba))]
             return xz.flip(1) if backward else xz
 
         if torch.is_grad_enabled():
@@ -187,14 +187,20 @@ class BiMambaWrapper(nn.Module):
         return [self._combine([(mamba, y) for (index, mamba, _), y in zip(scans, aligned, strict=True) if index == wanted])
                 for wanted in range(len(inputs))]
 
+    def _projections(self, mamba: Mamba) -> Mamba:
+        """The mixer whose in_proj/out_proj serve `mamba`'s scans: mamba_fwd's for tied directions (one product
+        per input, and the tie holds even where a loader split the shared tensor: transformers 4.46 loads
+        the two names into separate, uninitialised parameters)."""
+        return self.mamba_fwd if self.weight_tie else mamba
+
     def _project(self, inputs: list[tuple[Tensor, bool]], scans: list[tuple[int, Mamba, bool]]) -> dict:
-        """(input, in_proj weight) -> xz, once per input for tied directions; with a sharding, exchanged to
-        the whole length for this rank's channels: (B, L/cp, 2E) -> (B, L, 2E/cp), x and z alike."""
+        """(input, id of the projecting mixer) -> xz; with a sharding, exchanged to the whole length for this
+        rank's channels: (B, L/cp, 2E) -> (B, L, 2E/cp), x and z alike."""
         projected = {}
         for index, mamba, _ in scans:
-            key = (index, id(mamba.in_proj.weight))
-            if key not in projected:
-                projected[key] = mamba.in_proj(inputs[index][0])
+            owner = self._projections(mamba)
+            if (index, id(owner)) not in projected:
+                projected[index, id(owner)] = owner.in_proj(inputs[index][0])
         if self.sharding is None:
             return projected
         stacked = torch.stack(list(projected.values())).unflatten(-1, (2, -1))
@@ -208,6 +214,6 @@ class BiMambaWrapper(nn.Module):
 
         if len(outputs) == 1 or (self.weight_tie and self.strategy == "add"):  # linear and shared: project the sum
             total = outputs[0][1] if len(outputs) == 1 else outputs[0][1] + outputs[1][1]
-            return outputs[0][0].out_proj(to_positions(total))
-        projected = [mamba.out_proj(to_positions(y)) for mamba, y in outputs]
+            return self._projections(outputs[0][0]).out_proj(to_positions(total))
+        projected = [self._projections(mamba).out_proj(to_positions(y)) for mamba, y in outputs]
         return projected[0] + projected[1] if self.strategy == "add" else projected[0] * projected[1]
