@@ -38,6 +38,10 @@ def check_export(path: str) -> dict[str, torch.Tensor]:
     mlm, base, classifier = models["mlm"], models["base"], models["classifier"]
     head = mlm.get_output_embeddings().weight
     assert head is mlm.get_input_embeddings().weight or head is mlm.get_input_embeddings().embedding.weight
+    for model in models.values():  # the directions' tied projections survive loading (4.46 splits them otherwise)
+        mixers = [m for m in model.modules() if getattr(m, "mamba_rev", None) is not None]
+        assert mixers and all(m.mamba_rev.in_proj.weight is m.mamba_fwd.in_proj.weight
+                              and m.mamba_rev.out_proj.weight is m.mamba_fwd.out_proj.weight for m in mixers)
     score = classifier.score.weight
     assert torch.isfinite(score).all() and 0.01 < score.std().item() < 0.03, score.std()  # N(0, 0.02), not garbage
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)

@@ -148,11 +148,15 @@ class BiMambaWrapper(nn.Module):
         self.sharding: SequenceSharding | None = None  # set by context parallelism, never saved
         self.mamba_fwd = Mamba(d_model, **mamba_kwargs)
         self.mamba_rev = Mamba(d_model, **mamba_kwargs) if bidirectional else None
-        if bidirectional and bidirectional_weight_tie:
-            self.mamba_rev.in_proj.weight = self.mamba_fwd.in_proj.weight
-            self.mamba_rev.in_proj.bias = self.mamba_fwd.in_proj.bias
-            self.mamba_rev.out_proj.weight = self.mamba_fwd.out_proj.weight
-            self.mamba_rev.out_proj.bias = self.mamba_fwd.out_proj.bias
+        self._tie_weights()
+
+    def _tie_weights(self) -> None:
+        """With weight_tie, mamba_rev's in_proj/out_proj are mamba_fwd's. transformers 4.x calls this hook after
+        loading a checkpoint, which otherwise leaves the second names as separate, uninitialised parameters."""
+        if self.mamba_rev is not None and self.weight_tie:
+            for name in ("in_proj", "out_proj"):
+                rev, fwd = getattr(self.mamba_rev, name), getattr(self.mamba_fwd, name)
+                rev.weight, rev.bias = fwd.weight, fwd.bias
 
     def forward(self, hidden: Tensor) -> Tensor:
         return self.mix([(hidden, False)])[0]
@@ -188,9 +192,8 @@ class BiMambaWrapper(nn.Module):
                 for wanted in range(len(inputs))]
 
     def _projections(self, mamba: Mamba) -> Mamba:
-        """The mixer whose in_proj/out_proj serve `mamba`'s scans: mamba_fwd's for tied directions (one product
-        per input, and the tie holds even where a loader split the shared tensor: transformers 4.46 loads
-        the two names into separate, uninitialised parameters)."""
+        """The mixer whose in_proj/out_proj serve `mamba`'s scans: mamba_fwd for tied directions, so an input
+        is projected once for both."""
         return self.mamba_fwd if self.weight_tie else mamba
 
     def _project(self, inputs: list[tuple[Tensor, bool]], scans: list[tuple[int, Mamba, bool]]) -> dict:
