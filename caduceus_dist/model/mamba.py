@@ -176,17 +176,19 @@ class BiMambaWrapper(nn.Module):
         inputs (docs/inference.md §3)."""
         scans = [(index, mamba, backward) for index, (_, swapped) in enumerate(inputs)
                  for mamba, backward in self._scans(swapped)]
-        projected = self._project(inputs, scans)
-
-        def scan_input(index: int, mamba: Mamba, backward: bool) -> Tensor:
-            xz = projected[index, id(self._projections(mamba))]
-            return xz.flip(1) if backward else xz
-
+        keys = [(index, id(self._projections(mamba))) for index, mamba, _ in scans]
+        projected = self._project(inputs, scans, keys)
         if torch.is_grad_enabled():
-            stacked = torch.stack([scan_input(*scan) for scan in scans])
+            stacked = torch.stack([projected[key].flip(1) if backward else projected[key]
+                                   for key, (_, _, backward) in zip(keys, scans, strict=True)])
             ys = mamba_core([mamba for _, mamba, _ in scans], stacked, self.sharding).unbind(0)
         else:
-            ys = [mamba_core([scan[1]], scan_input(*scan)[None], self.sharding)[0] for scan in scans]
+            ys = []
+            for position, (key, (_, mamba, backward)) in enumerate(zip(keys, scans, strict=True)):
+                xz = projected[key] if key in keys[position + 1:] else projected.pop(key)  # last use: let it go
+                xz = xz.flip(1) if backward else xz
+                ys.append(mamba_core([mamba], xz[None], self.sharding)[0])
+                del xz
         aligned = [y.flip(1) if backward else y for y, (_, _, backward) in zip(ys, scans, strict=True)]
         return [self._combine([(mamba, y) for (index, mamba, _), y in zip(scans, aligned, strict=True) if index == wanted])
                 for wanted in range(len(inputs))]
@@ -196,14 +198,14 @@ class BiMambaWrapper(nn.Module):
         is projected once for both."""
         return self.mamba_fwd if self.weight_tie else mamba
 
-    def _project(self, inputs: list[tuple[Tensor, bool]], scans: list[tuple[int, Mamba, bool]]) -> dict:
-        """(input, id of the projecting mixer) -> xz; with a sharding, exchanged to the whole length for this
-        rank's channels: (B, L/cp, 2E) -> (B, L, 2E/cp), x and z alike."""
+    def _project(self, inputs: list[tuple[Tensor, bool]], scans: list[tuple[int, Mamba, bool]],
+                 keys: list[tuple[int, int]]) -> dict:
+        """key (input, id of the projecting mixer) -> xz; with a sharding, exchanged to the whole length for
+        this rank's channels: (B, L/cp, 2E) -> (B, L, 2E/cp), x and z alike."""
         projected = {}
-        for index, mamba, _ in scans:
-            owner = self._projections(mamba)
-            if (index, id(owner)) not in projected:
-                projected[index, id(owner)] = owner.in_proj(inputs[index][0])
+        for key, (index, mamba, _) in zip(keys, scans, strict=True):
+            if key not in projected:
+                projected[key] = self._projections(mamba).in_proj(inputs[index][0])
         if self.sharding is None:
             return projected
         stacked = torch.stack(list(projected.values())).unflatten(-1, (2, -1))
