@@ -90,7 +90,7 @@ for name, case in json.loads(sys.argv[1]).items():
 
     apply_context_parallel(model, None)
     whole_logits, whole_loss, whole_grads = step(ids, targets)
-    apply_context_parallel(model, ChannelAllToAll(dist.group.WORLD, rank, world))
+    apply_context_parallel(model, ChannelAllToAll(dist.group.WORLD))
     logits, loss, grads = step(ids[:, mine], targets[:, mine])
     dist.all_reduce(loss)
     for grad in grads.values():

@@ -86,7 +86,7 @@ class TrainStepMixin:
         self.loss = loss
         self.module = model.to(self.device)
         if ctx.cp_size > 1:
-            apply_context_parallel(self.module, ChannelAllToAll(ctx.cp_group, ctx.cp_rank, ctx.cp_size))
+            apply_context_parallel(self.module, ChannelAllToAll(ctx.cp_group))
         if self.cfg.compile:
             compile_blocks(self.module)
 

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from caduceus_dist.model.mamba import BiMambaWrapper
+
 
 def _all_to_all(tensor: Tensor, scatter_dim: int, gather_dim: int, group) -> Tensor:
     """Chunk i of `scatter_dim` goes to group rank i; the chunks received are concatenated along `gather_dim`."""
@@ -61,8 +63,8 @@ class _SumOverGroup(torch.autograd.Function):
 class ChannelAllToAll:
     """The model's SequenceSharding (model/mamba.py) over one CP process group."""
 
-    def __init__(self, group, rank: int, size: int):
-        self.group, self.rank, self.size = group, rank, size
+    def __init__(self, group):
+        self.group, self.rank, self.size = group, dist.get_rank(group), dist.get_world_size(group)
 
     def exchange(self, tensor: Tensor, scatter_dim: int, gather_dim: int) -> Tensor:
         return _Exchange.apply(tensor, scatter_dim, gather_dim, self.group)
@@ -78,5 +80,5 @@ class ChannelAllToAll:
 def apply_context_parallel(model: nn.Module, sharding: ChannelAllToAll | None) -> None:
     """Give every bidirectional mixer of `model` the sharding (None: back to whole sequences)."""
     for module in model.modules():
-        if hasattr(module, "sharding") and hasattr(module, "mix"):
+        if isinstance(module, BiMambaWrapper):
             module.sharding = sharding

@@ -172,8 +172,10 @@ class BiMambaWrapper(nn.Module):
     def mix(self, inputs: list[tuple[Tensor, bool]]) -> list[Tensor]:
         """Each (hidden (B, L, D), swapped) through the mixer. In training all scans of all inputs run as
         one grouped call (one conv, one batched x_proj/dt_proj, one scan); without autograd one after the
-        other, each flipped input made only when its scan runs, which bounds the transient memory of long
-        inputs (docs/inference.md §3)."""
+        other, each input projected and each flipped input made only when its scans run, which bounds the
+        transient memory of long inputs (docs/inference.md §3)."""
+        if len(inputs) > 1 and not torch.is_grad_enabled():
+            return [self.mix([item])[0] for item in inputs]
         scans = [(index, mamba, backward) for index, (_, swapped) in enumerate(inputs)
                  for mamba, backward in self._scans(swapped)]
         keys = [(index, id(self._projections(mamba))) for index, mamba, _ in scans]

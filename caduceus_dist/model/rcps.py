@@ -82,8 +82,8 @@ class RCPSWrapper(nn.Module):
     """[m(h1) | flipLC(m(flipLC(h2)))], with m a BiMambaWrapper. The RC half is computed as
     flip_C(m_swapped(flip_C(h2))), m's two scan directions trading parameters (docs/context-parallel.md §2):
     equal, and no length flip of the hidden states, which context parallelism splits over ranks. Training
-    runs both halves as one grouped call; without autograd they run one after the other, which halves
-    the mixer's transient memory (docs/inference.md §3)."""
+    runs both halves as one grouped call; without autograd `mix` runs them one after the other, which
+    halves the mixer's transient memory (docs/inference.md §3)."""
 
     def __init__(self, submodule: nn.Module) -> None:
         super().__init__()
@@ -91,11 +91,7 @@ class RCPSWrapper(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         first, second = hidden.chunk(2, dim=-1)
-        halves = [(first, False), (second.flip(-1), True)]
-        if torch.is_grad_enabled():
-            out_first, out_second = self.submodule.mix(halves)
-        else:
-            out_first, out_second = (self.submodule.mix([half])[0] for half in halves)
+        out_first, out_second = self.submodule.mix([(first, False), (second.flip(-1), True)])
         return torch.cat([out_first, out_second.flip(-1)], dim=-1)
 
 

@@ -121,7 +121,6 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         seed_everything(cfg.train.seed)
         model = CaduceusForMaskedLM(cfg.model)
-        self.init_note: str | None = None
         if cfg.train.init_from and read_latest(self.run_dir / CHECKPOINTS) is None:
             self._initialise(model, cfg.train.init_from)
         # created only once the data plan and the initial weights are known to be good; every rank checks
@@ -144,7 +143,6 @@ class Trainer:
             load_weights(model, source)
         except (OSError, ValueError) as err:
             raise ConfigError(f"train.init_from: {err}") from None
-        self.init_note = f"weights of {source} (train.init_from)"
 
     def _eval_loaders(self) -> dict:
         """Source name -> its validation stream. Empty with evaluation off (train.eval_batches=0); a source
@@ -194,8 +192,8 @@ class Trainer:
                 return EXIT_OK
             self.writer.print(f"resumed at step {step} from {self.run_dir}")
         self.writer.print(self._banner(step))
-        if client is None and self.init_note:
-            self.writer.print(f"starting from the {self.init_note}")
+        if client is None and cfg.train.init_from:  # a fresh run: _initialise loaded these weights
+            self.writer.print(f"starting from the weights of {cfg.train.init_from} (train.init_from)")
         self._batches = batches = self.stream.iterate(step)
         window = _Window()
         while step < max_steps:
