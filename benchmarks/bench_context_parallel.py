@@ -22,11 +22,12 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from rank_scripts import run_on_ranks  # noqa: E402  (the tests' launcher of gloo ranks: one copy of it)
 
 RANK_SCRIPT = r'''
 import json, os, resource, sys, time
@@ -47,7 +48,7 @@ ids = torch.randint(7, 11, (1, L), generator=generator)
 targets = torch.randint(7, 11, (1, L), generator=generator)
 mine = slice(rank * L // world, (rank + 1) * L // world)
 if world > 1:
-    apply_context_parallel(model, ChannelAllToAll(dist.group.WORLD, rank, world))
+    apply_context_parallel(model, ChannelAllToAll(dist.group.WORLD))
 
 in_collectives, counted = [0.0], {"all_to_all": 0, "all_reduce": 0}
 def timed(collective, name, sent_fraction):
@@ -102,16 +103,8 @@ print("RESULT " + json.dumps({"rank": rank, "wall_s": wall, "step_bytes": peak -
 
 def run_ranks(spec: dict, world: int, port: int) -> list[dict]:
     # a fixed mmap threshold: glibc returns every large buffer at once, so peak RSS tracks live memory
-    env = {**os.environ, "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-           "OMP_NUM_THREADS": str(spec["threads"]), "PYTHONPATH": str(REPO), "MALLOC_MMAP_THRESHOLD_": "1048576"}
-    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, json.dumps(spec)], cwd=REPO, text=True,
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT) for r in range(world)]
-    outputs = [proc.communicate()[0] for proc in procs]
-    results = [json.loads(line[7:]) for out in outputs for line in out.splitlines() if line.startswith("RESULT ")]
-    if len(results) != world:
-        raise SystemExit("a rank failed:\n" + "\n".join(out[-3000:] for out in outputs))
-    return sorted(results, key=lambda r: r["rank"])
+    return run_on_ranks(RANK_SCRIPT, [json.dumps(spec)], port, world, cwd=REPO, timeout=3600,
+                        env={"OMP_NUM_THREADS": str(spec["threads"]), "MALLOC_MMAP_THRESHOLD_": "1048576"})
 
 
 def layer_bytes(d_model: int, length: int, cp: int, batch: int = 1, halves: int = 2, activation_bytes: int = 4,

@@ -13,9 +13,10 @@ from pathlib import Path
 
 
 def run_on_ranks(script: str, args: list[str], port: int, world: int = 2, cwd: Path | None = None,
-                 timeout: float = 300) -> list[dict]:
+                 timeout: float = 300, env: dict[str, str] | None = None) -> list[dict]:
+    """Each rank's report, in rank order; `env` adds to (or overrides) the ranks' environment."""
     env = {**os.environ, "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", **(env or {})}
     procs = [subprocess.Popen([sys.executable, "-c", script, *args],
                               env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, cwd=cwd)
